@@ -1,0 +1,141 @@
+"""`diffusion` command line: prepare, train, sample (and evaluate, where installed).
+
+Settings come from a preset file (`--preset`, see configs/) plus `--set section.field=value`
+overrides; `diffusion train --preset mnist-cpu --set train.steps=500` for instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "mnist-cpu") -> None:
+    parser.add_argument("--preset", default=default_preset, help="preset name in configs/ or a .toml path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one setting (repeatable), e.g. --set train.steps=100")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare_dataset
+
+    config = load_config(args.preset, args.overrides)
+    prepared = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
+    print(f"{prepared.spec.name}: {prepared.path} sha256={prepared.sha256}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    config = load_config(args.preset, args.overrides)
+    run_dir = Path(args.run_dir or f"runs/{config.name}")
+    if args.nproc_per_node not in (None, "1", 1):
+        from .launch import launch_training
+
+        sys.exit(launch_training(args.preset, args.overrides, run_dir, args.nproc_per_node, resume=not args.no_resume))
+    result = train(config, run_dir, resume=not args.no_resume)
+    print(f"trained to step {result.step}: loss {result.final_loss:.4f}, {result.images_per_s:.0f} images/s; "
+          f"model in {run_dir / 'model'}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path
+    from .checkpoint import load_model
+    from .config import SampleConfig
+    from .distributed import DistContext, resolve_device
+    from .images import save_grid
+    from .samplers import generate_batches
+
+    device = resolve_device(args.device, DistContext())
+    loaded = load_model(args.model, device)
+    cfg = loaded.config.sample
+    settings = SampleConfig(
+        sampler=args.sampler or cfg.sampler, steps=args.steps or cfg.steps,
+        eta=cfg.eta if args.eta is None else args.eta, spacing=cfg.spacing,
+        num_samples=args.num or cfg.num_samples, batch_size=args.batch_size or cfg.batch_size,
+        clip_x0=cfg.clip_x0, seed=cfg.seed if args.seed is None else args.seed,
+    )
+    schedule = loaded.denoiser.schedule
+    if settings.sampler == "ddim" and settings.steps > schedule.timesteps:
+        raise ConfigError(f"--steps {settings.steps} exceeds the model's {schedule.timesteps} timesteps")
+    spec_shape = (loaded.config.model.in_channels,) + (_image_size(loaded.config),) * 2
+    images = torch.cat(list(generate_batches(
+        loaded.denoiser, schedule, spec_shape, settings.num_samples, batch_size=settings.batch_size,
+        seed=settings.seed, device=device, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
+        spacing=settings.spacing, clip_x0=settings.clip_x0)))
+    if args.out:
+        save_grid(images[: args.grid_max], args.out)
+        print(f"grid of {min(len(images), args.grid_max)} images: {args.out}")
+    if args.tensor_out:
+        with atomic_path(args.tensor_out) as tmp:
+            save_file({"images": images}, str(tmp), metadata={"sampler": settings.sampler, "steps": str(settings.steps),
+                                                                "eta": str(settings.eta), "seed": str(settings.seed)})
+        print(f"{len(images)} uint8 images: {args.tensor_out}")
+
+
+def _image_size(config) -> int:
+    from .data import get_spec
+
+    return get_spec(config.data.dataset).image_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusion", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="fetch, verify and convert a dataset once")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model (resumes from the run folder's checkpoint)")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="run folder (default runs/<preset>)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the run folder")
+    p.add_argument("--nproc-per-node", default=None, help="processes under torchrun (an integer or 'auto')")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample images from a trained model")
+    p.add_argument("--model", required=True, help="exported model folder, run folder or training checkpoint")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the model's config")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the model's config, 50)")
+    p.add_argument("--eta", type=float, help="DDIM η in [0, 1]")
+    p.add_argument("-n", "--num", type=int, help="number of images")
+    p.add_argument("--batch-size", type=int, help="images per network call")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="PNG grid path")
+    p.add_argument("--grid-max", type=int, default=256, help="most images put in the grid")
+    p.add_argument("--tensor-out", help="safetensors file for all images as uint8 [N, C, H, W]")
+    p.set_defaults(func=cmd_sample)
+
+    try:
+        from .evaluation.cli import add_evaluate_parser
+    except ImportError:  # the evaluation extra (torch-fidelity) is not installed
+        pass
+    else:
+        add_evaluate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as exc:  # DataError, CheckpointError, TrainingDiverged
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Typed configuration: the one source of defaults. Presets in `configs/*.toml` override these
+defaults; `section.field=value` overrides (CLI `--set`, flow parameters) override presets.
+
+Every value is validated when the config is built; an error names the field and what it accepts.
+Unknown keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import DATASETS
+from .denoiser import PREDICTIONS
+from .samplers import SPACINGS
+from .schedule import SCHEDULE_KINDS
+from .unet import UNetConfig
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+SAMPLERS = ("ddpm", "ddim")
+# Environment variables that override a config field (documented in .env.example).
+ENV_OVERRIDES = {"DIFFUSION_DATA_SOURCE": "data.source", "DIFFUSION_DATA_DIR": "data.data_dir"}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value or key. The message names the field and the allowed values."""
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist"     # one of data.DATASETS
+    source: str = "download"   # local folder with the raw files, s3://bucket/prefix, or "download"
+    data_dir: str = "data"     # cache folder for raw downloads and the canonical file
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.dataset in DATASETS, f"data.dataset={self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
+        _check(p, bool(self.source), "data.source must be a folder, s3://bucket/prefix or 'download'")
+        _raise_if(p)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = 1000      # T, number of forward-process steps
+    schedule: str = "linear"   # "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal)
+    prediction: str = "eps"    # what the network predicts: "eps", "x0" or "v"
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.timesteps >= 2, f"diffusion.timesteps must be >= 2, got {self.timesteps}")
+        _check(p, self.schedule in SCHEDULE_KINDS, f"diffusion.schedule={self.schedule!r} is unknown; choose one of {', '.join(SCHEDULE_KINDS)}")
+        _check(p, self.prediction in PREDICTIONS, f"diffusion.prediction={self.prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
+        _raise_if(p)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000            # optimizer steps
+    batch_size: int = 64         # global batch (images per optimizer step, summed over all ranks)
+    lr: float = 1e-3             # AdamW peak learning rate
+    warmup_steps: int = 200      # linear learning-rate warm-up from 0, in steps
+    weight_decay: float = 0.0    # AdamW decoupled weight decay
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0       # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.999     # EMA decay ceiling; warmed up as min(decay, (1 + n) / (10 + n))
+    bf16: bool = False           # bfloat16 autocast for the forward pass
+    seed: int = 0                # seeds the weights, data order, t and ε
+    device: str = "auto"         # "auto" (cuda if available), "cpu", "cuda", "cuda:1", …
+    log_every: int = 50          # steps between loss/throughput reports (one host sync each)
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        p: list[str] = []
+        _check(p, self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _check(p, self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(p, self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(p, self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(p, self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(p, len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+               f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        _check(p, self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _check(p, 0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(p, self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(p, self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _check(p, self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+               f"train.device={self.device!r} is unknown; use auto, cpu, cuda, cuda:N or mps")
+        _raise_if(p)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = "ddim"        # "ddpm" (all T steps) or "ddim"
+    steps: int = 50              # DDIM steps (ignored by DDPM)
+    eta: float = 0.0             # DDIM stochasticity: 0 deterministic … 1 DDPM-like
+    spacing: str = "linear"      # DDIM timestep spacing: "linear" in t or "log_snr"
+    num_samples: int = 64        # images to generate
+    batch_size: int = 256        # images per network call
+    clip_x0: bool = True         # clip x̂0 to [-1, 1] at every step
+    seed: int = 0                # sampling seed (initial noise and any per-step noise)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.sampler in SAMPLERS, f"sample.sampler={self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        _check(p, self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
+        _check(p, 0 <= self.eta <= 1, f"sample.eta must be in [0, 1], got {self.eta}")
+        _check(p, self.spacing in SPACINGS, f"sample.spacing={self.spacing!r} is unknown; choose one of {', '.join(SPACINGS)}")
+        _check(p, self.num_samples >= 1, f"sample.num_samples must be >= 1, got {self.num_samples}")
+        _check(p, self.batch_size >= 1, f"sample.batch_size must be >= 1, got {self.batch_size}")
+        _raise_if(p)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"                                   # run/preset name, used in run names
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        spec = DATASETS[self.data.dataset]
+        p: list[str] = []
+        _check(p, self.model.in_channels == spec.channels,
+               f"model.in_channels={self.model.in_channels} but {spec.name} images have {spec.channels} channel(s)")
+        try:
+            self.model.check_image_size(spec.image_size, spec.image_size)
+        except ValueError as exc:
+            p.append(f"model.channel_mults: {exc}")
+        _check(p, self.sample.sampler != "ddim" or self.sample.steps <= self.diffusion.timesteps,
+               f"sample.steps={self.sample.steps} exceeds diffusion.timesteps={self.diffusion.timesteps}")
+        _raise_if(p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def flat(self) -> dict[str, Any]:
+        """{'train.lr': 0.001, …}: for MLflow params and overrides."""
+        out = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+            else:
+                out[section] = values
+        return out
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    """Instantiate a config dataclass from a dict, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'} must be a table of settings, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(f'{where}{k}' for k in unknown)}; "
+                          f"{where.rstrip('.') or 'config'} accepts {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{where}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, name) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-3' → ('train.lr', 0.001). Values are TOML literals; bare words are strings."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.field=value (e.g. train.steps=100)")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is a value, not a section")
+    node[leaf] = value
+
+
+def preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    available = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+    raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(available)} or give a .toml path")
+
+
+def load_config(
+    preset: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Defaults ← preset file ← environment (ENV_OVERRIDES) ← overrides, validated once at the end."""
+    tree: dict[str, Any] = {}
+    if preset:
+        with open(preset_path(preset), "rb") as f:
+            tree = tomllib.load(f)
+        tree.setdefault("name", Path(preset).stem)
+    environ = os.environ if environ is None else environ
+    for var, dotted in ENV_OVERRIDES.items():
+        if environ.get(var):
+            _set_path(tree, dotted, environ[var])
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        _set_path(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    return _build(Config, values, "")

@@ -1,0 +1,261 @@
+"""Datasets: raw files from a source → MD5-verified → one canonical safetensors file in memory.
+
+Sources (`data.source`):
+  - a local folder holding the original raw files (directly, or in `raw/` or `<Dataset>/raw/` below it);
+  - `s3://bucket/prefix` holding the same files (boto3; endpoint and credentials from the environment);
+  - `download`: the official mirrors (needs internet).
+Every raw file is checked against the MD5 the dataset's publishers (and torchvision) use. The
+canonical file holds uint8 images [N, C, H, W] and int64 labels per split, plus metadata with a
+sha256 over its content that identifies the dataset version in every later record.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path
+from .storage import download_s3_prefix, is_s3_uri
+
+CANONICAL_FORMAT = "diffusion-canonical-v1"
+SPLITS = ("train", "test")
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found, fetched or verified. The message says what to do."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    files: tuple[tuple[str, str], ...]  # (file name, md5)
+    mirrors: tuple[str, ...]            # base URLs for `download`
+    folder: str                         # torchvision's folder name, for `<folder>/raw/` layouts
+    parse: Callable[[Path], dict[str, tuple[np.ndarray, np.ndarray]]]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzip) → numpy array. Format: magic (2 zero bytes, dtype 0x08, ndim), big-endian dims."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[:3] != b"\x00\x00\x08":
+        raise DataError(f"{path.name} is not an IDX uint8 file (bad magic number {data[:4].hex()})")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+
+
+def _parse_idx_dataset(raw: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(raw / f"{prefix}-images-idx3-ubyte.gz")[:, None]  # [N, 1, 28, 28]
+        labels = _read_idx(raw / f"{prefix}-labels-idx1-ubyte.gz")
+        if len(images) != len(labels):
+            raise DataError(f"{split}: {len(images)} images but {len(labels)} labels")
+        out[split] = (images, labels)
+    return out
+
+
+def _parse_cifar10_binary(raw: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The CIFAR-10 binary version: records of 1 label byte + 3072 pixel bytes (no pickles)."""
+    members = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+    blobs: dict[str, bytes] = {}
+    with tarfile.open(raw / "cifar-10-binary.tar.gz", "r:gz") as tar:
+        for member in tar.getmembers():
+            base = Path(member.name).name
+            if member.isfile() and base.endswith(".bin"):
+                blobs[base] = tar.extractfile(member).read()
+    out = {}
+    for split, names in members.items():
+        records = np.frombuffer(b"".join(blobs[n] for n in names), dtype=np.uint8).reshape(-1, 3073)
+        out[split] = (records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0])
+    return out
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec(
+        "mnist", 1, 28, 10,
+        files=(("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+               ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+               ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+               ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")),
+        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        folder="MNIST", parse=_parse_idx_dataset),
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist", 1, 28, 10,
+        files=(("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+               ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+               ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+               ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310")),
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        folder="FashionMNIST", parse=_parse_idx_dataset),
+    "cifar10": DatasetSpec(
+        "cifar10", 3, 32, 10,
+        files=(("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530"),),
+        mirrors=("https://www.cs.toronto.edu/~kriz/",),
+        folder="cifar-10-batches-bin", parse=_parse_cifar10_binary),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_raw_files(spec: DatasetSpec, folder: Path) -> None:
+    """Every raw file present with its published MD5, or a DataError naming the file."""
+    for name, expected in spec.files:
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"{spec.name}: raw file {name} missing in {folder}")
+        actual = md5sum(path)
+        if actual != expected:
+            raise DataError(
+                f"{spec.name}: {path} has MD5 {actual}, expected {expected}: the file is corrupt, truncated "
+                "or from another dataset. Delete it and fetch the original again."
+            )
+
+
+def _find_local_raw(spec: DatasetSpec, source: Path) -> Path:
+    if not source.is_dir():
+        raise DataError(
+            f"data source folder {source} does not exist. Point data.source at the folder that holds "
+            f"{', '.join(n for n, _ in spec.files)}, an s3://bucket/prefix, or 'download' (needs internet)."
+        )
+    candidates = [source, source / "raw", source / spec.folder / "raw"]
+    for folder in candidates:
+        if all((folder / name).is_file() for name, _ in spec.files):
+            return folder
+    raise DataError(
+        f"{spec.name}: none of {', '.join(str(c) for c in candidates)} holds all of "
+        f"{', '.join(n for n, _ in spec.files)}. Copy the original files there, or use data.source=download."
+    )
+
+
+def _download(spec: DatasetSpec, target: Path) -> None:
+    from torchvision.datasets.utils import download_url
+
+    target.mkdir(parents=True, exist_ok=True)
+    for name, md5 in spec.files:
+        if (target / name).is_file() and md5sum(target / name) == md5:
+            continue
+        errors = []
+        for mirror in spec.mirrors:
+            try:
+                download_url(mirror + name, str(target), filename=name, md5=md5)
+                break
+            except Exception as exc:  # network errors come in many types; all mean "try the next mirror"
+                errors.append(f"{mirror}: {exc}")
+        else:
+            raise DataError(
+                f"{spec.name}: could not download {name} ({'; '.join(errors)}). Without internet, set "
+                "data.source (or DIFFUSION_DATA_SOURCE) to a local folder or s3:// prefix holding the raw files."
+            )
+
+
+def fetch_raw(spec: DatasetSpec, source: str, data_dir: Path) -> Path:
+    """Make the verified raw files available locally; return their folder."""
+    if source == "download":
+        folder = data_dir / "raw" / spec.name
+        _download(spec, folder)
+    elif is_s3_uri(source):
+        folder = data_dir / "raw" / spec.name
+        download_s3_prefix(source, [name for name, _ in spec.files], folder)
+    else:
+        folder = _find_local_raw(spec, Path(source).expanduser())
+    verify_raw_files(spec, folder)
+    return folder
+
+
+def content_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of the tensors, in sorted name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        digest.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    spec: DatasetSpec
+    path: Path
+    sha256: str
+
+    def load(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        return load_split(self.path, split)
+
+
+def canonical_path(spec: DatasetSpec, data_dir: Path) -> Path:
+    return data_dir / f"{spec.name}.safetensors"
+
+
+def read_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != CANONICAL_FORMAT:
+        raise DataError(f"{path} is not a canonical dataset file (format {meta.get('format')!r}); delete it")
+    return meta
+
+
+def prepare_dataset(name: str, source: str, data_dir: str | Path, *, verify_cache: bool = True) -> PreparedDataset:
+    """Raw files → canonical file, once. A valid cached file is reused (its content hash rechecked)."""
+    spec = get_spec(name)
+    data_dir = Path(data_dir)
+    path = canonical_path(spec, data_dir)
+    if path.is_file():
+        try:
+            meta = read_metadata(path)
+            if not verify_cache or content_sha256(load_file(str(path))) == meta["sha256"]:
+                return PreparedDataset(spec, path, meta["sha256"])
+        except Exception:
+            pass  # unreadable or stale cache: rebuild it below
+    raw = fetch_raw(spec, source, data_dir)
+    tensors = {}
+    for split, (images, labels) in spec.parse(raw).items():
+        tensors[f"{split}.images"] = torch.from_numpy(np.ascontiguousarray(images))
+        tensors[f"{split}.labels"] = torch.from_numpy(labels.astype(np.int64))
+    sha = content_sha256(tensors)
+    meta = {
+        "format": CANONICAL_FORMAT, "dataset": spec.name, "sha256": sha,
+        "raw_md5": json.dumps(dict(spec.files)),
+        "sizes": json.dumps({s: int(tensors[f"{s}.images"].shape[0]) for s in SPLITS}),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return PreparedDataset(spec, path, sha)
+
+
+def load_split(path: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images [N, C, H, W], int64 labels [N]) of one split of a canonical file."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(f"{split}.images"), f.get_tensor(f"{split}.labels")
+

@@ -1,0 +1,66 @@
+"""The Denoiser: a network plus every formula that links its output to ε, x̂0 and the training loss.
+
+The network may predict ε (Ho et al. 2020), x0, or v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022).
+Whatever it predicts, calling the Denoiser returns ε̂(x_t, t): the contract every sampler uses.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .forward import q_sample
+from .schedule import NoiseSchedule
+
+Prediction = Literal["eps", "x0", "v"]
+PREDICTIONS = ("eps", "x0", "v")
+
+
+class Denoiser(nn.Module):
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: Prediction = "eps") -> None:
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        self.net = net
+        self.schedule = schedule
+        self.prediction = prediction
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """ε̂(x_t, t), whatever the network predicts."""
+        out = self.net(x_t, t, **cond)
+        if self.prediction == "eps":
+            return out
+        if self.prediction == "x0":
+            return eps_from_x0(self.schedule, x_t, t, out)
+        sqrt_ab = self.schedule.gather("sqrt_alpha_bars", t, x_t)
+        sqrt_1mab = self.schedule.gather("sqrt_one_minus_alpha_bars", t, x_t)
+        return sqrt_1mab * x_t + sqrt_ab * out  # v: ε = √(1−ᾱ)·x_t + √ᾱ·v
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output for (x0, t, ε)."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        return (self.schedule.gather("sqrt_alpha_bars", t, x0) * noise
+                - self.schedule.gather("sqrt_one_minus_alpha_bars", t, x0) * x0)
+
+    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
+        """L_simple = E‖target − net(x_t, t)‖² (Ho et al. 2020, eq. 14), averaged over all elements."""
+        x_t = q_sample(self.schedule, x0, t, noise)
+        out = self.net(x_t, t, **cond)
+        return torch.mean((out.float() - self.target(x0, t, noise).float()) ** 2)
+
+
+def predict_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x̂0 = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t (Ho et al. 2020, eq. 15 rearranged)."""
+    return ((x_t - schedule.gather("sqrt_one_minus_alpha_bars", t, x_t) * eps)
+            / schedule.gather("sqrt_alpha_bars", t, x_t))
+
+
+def eps_from_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """ε = (x_t − √ᾱ_t·x0) / √(1−ᾱ_t): the inverse of `predict_x0`."""
+    return ((x_t - schedule.gather("sqrt_alpha_bars", t, x_t) * x0)
+            / schedule.gather("sqrt_one_minus_alpha_bars", t, x_t))

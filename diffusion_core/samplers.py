@@ -1,0 +1,175 @@
+"""Samplers: DDPM ancestral sampling (Ho et al. 2020, Alg. 2) and DDIM (Song et al. 2021, eq. 12).
+
+`model` is any callable (x_t [B,C,H,W], t LongTensor[B] in [0, T)) -> ε̂ with x_t's shape.
+Randomness comes only from `generator` (the initial noise too), so a seed gives the same images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .denoiser import eps_from_x0, predict_x0
+from .schedule import NoiseSchedule
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Spacing = Literal["linear", "log_snr"]
+SPACINGS = ("linear", "log_snr")
+
+
+def _initial_noise(shape, generator, device, dtype) -> torch.Tensor:
+    """x_T ~ N(0, I), drawn on the generator's device (so a CPU seed gives the same x_T anywhere)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _noise_like(x: torch.Tensor, generator) -> torch.Tensor:
+    return _initial_noise(x.shape, generator, x.device, x.dtype)
+
+
+def _resolve_start(shape, x_T, generator, device, dtype) -> torch.Tensor:
+    if x_T is not None:
+        if tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)} was asked for")
+        return x_T.to(device=device or x_T.device, dtype=dtype)
+    return _initial_noise(shape, generator, device or "cpu", dtype)
+
+
+@torch.no_grad()
+def ddpm_sample(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    x_T: torch.Tensor | None = None,
+    clip_x0: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Ancestral sampling over all T steps: x_{t-1} ~ N(μ̃(x_t, x̂0), β̃_t), x̂0 from ε̂ (eq. 15).
+
+    With `clip_x0`, x̂0 is clipped to [-1, 1] before forming the posterior mean. The last step
+    (t = 1 in the paper, index 0) adds no noise since β̃ = 0 there, so the output is x̂0.
+    """
+    x = _resolve_start(shape, x_T, generator, device, dtype)
+    for i in tqdm(range(schedule.timesteps - 1, -1, -1), desc="DDPM", disable=not progress, leave=False):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        x0 = predict_x0(schedule, x, t, model(x, t))
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean = schedule.gather("posterior_mean_coef_x0", t, x) * x0 + schedule.gather("posterior_mean_coef_xt", t, x) * x
+        if i > 0:
+            x = mean + schedule.gather("posterior_variance", t, x).sqrt() * _noise_like(x, generator)
+        else:
+            x = mean
+    return x.clamp(-1.0, 1.0) if clip_x0 else x
+
+
+def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "linear") -> list[int]:
+    """The `steps` timesteps (descending, from T-1) a few-step sampler visits; the step after the
+    last one is 'ᾱ = 1' (clean data). One list serves both t and prev_t, so they always agree.
+
+    linear: evenly spaced in t.  log_snr: evenly spaced in log(ᾱ/(1−ᾱ)), which puts more steps
+    where the signal appears (Lu et al. 2022 use log-SNR spacing for DPM-Solver).
+    """
+    T = schedule.timesteps
+    if not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer in [1, {T}] (the schedule's timesteps), got {steps!r}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if spacing == "linear":
+        grid = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
+    else:
+        log_snr = schedule.log_snr
+        targets = torch.linspace(float(log_snr[-1]), float(log_snr[0]), steps, dtype=torch.float64)
+        # log-SNR decreases with t; take the nearest index for each target
+        grid = torch.argmin((log_snr[None, :] - targets[:, None]).abs(), dim=1)
+    timesteps = sorted(set(grid.tolist()), reverse=True)
+    if len(timesteps) != steps:  # collisions after rounding: fill with the unused steps nearest to T-1
+        unused = [t for t in range(T - 1, -1, -1) if t not in set(timesteps)]
+        timesteps = sorted(timesteps + unused[: steps - len(timesteps)], reverse=True)
+    return timesteps
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    spacing: Spacing = "linear",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    x_T: torch.Tensor | None = None,
+    clip_x0: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) on a sub-sequence of `steps` timesteps.
+
+    x_prev = √ᾱ_prev · x̂0 + √(1 − ᾱ_prev − σ²) · ε̂ + σ·z,
+    σ = η · √((1 − ᾱ_prev)/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_prev)  (eq. 16).
+    η = 0 is deterministic; η = 1 matches DDPM's posterior variance. The final step goes to
+    ᾱ_prev = 1, so the result is x̂0 with no noise left. If x̂0 is clipped, ε̂ is recomputed from
+    the clipped x̂0 so the update stays consistent.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
+    timesteps = sampling_timesteps(schedule, steps, spacing)
+    x = _resolve_start(shape, x_T, generator, device, dtype)
+    alpha_bars = schedule.table("alpha_bars", x.device)
+    prevs = timesteps[1:] + [-1]
+    for i, i_prev in tqdm(list(zip(timesteps, prevs)), desc=f"DDIM-{steps}", disable=not progress, leave=False):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        eps = model(x, t)
+        x0 = predict_x0(schedule, x, t, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = eps_from_x0(schedule, x, t, x0)
+        ab = alpha_bars[i]
+        ab_prev = alpha_bars[i_prev] if i_prev >= 0 else torch.ones_like(ab)
+        sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
+        direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
+        x = ab_prev.sqrt().to(x.dtype) * x0 + direction.to(x.dtype) * eps
+        if i_prev >= 0 and eta > 0:
+            x = x + sigma.to(x.dtype) * _noise_like(x, generator)
+    return x.clamp(-1.0, 1.0) if clip_x0 else x
+
+
+def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, sampler: str = "ddim",
+           steps: int = 50, eta: float = 0.0, spacing: Spacing = "linear", **kwargs) -> torch.Tensor:
+    """Dispatch by sampler name: "ddpm" (all T steps; `steps`, `eta`, `spacing` unused) or "ddim"."""
+    if sampler == "ddpm":
+        return ddpm_sample(model, schedule, shape, **kwargs)
+    if sampler == "ddim":
+        return ddim_sample(model, schedule, shape, steps=steps, eta=eta, spacing=spacing, **kwargs)
+    raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+
+
+def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tuple[int, ...], num_samples: int, *,
+                     batch_size: int, seed: int, device: torch.device | str, progress: bool = True,
+                     **sampler_kwargs):
+    """Yield uint8 image batches [b, C, H, W] on the CPU until `num_samples` are made.
+
+    Batch k is seeded by (seed, k), so memory stays bounded by one batch whatever N is, and the
+    first images of a longer run equal those of a shorter one.
+    """
+    from .images import to_uint8
+
+    made = 0
+    bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
+    for k in range((num_samples + batch_size - 1) // batch_size):
+        b = min(batch_size, num_samples - made)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        x = sample(model, schedule, (b, *image_shape), generator=generator, device=device, **sampler_kwargs)
+        made += b
+        bar.update(b)
+        yield to_uint8(x).cpu()
+    bar.close()

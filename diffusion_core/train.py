@@ -1,0 +1,266 @@
+"""The training loop: L_simple with AdamW, warm-up, gradient clipping, EMA, optional bf16 autocast.
+
+Reproducibility: the global batch is the unit of randomness. Its examples (a per-epoch permutation
+seeded by (seed, epoch)), its t and its ε are drawn for the whole global batch from seeded streams,
+and each rank takes its slice. So a run is a function of the seed alone; resuming from a checkpoint
+continues it exactly; and DDP with W ranks computes the same update as one process with the same
+global batch.
+
+Run folder layout (`run_dir`):
+  checkpoints/last.safetensors   training checkpoint (atomic)     model/   exported EMA model
+  metrics.jsonl                  one JSON line per report         forward_process.png, loss_curve.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from .checkpoint import build_denoiser, export_model, load_training_checkpoint, save_training_checkpoint
+from .config import Config, ConfigError, config_from_dict
+from .data import prepare_dataset
+from .distributed import DistContext, destroy_process_group, init_process_group, resolve_device
+from .ema import EMA
+from .forward import save_forward_process_grid
+from .images import to_model_space
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+CHECKPOINT = Path("checkpoints") / "last.safetensors"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite. The last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    final_loss: float
+    images_per_s: float
+    dataset_sha256: str
+
+
+def learning_rate(step: int, peak: float, warmup_steps: int) -> float:
+    """Linear warm-up from peak/warmup to peak over `warmup_steps`, then constant."""
+    return peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else peak
+
+
+class GlobalBatches:
+    """Indices of the global batch at any step: epoch e uses randperm seeded by (seed, e), batches
+    of `batch_size` in order, the incomplete tail dropped. Stateless, so resuming needs only the step."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int) -> None:
+        if batch_size > num_examples:
+            raise ConfigError(f"train.batch_size={batch_size} exceeds the {num_examples} training examples")
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.batches_per_epoch = num_examples // batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.batches_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_examples, generator=generator)
+        return self._perm[position * self.batch_size:(position + 1) * self.batch_size]
+
+
+def _check_resumable(saved: dict, config: Config) -> None:
+    """A run may be resumed with more steps or other reporting intervals, nothing else."""
+    free = {"steps", "log_every", "checkpoint_every", "device"}
+    current = config.to_dict()
+    saved_train = {k: v for k, v in saved["train"].items() if k not in free}
+    current_train = {k: v for k, v in current["train"].items() if k not in free}
+    differs = [s for s in ("model", "diffusion") if saved[s] != current[s]]
+    differs += [f"train.{k}" for k in current_train if saved_train.get(k) != current_train[k]]
+    if saved["data"]["dataset"] != current["data"]["dataset"]:
+        differs.append("data.dataset")
+    if differs:
+        raise ConfigError(
+            f"the run folder holds a checkpoint made with other settings ({', '.join(differs)}); "
+            "use a new run folder, or pass the same settings to resume"
+        )
+
+
+def train(config: Config, run_dir: str | Path, *, resume: bool = True, progress: bool = True,
+          on_metrics: MetricsCallback | None = None) -> TrainResult:
+    """Train `config` in `run_dir` (resuming from its checkpoint if there is one). DDP when launched
+    by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA; rank 0 alone writes files and reports."""
+    ctx = DistContext.from_environ()
+    cfg = config.train
+    if cfg.batch_size % ctx.world_size:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} must be divisible by the {ctx.world_size} processes")
+    device = resolve_device(cfg.device, ctx)
+    init_process_group(ctx, device)
+    try:
+        return _train(config, Path(run_dir), ctx, device, resume, progress, on_metrics)
+    finally:
+        destroy_process_group()
+
+
+def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device, resume: bool,
+           progress: bool, on_metrics: MetricsCallback | None) -> TrainResult:
+    cfg = config.train
+    if ctx.is_main:  # one process fetches and converts; the others wait and then read the cache
+        dataset = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
+    ctx.barrier()
+    if not ctx.is_main:
+        dataset = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
+    images_u8, _ = dataset.load("train")
+    images_u8 = images_u8.to(device)
+    batches = GlobalBatches(images_u8.shape[0], cfg.batch_size, cfg.seed)
+    local = cfg.batch_size // ctx.world_size
+    mine = slice(ctx.rank * local, (ctx.rank + 1) * local)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    denoiser = build_denoiser(config).to(device)
+    schedule = denoiser.schedule
+    ema = EMA(denoiser.net, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(denoiser.net.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                  weight_decay=cfg.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
+    noise_rng = torch.Generator(device).manual_seed(cfg.seed + 1)
+    torch.manual_seed(cfg.seed + 2 + ctx.rank)  # dropout: independent per rank
+
+    start_step = 0
+    checkpoint_path = run_dir / CHECKPOINT
+    if resume and checkpoint_path.is_file():
+        state = load_training_checkpoint(checkpoint_path)
+        _check_resumable(state.config, config)
+        denoiser.net.load_state_dict(state.model)
+        ema.model.load_state_dict(state.ema)
+        ema.num_updates = state.ema_updates
+        optimizer.load_state_dict(state.optimizer)
+        noise_rng.set_state(state.rng["noise"])
+        if f"torch_rank{ctx.rank}" in state.rng:
+            torch.set_rng_state(state.rng[f"torch_rank{ctx.rank}"])
+        start_step = state.step
+
+    objective: torch.nn.Module = TrainingObjective(denoiser)
+    if ctx.enabled:  # gradients are averaged across ranks inside backward()
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if start_step == 0:
+            save_forward_process_grid(schedule, to_model_space(images_u8[:4].cpu()), run_dir / "forward_process.png")
+
+    image_shape = tuple(images_u8.shape[1:])
+    loss_sum = torch.zeros((), device=device)
+    bad_step = torch.full((), -1, device=device, dtype=torch.long)
+    last_report_step, last_report_time = start_step, time.perf_counter()
+    result_loss, result_ips = float("nan"), 0.0
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not (progress and ctx.is_main),
+               dynamic_ncols=True)
+    denoiser.train()
+    for step in range(start_step, cfg.steps):
+        x0 = to_model_space(images_u8[batches.indices(step)[mine].to(device)])
+        t = torch.randint(0, schedule.timesteps, (cfg.batch_size,), generator=noise_rng, device=device)[mine]
+        noise = torch.randn((cfg.batch_size, *image_shape), generator=noise_rng, device=device)[mine]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = objective(x0, t, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(denoiser.net.parameters(), cfg.grad_clip)
+        optimizer.step()
+        ema.update(denoiser.net)
+        loss = loss.detach()
+        loss_sum += loss
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.checkpoint_every == 0:
+            if ctx.enabled:  # one sync per report: average the loss, agree on divergence
+                dist.all_reduce(loss_sum)
+                loss_sum /= ctx.world_size
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+            if int(bad_step) >= 0:
+                bar.close()
+                raise TrainingDiverged(
+                    f"non-finite loss at step {int(bad_step) + 1}; training stopped and the last good checkpoint "
+                    f"({checkpoint_path}) was kept. Lower train.lr, enable train.grad_clip or disable train.bf16."
+                )
+            n = done - last_report_step
+            mean_loss = float(loss_sum) / n
+            now = time.perf_counter()
+            ips = n * cfg.batch_size / (now - last_report_time)
+            last_report_step, last_report_time, loss_sum = done, now, torch.zeros((), device=device)
+            result_loss, result_ips = mean_loss, ips
+            bar.update(n)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
+            metrics = {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "images_per_s": ips,
+                       "ema_decay": ema.current_decay()}
+            if ctx.is_main:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": done, **metrics}) + "\n")
+                if on_metrics is not None:
+                    on_metrics(done, metrics)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                _save(run_dir, done, config, denoiser, ema, optimizer, noise_rng, ctx)
+    bar.close()
+
+    if ctx.is_main:
+        export_model(run_dir / "model", ema.model, config,
+                     {"step": max(start_step, cfg.steps), "dataset_sha256": dataset.sha256})
+        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    ctx.barrier()
+    return TrainResult(run_dir, max(start_step, cfg.steps), result_loss, result_ips, dataset.sha256)
+
+
+class TrainingObjective(torch.nn.Module):
+    """The loss as a module's forward(), which is what DistributedDataParallel wraps."""
+
+    def __init__(self, denoiser) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.denoiser.loss(x0, t, noise)
+
+
+def _save(run_dir: Path, step: int, config: Config, denoiser, ema: EMA, optimizer, noise_rng, ctx: DistContext) -> None:
+    rng = {"noise": noise_rng.get_state(), f"torch_rank{ctx.rank}": torch.get_rng_state()}
+    if ctx.enabled:  # every rank's dropout stream, so each resumes its own
+        gathered: list = [None] * ctx.world_size
+        dist.all_gather_object(gathered, torch.get_rng_state())
+        rng.update({f"torch_rank{r}": s for r, s in enumerate(gathered)})
+    if ctx.is_main:
+        save_training_checkpoint(run_dir / CHECKPOINT, step=step, config=config, model=denoiser.net,
+                                 ema_model=ema.model, ema_updates=ema.num_updates, optimizer=optimizer, rng=rng)
+
+
+def plot_loss_curve(metrics_file: Path, png: Path) -> Path | None:
+    """Loss (log scale) against step from metrics.jsonl."""
+    if not metrics_file.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if math.isfinite(r["loss"])]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The config stored in a run folder's training checkpoint."""
+    return config_from_dict(load_training_checkpoint(Path(run_dir) / CHECKPOINT).config)
