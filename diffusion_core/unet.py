@@ -66,9 +66,12 @@ class UNetConfig:
             )
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with the largest group count ≤ 32 that divides `channels`."""
-    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+def group_norm(channels: int, min_group_size: int = 4) -> nn.GroupNorm:
+    """GroupNorm with the most groups (≤ 32) that divide `channels` into groups of ≥ `min_group_size`.
+
+    Groups of a single channel would be instance norm, which erases any per-channel offset.
+    """
+    groups = next((g for g in (32, 16, 8, 4, 2) if channels % g == 0 and channels // g >= min_group_size), 1)
     return nn.GroupNorm(groups, channels)
 
 
@@ -88,11 +91,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
+    """GN → SiLU → conv → GN modulated by the embedding (scale, shift) → SiLU → dropout → conv, plus skip.
+
+    Scale-shift conditioning (Nichol & Dhariwal 2021, §3 "use_scale_shift_norm") applies the time
+    embedding after the normalisation, so no normalisation can remove it.
+    """
+
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float) -> None:
         super().__init__()
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -100,8 +109,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
