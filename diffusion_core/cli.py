@@ -34,10 +34,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = load_config(args.preset, args.overrides)
     run_dir = Path(args.run_dir or f"runs/{config.name}")
-    if args.nproc_per_node not in (None, "1", 1):
+    if args.nproc_per_node is not None:  # re-run this command under torchrun, one process per rank
         from .launch import launch_training
 
-        sys.exit(launch_training(args.preset, args.overrides, run_dir, args.nproc_per_node, resume=not args.no_resume))
+        sys.exit(launch_training(config, run_dir, args.nproc_per_node, resume=not args.no_resume))
     result = train(config, run_dir, resume=not args.no_resume)
     print(f"trained to step {result.step}: loss {result.final_loss:.4f}, {result.images_per_s:.0f} images/s; "
           f"model in {run_dir / 'model'}")

@@ -243,13 +243,13 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
 
 def preset_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix == ".toml" and path.is_file():
+    if path.suffix in (".toml", ".json") and path.is_file():
         return path
     candidate = PRESET_DIR / f"{name_or_path}.toml"
     if candidate.is_file():
         return candidate
     available = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-    raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(available)} or give a .toml path")
+    raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(available)} or give a .toml (or resolved config.json) path")
 
 
 def load_config(
@@ -261,9 +261,10 @@ def load_config(
     """Defaults ← preset file ← environment (ENV_OVERRIDES) ← overrides, validated once at the end."""
     tree: dict[str, Any] = {}
     if preset:
-        with open(preset_path(preset), "rb") as f:
-            tree = tomllib.load(f)
-        tree.setdefault("name", Path(preset).stem)
+        path = preset_path(preset)
+        with open(path, "rb") as f:
+            tree = json.load(f) if path.suffix == ".json" else tomllib.load(f)
+        tree.setdefault("name", path.stem)
     environ = os.environ if environ is None else environ
     for var, dotted in ENV_OVERRIDES.items():
         if environ.get(var):

@@ -1,0 +1,113 @@
+"""Launch training under torchrun: one process per GPU (or N CPU processes with gloo), on one node
+or several (c10d rendezvous), as a subprocess in its own process group so that stopping the caller
+stops every rank.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_write_text
+from .config import Config
+
+# Environment for every rank. glibc's default malloc returns freed blocks to the OS after each large
+# free, which showed up as system time in the training loop; these thresholds keep them (see README).
+RANK_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "PYTHONUNBUFFERED": "1"}
+
+
+def resolve_nproc(nproc_per_node: int | str) -> int:
+    """'auto' → the number of visible GPUs, or 1 on a CPU-only machine."""
+    if nproc_per_node == "auto":
+        return max(1, torch.cuda.device_count())
+    try:
+        n = int(nproc_per_node)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError(f"nproc_per_node must be a positive integer or 'auto', got {nproc_per_node!r}")
+    return n
+
+
+def torchrun_command(config_file: Path, run_dir: Path, nproc_per_node: int | str, *, nnodes: int = 1,
+                     node_rank: int = 0, rdzv_endpoint: str | None = None, rdzv_id: str = "diffusion",
+                     resume: bool = True) -> list[str]:
+    """The torchrun command line. One node: `--standalone`. Several: c10d rendezvous at `rdzv_endpoint`
+    (host:port of node 0), the same command on every node with its own `node_rank`."""
+    nproc = resolve_nproc(nproc_per_node)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--max-restarts=0"]
+    if nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        if not rdzv_endpoint:
+            raise ValueError("several nodes need rdzv_endpoint=host:port of the first node")
+        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+    cmd += ["-m", "diffusion_core.cli", "train", "--preset", str(config_file), "--run-dir", str(run_dir)]
+    if not resume:
+        cmd.append("--no-resume")
+    return cmd
+
+
+def rank_environment(nproc: int) -> dict[str, str]:
+    env = {**os.environ, **RANK_ENV}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
+def write_resolved_config(config: Config, run_dir: Path) -> Path:
+    """The fully resolved config as JSON in the run folder: what every rank (and MLflow) reads."""
+    return atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
+
+
+def run_process_group(cmd: list[str], env: dict[str, str], on_line: Callable[[str], None] = print,
+                      tail_lines: int = 60) -> tuple[int, list[str]]:
+    """Run `cmd` in a new session, streaming merged stdout/stderr lines to `on_line`.
+
+    Returns (exit code, last lines). If the caller is interrupted (Ctrl-C, a cancelled flow run),
+    the whole process group is terminated, then killed: no orphaned ranks.
+    """
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            on_line(line)
+        return proc.wait(), list(tail)
+    except BaseException:
+        terminate_group(proc)
+        raise
+
+
+def terminate_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def launch_training(config: Config, run_dir: Path, nproc_per_node: int | str, *, resume: bool = True,
+                    on_line: Callable[[str], None] = print, **multinode) -> int:
+    """Write the resolved config, run torchrun, return its exit code."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = write_resolved_config(config, run_dir)
+    cmd = torchrun_command(config_file, run_dir, nproc_per_node, resume=resume, **multinode)
+    code, _ = run_process_group(cmd, rank_environment(resolve_nproc(nproc_per_node)), on_line)
+    return code
