@@ -1,0 +1,118 @@
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_core import ConfigError, TrainingDiverged, load_config, load_model, train
+from diffusion_core.checkpoint import CheckpointError, load_training_checkpoint
+from diffusion_core.train import GlobalBatches, learning_rate
+
+
+def test_smoke_run_writes_everything(smoke_run):
+    for name in ["checkpoints/last.safetensors", "model/model.safetensors", "model/config.json",
+                 "metrics.jsonl", "forward_process.png", "loss_curve.png"]:
+        assert (smoke_run / name).is_file(), name
+    rows = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    info = json.loads((smoke_run / "model" / "config.json").read_text())
+    assert info["step"] == 20 and len(info["dataset_sha256"]) == 64
+
+
+def test_exported_model_is_the_ema(smoke_run):
+    state = load_training_checkpoint(smoke_run / "checkpoints" / "last.safetensors")
+    exported = load_file(str(smoke_run / "model" / "model.safetensors"))
+    assert all(torch.equal(exported[k], state.ema[k]) for k in exported)
+    assert any(not torch.equal(state.ema[k], state.model[k]) for k in exported)
+
+
+def test_real_mnist_loss_decreases(smoke_overrides, tmp_path):
+    config = load_config("smoke", {**smoke_overrides, "train.steps": 60, "train.log_every": 10,
+                                   "train.checkpoint_every": 60})
+    train(config, tmp_path, progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_exact_resume(smoke_overrides, tmp_path):
+    """Train N steps = train k, save, load, train N - k: identical weights, EMA and optimizer on CPU."""
+    base = {**smoke_overrides, "train.steps": 12, "train.checkpoint_every": 5, "model.dropout": 0.1}
+    straight = tmp_path / "straight"
+    train(load_config("smoke", base), straight, progress=False)
+    split = tmp_path / "split"
+    train(load_config("smoke", {**base, "train.steps": 5}), split, progress=False)
+    train(load_config("smoke", base), split, progress=False)  # resumes from step 5
+    a = load_training_checkpoint(straight / "checkpoints" / "last.safetensors")
+    b = load_training_checkpoint(split / "checkpoints" / "last.safetensors")
+    assert a.step == b.step == 12
+    for part in ("model", "ema"):
+        for key in getattr(a, part):
+            assert torch.equal(getattr(a, part)[key], getattr(b, part)[key]), (part, key)
+    assert all(torch.equal(a.optimizer["state"][i]["exp_avg"], b.optimizer["state"][i]["exp_avg"])
+               for i in a.optimizer["state"])
+
+
+def test_resume_with_other_settings_is_refused(smoke_run, smoke_overrides):
+    config = load_config("smoke", {**smoke_overrides, "train.lr": 0.5, "train.steps": 30})
+    with pytest.raises(ConfigError, match="train.lr"):
+        train(config, smoke_run, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(smoke_overrides, tmp_path, monkeypatch):
+    """A fault injected into the loss from the 8th step on: training stops at the next report with
+    the step named, and the checkpoint of step 5 stays as it was and loadable."""
+    from diffusion_core.denoiser import Denoiser
+
+    real_loss, calls = Denoiser.loss, []
+
+    def loss_that_turns_nan(self, *args, **kwargs):
+        calls.append(1)
+        value = real_loss(self, *args, **kwargs)
+        return value * float("nan") if len(calls) >= 8 else value
+
+    monkeypatch.setattr(Denoiser, "loss", loss_that_turns_nan)
+    config = load_config("smoke", {**smoke_overrides, "train.steps": 15, "train.checkpoint_every": 5})
+    with pytest.raises(TrainingDiverged, match="non-finite loss at step 8"):
+        train(config, tmp_path, progress=False)
+    state = load_training_checkpoint(tmp_path / "checkpoints" / "last.safetensors")
+    assert state.step == 5
+    assert all(torch.isfinite(v).all() for v in state.model.values())
+    monkeypatch.undo()
+    assert load_model(tmp_path / "checkpoints" / "last.safetensors").config.train.steps == 15
+
+
+def test_pickle_in_place_of_checkpoint_is_refused(tmp_path):
+    """A crafted pickle would run code when unpickled; the loader must never unpickle it."""
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(pickle.dumps(Exploit()))
+    (folder / "config.json").write_text(json.dumps({"format": "diffusion-model-v1", "config": {}}))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(folder)
+    ckpt = tmp_path / "last.safetensors"
+    torch.save({"x": Exploit()}, ckpt, _use_new_zipfile_serialization=True)
+    with pytest.raises(CheckpointError, match="never unpickled"):
+        load_model(ckpt)
+    assert not marker.exists()
+
+
+def test_global_batches_cover_each_epoch_once():
+    batches = GlobalBatches(100, 10, seed=3)
+    epoch0 = torch.cat([batches.indices(s) for s in range(10)])
+    assert sorted(epoch0.tolist()) == list(range(100))
+    epoch1 = torch.cat([batches.indices(s) for s in range(10, 20)])
+    assert sorted(epoch1.tolist()) == list(range(100)) and not torch.equal(epoch0, epoch1)
+    assert torch.equal(GlobalBatches(100, 10, seed=3).indices(13), batches.indices(13))
+
+
+def test_learning_rate_warmup():
+    assert learning_rate(0, 1.0, 10) == pytest.approx(0.1)
+    assert learning_rate(9, 1.0, 10) == 1.0 and learning_rate(500, 1.0, 10) == 1.0
+    assert learning_rate(0, 1.0, 0) == 1.0
