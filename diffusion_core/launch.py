@@ -39,9 +39,10 @@ def resolve_nproc(nproc_per_node: int | str) -> int:
 
 def torchrun_command(config_file: Path, run_dir: Path, nproc_per_node: int | str, *, nnodes: int = 1,
                      node_rank: int = 0, rdzv_endpoint: str | None = None, rdzv_id: str = "diffusion",
-                     resume: bool = True) -> list[str]:
+                     resume: bool = True, log_dir: Path | None = None) -> list[str]:
     """The torchrun command line. One node: `--standalone`. Several: c10d rendezvous at `rdzv_endpoint`
-    (host:port of node 0), the same command on every node with its own `node_rank`."""
+    (host:port of node 0), the same command on every node with its own `node_rank`. With `log_dir`,
+    each rank's output is also kept in a file there and printed whole lines at a time, tagged `[rankN]:`."""
     nproc = resolve_nproc(nproc_per_node)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--max-restarts=0"]
     if nnodes == 1:
@@ -51,6 +52,8 @@ def torchrun_command(config_file: Path, run_dir: Path, nproc_per_node: int | str
             raise ValueError("several nodes need rdzv_endpoint=host:port of the first node")
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+    if log_dir is not None:
+        cmd += [f"--log-dir={log_dir}", "--tee=3", "--log-line-prefix-template=[rank${rank}]: "]
     cmd += ["-m", "diffusion_core.cli", "train", "--preset", str(config_file), "--run-dir", str(run_dir)]
     if not resume:
         cmd.append("--no-resume")

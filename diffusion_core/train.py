@@ -100,6 +100,8 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = True, progress:
     if cfg.batch_size % ctx.world_size:
         raise ConfigError(f"train.batch_size={cfg.batch_size} must be divisible by the {ctx.world_size} processes")
     device = resolve_device(cfg.device, ctx)
+    # Subnormal floats (e.g. Adam's squared tiny gradients) take a slow path on x86 CPUs; flush them.
+    torch.set_flush_denormal(True)
     init_process_group(ctx, device)
     try:
         return _train(config, Path(run_dir), ctx, device, resume, progress, on_metrics)

@@ -9,9 +9,11 @@ class statistics. ~184 k parameters (0.74 MB as float32).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -42,8 +44,12 @@ class LeNet(nn.Module):
         return self.features(images_u8)["logits"]
 
 
-def num_classes_of(state: dict[str, torch.Tensor]) -> int:
-    return int(state["fc2.weight"].shape[0])
+def load_classifier(weights_path: str | Path) -> LeNet:
+    """A frozen LeNet from a safetensors state dict (the class count is read from the last layer)."""
+    state = load_file(str(weights_path))
+    net = LeNet(int(state["fc2.weight"].shape[0]))
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False)
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_classes: int = 10, epochs: int = 3,

@@ -1,0 +1,117 @@
+"""Training and sampling throughput of a preset's model on this machine, against its matmul peak.
+
+    python benchmarks/throughput.py --preset mnist-cpu [--batch-size 64] [--bf16] [--device cpu]
+
+Prints: parameters; training images/s and achieved GFLOP/s (FLOPs counted by
+torch.utils.flop_counter for one forward+backward); the machine's dense fp32 (and bf16) matmul
+GFLOP/s measured in the same process, and the fraction of it reached; sampling network evaluations
+per second and images/s for DDPM-1000, DDIM-50 and DDIM-20 (measured on a DDIM-20 run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusion_core import load_config
+from diffusion_core.checkpoint import build_denoiser
+from diffusion_core.data import get_spec
+from diffusion_core.samplers import ddim_sample
+from diffusion_core.unet import count_parameters
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="mnist-cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps (after 3 warm-up)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    torch.set_flush_denormal(True)
+    device = torch.device(args.device)
+    config = load_config(args.preset, environ={})
+    spec = get_spec(config.data.dataset)
+    batch = args.batch_size or config.train.batch_size
+    shape = (batch, spec.channels, spec.image_size, spec.image_size)
+    denoiser = build_denoiser(config).to(device)
+    net = denoiser.net
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x0 = torch.rand(shape, device=device) * 2 - 1
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def train_step() -> None:
+        t = torch.randint(0, denoiser.schedule.timesteps, (batch,), device=device)
+        with torch.autocast(**amp):
+            loss = denoiser.loss(x0, t, torch.randn_like(x0))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    with FlopCounterMode(display=False) as counter:
+        train_step()
+    flops_per_step = counter.get_total_flops()
+    for _ in range(2):
+        train_step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        train_step()
+    _sync(device)
+    step_s = (time.perf_counter() - start) / args.steps
+
+    peak32 = matmul_gflops(device, torch.float32)
+    peak16 = matmul_gflops(device, torch.bfloat16) if args.bf16 else None
+    achieved = flops_per_step / step_s / 1e9
+    peak = peak16 if args.bf16 else peak32
+
+    net.eval()
+    sample_batch = min(256, batch * 4)
+    eval_steps = 20
+    with torch.autocast(**amp):
+        ddim_sample(denoiser, denoiser.schedule, (sample_batch, *shape[1:]), steps=2, device=device)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        ddim_sample(denoiser, denoiser.schedule, (sample_batch, *shape[1:]), steps=eval_steps, device=device)
+        _sync(device)
+    evals_per_s = sample_batch * eval_steps / (time.perf_counter() - start)
+
+    print(f"device: {device} ({torch.get_num_threads()} threads), preset {args.preset}, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, torch {torch.__version__}")
+    print(f"parameters:                   {count_parameters(net):,}")
+    print(f"training batch:               {batch} images {tuple(shape[1:])}")
+    print(f"training:                     {batch / step_s:8.1f} images/s   ({step_s * 1000:.0f} ms/step)")
+    print(f"training FLOPs per image:     {flops_per_step / batch / 1e9:8.3f} GFLOP (forward + backward)")
+    print(f"achieved:                     {achieved:8.1f} GFLOP/s")
+    print(f"dense matmul peak fp32:       {peak32:8.1f} GFLOP/s")
+    if peak16:
+        print(f"dense matmul peak bf16:       {peak16:8.1f} GFLOP/s")
+    print(f"fraction of matmul peak:      {achieved / peak:8.1%}")
+    print(f"sampling (batch {sample_batch}):         {evals_per_s:8.1f} image-evaluations/s")
+    for name, evals in (("DDPM-1000", 1000), ("DDIM-50", 50), ("DDIM-20", 20)):
+        print(f"  {name:10s}                  {evals_per_s / evals:8.2f} images/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""`diffusion evaluate` and `diffusion evaluate-extractor` (see the package docstring for examples)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from ..cli import _add_config_args
+from ..config import ENV_OVERRIDES, SAMPLERS, DataConfig, load_config
+from ..data import SPLITS
+from ..samplers import SPACINGS
+from .extractors import EXTRACTORS
+
+
+def _data_config(base: DataConfig, args: argparse.Namespace) -> DataConfig:
+    """base ← DIFFUSION_DATA_SOURCE / DIFFUSION_DATA_DIR ← --data-source / --data-dir."""
+    values = {}
+    for var, dotted in ENV_OVERRIDES.items():
+        if os.environ.get(var):
+            values[dotted.split(".", 1)[1]] = os.environ[var]
+    if args.data_source:
+        values["source"] = args.data_source
+    if args.data_dir:
+        values["data_dir"] = args.data_dir
+    return dataclasses.replace(base, **values)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from ..checkpoint import load_model
+    from ..distributed import DistContext, resolve_device
+    from .evaluator import compute_floors, evaluate, format_table, save_metrics
+
+    if not args.model and not args.floors:
+        raise ValueError("give --model PATH to evaluate a model, and/or --floors for the real-data and noise floors")
+    device = resolve_device(args.device, DistContext())
+    common = dict(extractor=args.extractor, num_samples=args.num_samples, split=args.split, seed=args.seed,
+                  batch_size=args.batch_size, device=device, inception_weights=args.inception_weights)
+    metrics = {}
+    if args.model:
+        loaded = load_model(args.model, device)
+        data = _data_config(loaded.config.data, args)
+        metrics.update(evaluate(loaded, data=data, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                spacing=args.spacing, **common))
+    else:
+        data = _data_config(load_config(args.preset).data, args)
+    if args.floors:
+        metrics.update(compute_floors(data, **common))
+    print(f"{metrics['extractor_id']} on {metrics['num_samples']} images vs the {args.split} split "
+          f"of {metrics['dataset']} ({metrics['dataset_sha256'][:12]})")
+    print(format_table(metrics))
+    if args.out:
+        save_metrics(args.out, metrics)
+        print(f"metrics: {args.out}")
+
+
+def cmd_evaluate_extractor(args: argparse.Namespace) -> None:
+    from ..data import prepare_dataset
+    from .classifier_store import ensure_classifier, export_classifier
+
+    config = load_config(args.preset, args.overrides)
+    prepared = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
+    record = ensure_classifier(prepared, config.data.data_dir, epochs=args.epochs, seed=args.seed)
+    meta = record.meta
+    print(f"{record.extractor_id}: test accuracy {meta['test_accuracy']:.4f}, seed {meta['seed']}, "
+          f"{meta['epochs']} epochs, {meta['train_seconds']} s; {record.weights_path}")
+    if args.copy_to:
+        print(f"copied to {export_classifier(record, args.copy_to)}")
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("evaluate", help="FID/KID/precision/recall of a model's samples against real data")
+    p.add_argument("--model", help="exported model folder, run folder or training checkpoint")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always uses all T)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
+    p.add_argument("--spacing", choices=SPACINGS, default="linear", help="DDIM timestep spacing")
+    p.add_argument("-n", "--num-samples", type=int, default=1000, help="images to generate (and floor set size)")
+    p.add_argument("--extractor", choices=EXTRACTORS, default="lenet",
+                   help="lenet: the project's classifier for 28×28 datasets; inception: torch-fidelity's Inception-v3")
+    p.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth "
+                                               "(default: $DIFFUSION_INCEPTION_WEIGHTS, then the torch hub cache)")
+    p.add_argument("--split", choices=SPLITS, default="test", help="real split to compare with")
+    p.add_argument("--floors", action="store_true", help="also score N real train images and N noise images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="images per network call")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-source", help="overrides the model's data.source (and $DIFFUSION_DATA_SOURCE)")
+    p.add_argument("--data-dir", help="overrides the model's data.data_dir (and $DIFFUSION_DATA_DIR)")
+    p.add_argument("--preset", default="mnist-cpu", help="data settings when no --model is given (floors only)")
+    p.add_argument("--out", help="JSON file for the metrics")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("evaluate-extractor", help="train (once per dataset version) and check the lenet "
+                                                         "classifier used as feature extractor")
+    _add_config_args(p)
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (when no weights exist yet)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (when no weights exist yet)")
+    p.add_argument("--copy-to", help="also copy weights + metadata here (diffusion_core/evaluation/pretrained "
+                                     "to ship them)")
+    p.set_defaults(func=cmd_evaluate_extractor)

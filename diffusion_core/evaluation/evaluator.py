@@ -1,0 +1,144 @@
+"""Evaluate a model (or a tensor of samples) against the real data, and the floors to read it by.
+
+Results are one flat dict. Metric keys are `<metric>_<extractor>_<tag>`, the tag naming how the
+images were made: `ddim50`, `ddpm1000` (sampler and steps), `samples` (a given tensor), `train`
+(real train images: the best score reachable with N images) and `noise` (uniform random pixels: the
+worst). Metrics: fid, kid, kid_std, precision, recall, and with the lenet classifier also
+confident_fraction and class_entropy. Context keys: extractor_id, num_samples, dataset,
+dataset_sha256, reference_split, and for a model sampler, steps, eta, seed, sampling_images_per_s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_write_text
+from ..checkpoint import LoadedModel
+from ..config import DataConfig, SampleConfig
+from ..data import PreparedDataset, prepare_dataset
+from ..distributed import DistContext, resolve_device
+from ..samplers import generate_batches
+from .classifier import class_statistics, predict_probs
+from .extractors import Extractor, resolve_extractor
+from .metrics import compute_metrics
+from .reference import ReferenceSet, reference_set
+
+TABLE_COLUMNS = ("fid", "kid", "precision", "recall", "confident_fraction", "class_entropy")
+
+
+@dataclass(frozen=True)
+class _Setup:
+    prepared: PreparedDataset
+    extractor: Extractor
+    reference: ReferenceSet
+
+
+def _setup(data: DataConfig, extractor: str, split: str, inception_weights: str | Path | None,
+           progress: bool) -> _Setup:
+    """Dataset, extractor weights and reference split: everything that can fail before sampling."""
+    prepared = prepare_dataset(data.dataset, data.source, data.data_dir)
+    resolved = resolve_extractor(extractor, prepared, data.data_dir, inception_weights=inception_weights,
+                                 progress=progress)
+    return _Setup(prepared, resolved, reference_set(prepared, split, resolved, data.data_dir))
+
+
+def _context(setup: _Setup, num_samples: int) -> dict[str, Any]:
+    return {"dataset": setup.prepared.spec.name, "dataset_sha256": setup.prepared.sha256,
+            "extractor_id": setup.extractor.extractor_id, "num_samples": num_samples}
+
+
+def _score(images: torch.Tensor, setup: _Setup, tag: str, *, batch_size: int, seed: int, device: torch.device,
+           progress: bool) -> dict[str, float]:
+    values = compute_metrics(images, setup.reference, setup.extractor, batch_size=batch_size, seed=seed,
+                             cuda=device.type == "cuda", progress=progress)
+    classifier = setup.extractor.classifier()
+    if classifier is not None:
+        values.update(class_statistics(predict_probs(classifier, images, device=device)))
+    return {f"{metric}_{setup.extractor.short_name}_{tag}": value for metric, value in values.items()}
+
+
+def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = None, extractor: str = "lenet",
+             num_samples: int = 1000, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+             spacing: str = "linear", clip_x0: bool = True, seed: int = 0, batch_size: int = 256,
+             device: torch.device | str = "auto", split: str = "test", inception_weights: str | Path | None = None,
+             tag: str = "samples", out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Metrics of a model's samples (or of given uint8 images [N, C, H, W]) against the real `split`.
+
+    For a model, `num_samples` images are drawn with `sampler`/`steps`/`eta`/`spacing` (batch k seeded
+    by (seed, k)), on `device` (the denoiser is moved there); `data` defaults to the model's data
+    config. For a tensor, `data` is required and `tag` names it in the keys. Extractor weights and
+    the dataset are checked before any sampling. With `out`, the dict is also saved as JSON
+    (atomically).
+    """
+    device = resolve_device(str(device), DistContext())
+    if isinstance(source, LoadedModel):
+        settings = SampleConfig(sampler=sampler, steps=steps, eta=eta, spacing=spacing, num_samples=num_samples,
+                                batch_size=batch_size, clip_x0=clip_x0, seed=seed)  # validates them
+        schedule = source.denoiser.schedule
+        if sampler == "ddim" and steps > schedule.timesteps:
+            raise ValueError(f"steps={steps} exceeds the model's {schedule.timesteps} timesteps")
+        data = data or source.config.data
+        tag = f"ddpm{schedule.timesteps}" if sampler == "ddpm" else f"ddim{steps}"
+    elif isinstance(source, torch.Tensor):
+        if data is None:
+            raise ValueError("evaluating a tensor of images needs data= (the dataset to compare with)")
+        num_samples = len(source)
+    else:
+        raise ValueError(f"evaluate() takes a LoadedModel or a uint8 image tensor, not {type(source).__name__}")
+    setup = _setup(data, extractor, split, inception_weights, progress)
+    result = {**_context(setup, num_samples), "reference_split": split}
+    if isinstance(source, LoadedModel):
+        spec = setup.prepared.spec
+        start = time.perf_counter()
+        images = torch.cat(list(generate_batches(
+            source.denoiser.to(device), schedule, (spec.channels, spec.image_size, spec.image_size), num_samples,
+            batch_size=settings.batch_size, seed=seed, device=device, progress=progress, sampler=sampler,
+            steps=steps, eta=eta, spacing=spacing, clip_x0=clip_x0)))
+        result.update(sampler=sampler, steps=schedule.timesteps if sampler == "ddpm" else steps, eta=eta, seed=seed,
+                      sampling_images_per_s=num_samples / (time.perf_counter() - start))
+    else:
+        images = source
+    result.update(_score(images, setup, tag, batch_size=batch_size, seed=seed, device=device, progress=progress))
+    if out is not None:
+        save_metrics(out, result)
+    return result
+
+
+def compute_floors(data: DataConfig, *, extractor: str = "lenet", num_samples: int = 1000, split: str = "test",
+                   seed: int = 0, batch_size: int = 256, device: torch.device | str = "auto",
+                   inception_weights: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """The metrics of N random real train images (tag `train`: the best reachable at this N) and of N
+    uniform random uint8 images (tag `noise`), both against the real `split`."""
+    device = resolve_device(str(device), DistContext())
+    setup = _setup(data, extractor, split, inception_weights, progress)
+    train_images, _ = setup.prepared.load("train")
+    if num_samples > len(train_images):
+        raise ValueError(f"num_samples={num_samples} exceeds the {len(train_images)} train images")
+    generator = torch.Generator().manual_seed(seed)
+    real = train_images[torch.randperm(len(train_images), generator=generator)[:num_samples]]
+    noise = torch.randint(0, 256, (num_samples, *real.shape[1:]), generator=generator, dtype=torch.uint8)
+    result = {**_context(setup, num_samples), "reference_split": split}
+    for tag, images in (("train", real), ("noise", noise)):
+        result.update(_score(images, setup, tag, batch_size=batch_size, seed=seed, device=device, progress=progress))
+    return result
+
+
+def save_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
+    return atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """One row per tag found in `metrics` (e.g. ddim50, train, noise), one column per metric."""
+    rows = [key.split("_", 2)[1:] for key in metrics if key.startswith("fid_")]  # [extractor, tag]
+    columns = [c for c in TABLE_COLUMNS if any(f"{c}_{e}_{t}" in metrics for e, t in rows)]
+    lines = [f"{'images':<12}" + "".join(f"{c:>20}" for c in columns)]
+    for short, tag in rows:
+        cells = [metrics.get(f"{c}_{short}_{tag}") for c in columns]
+        lines.append(f"{tag:<12}" + "".join(f"{'-' if v is None else f'{v:.4g}':>20}" for v in cells))
+    return "\n".join(lines)

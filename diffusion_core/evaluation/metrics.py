@@ -1,0 +1,71 @@
+"""FID, KID and precision/recall between two image sets, computed by torch-fidelity.
+
+  - FID (Heusel et al. 2017): Fréchet distance between Gaussians fitted to the two feature sets,
+    |μ1 − μ2|² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^½).
+  - KID (Bińkowski et al. 2018): unbiased MMD² with the cubic polynomial kernel, mean and std over
+    100 random subsets of min(1000, size of the smaller set) images, so small sets work too.
+  - precision / recall (Kynkäänniemi et al. 2019, k = 3): the share of generated samples inside the
+    real manifold (k-NN balls), and of real samples inside the generated one.
+Images go in as uint8 [N, C, H, W] tensors. `save_cpu_ram=True` keeps torch-fidelity from starting
+DataLoader worker processes; it runs on CUDA when `cuda` is true.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+
+from .extractors import Extractor
+from .reference import ReferenceSet
+
+KID_MAX_SUBSET = 1000
+PRC_NEIGHBORHOOD = 3
+
+
+class UInt8Images(Dataset):
+    """Items are single uint8 C×H×W tensors (what torch-fidelity takes), 1 channel repeated to 3 if `rgb`."""
+
+    def __init__(self, images: torch.Tensor, rgb: bool = False) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.rgb = rgb and images.shape[1] == 1
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.images[index]
+        return image.expand(3, -1, -1) if self.rgb else image
+
+
+def compute_metrics(images: torch.Tensor, reference: torch.Tensor | ReferenceSet, extractor: Extractor, *,
+                    batch_size: int = 256, seed: int = 0, cuda: bool | None = None,
+                    progress: bool = True) -> dict[str, float]:
+    """{'fid', 'kid', 'kid_std', 'precision', 'recall'} of `images` against `reference`.
+
+    A ReferenceSet's features are cached and reused (see reference.py); a plain tensor is not cached.
+    """
+    real = reference.images if isinstance(reference, ReferenceSet) else reference
+    smaller = min(len(images), len(real))
+    if smaller <= PRC_NEIGHBORHOOD:
+        raise ValueError(f"need more than {PRC_NEIGHBORHOOD} images per set for precision/recall, got {smaller}")
+    cache = {"cache": False}
+    if isinstance(reference, ReferenceSet):
+        cache = {"cache": True, "cache_root": str(reference.cache_root), "input2_cache_name": reference.cache_name}
+    raw = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(images, extractor.rgb), input2=UInt8Images(real, extractor.rgb),
+        fid=True, kid=True, prc=True,
+        feature_extractor=extractor.fidelity_name, feature_extractor_weights_path=str(extractor.weights_path),
+        kid_subset_size=min(KID_MAX_SUBSET, smaller), prc_neighborhood=PRC_NEIGHBORHOOD,
+        batch_size=batch_size, cuda=torch.cuda.is_available() if cuda is None else cuda,
+        save_cpu_ram=True, rng_seed=seed, verbose=progress, **cache,
+    )
+    return {
+        "fid": raw[torch_fidelity.KEY_METRIC_FID],
+        "kid": raw[torch_fidelity.KEY_METRIC_KID_MEAN],
+        "kid_std": raw[torch_fidelity.KEY_METRIC_KID_STD],
+        "precision": raw[torch_fidelity.KEY_METRIC_PRECISION],
+        "recall": raw[torch_fidelity.KEY_METRIC_RECALL],
+    }

@@ -1,0 +1,35 @@
+"""register-checkpoint: the exported EMA model as run artifacts and a new registered-model version.
+
+The model folder (`model.safetensors` + `config.json`) is logged under the run's `model/` artifact
+path and registered from `runs:/<run id>/model` as a new version of `ddpm-<dataset>`, which gets the
+alias `challenger`. Load any version with flows.registry.load_registered_model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger
+
+from .registry import CHALLENGER
+from .tracking import registered_model_name, run_config
+
+MODEL_ARTIFACT = "model"
+VERSION_TAGS = ("dataset_sha256", "git_commit")  # run params copied onto the model version
+
+
+@flow(name="register-checkpoint")
+def register_checkpoint(run_id: str, work_dir: str) -> str:
+    """Log `work_dir/model` to the run, register it, point `challenger` at it; return the new version."""
+    client = MlflowClient()
+    config = run_config(client, run_id)
+    client.log_artifacts(run_id, str(Path(work_dir) / MODEL_ARTIFACT), MODEL_ARTIFACT)
+    params = client.get_run(run_id).data.params
+    name = registered_model_name(config.data.dataset)
+    version = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", name,
+                                    tags={"preset": config.name, **{k: params[k] for k in VERSION_TAGS}}).version
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    get_run_logger().info("registered %s version %s (alias %s)", name, version, CHALLENGER)
+    return str(version)

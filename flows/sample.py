@@ -1,0 +1,85 @@
+"""sample: N images from a registered model with DDPM (all T steps) and with DDIM (the config's steps and η).
+
+The sampling settings are the run's `sample.*` config (num_samples, steps, eta, spacing, batch_size,
+clip_x0, seed). Per sampler, tagged like the evaluation keys (`ddpm1000`, `ddim50`), the run gets
+`samples/<tag>.safetensors` (all images, uint8 [N, C, H, W]), `samples/<tag>.png` (a grid of the
+first 64) and the metric `sampling_images_per_s_<tag>`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger
+from safetensors.torch import save_file
+
+from diffusion_core.config import Config
+from diffusion_core.data import get_spec
+from diffusion_core.distributed import DistContext, resolve_device
+from diffusion_core.images import save_grid
+from diffusion_core.samplers import generate_batches
+
+from .registry import load_registered_model
+from .tracking import log_metrics, run_config
+
+SAMPLES_ARTIFACT = "samples"
+GRID_MAX = 64
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    sampler: str
+    steps: int
+    eta: float
+    spacing: str
+
+    @property
+    def tag(self) -> str:
+        """The name used in artifact names and evaluation metric keys, e.g. `ddim50`."""
+        return f"{self.sampler}{self.steps}"
+
+    @property
+    def protocol(self) -> str:
+        """Everything that changes the samples' distribution, e.g. `ddim50-eta0-linear`."""
+        return self.tag if self.sampler == "ddpm" else f"{self.tag}-eta{self.eta:g}-{self.spacing}"
+
+
+def sampler_settings(config: Config) -> tuple[SamplerSetting, SamplerSetting]:
+    """(DDPM, DDIM) as the config sets them."""
+    s = config.sample
+    return (SamplerSetting("ddpm", config.diffusion.timesteps, 1.0, "linear"),
+            SamplerSetting("ddim", s.steps, s.eta, s.spacing))
+
+
+@flow(name="sample")
+def sample_images(run_id: str, model_uri: str) -> None:
+    """Sample the model at `model_uri` with each setting of the run's config; log images and speed."""
+    logger = get_run_logger()
+    client = MlflowClient()
+    config = run_config(client, run_id)
+    device = resolve_device(config.train.device, DistContext())
+    model = load_registered_model(model_uri, device)
+    spec = get_spec(config.data.dataset)
+    s = config.sample
+    speeds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in sampler_settings(config):
+            start = time.perf_counter()
+            images = torch.cat(list(generate_batches(
+                model.denoiser, model.denoiser.schedule, (spec.channels, spec.image_size, spec.image_size),
+                s.num_samples, batch_size=s.batch_size, seed=s.seed, device=device, progress=False,
+                sampler=setting.sampler, steps=setting.steps, eta=setting.eta, spacing=setting.spacing,
+                clip_x0=s.clip_x0)))
+            speeds[f"sampling_images_per_s_{setting.tag}"] = len(images) / (time.perf_counter() - start)
+            save_file({"images": images}, str(Path(tmp) / f"{setting.tag}.safetensors"),
+                      metadata={"model": model_uri, "protocol": setting.protocol, "seed": str(s.seed)})
+            save_grid(images[:GRID_MAX], Path(tmp) / f"{setting.tag}.png")
+            logger.info("%s: %d images at %.1f images/s", setting.protocol, len(images),
+                        speeds[f"sampling_images_per_s_{setting.tag}"])
+        client.log_artifacts(run_id, tmp, SAMPLES_ARTIFACT)
+    log_metrics(client, run_id, speeds)

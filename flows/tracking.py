@@ -1,0 +1,102 @@
+"""MLflow conventions of the pipeline: experiment and model names, run creation, reading a run back.
+
+The tracking server is MLFLOW_TRACKING_URI (unset: MLflow's default, a SQLite file `mlflow.db` in
+the working folder with artifacts beside it). New experiments keep their artifacts under
+DIFFUSION_ARTIFACT_LOCATION (e.g. s3://bucket/mlflow, written through boto3 with
+MLFLOW_S3_ENDPOINT_URL and the AWS_* credentials) when it is set; otherwise where the server says
+(a server started with --artifacts-destination proxies them, so clients need no S3 credentials).
+Only configuration, versions and results are logged: never the environment or credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+from diffusion_core.config import Config, config_from_dict
+
+ARTIFACT_LOCATION_ENV = "DIFFUSION_ARTIFACT_LOCATION"
+CONFIG_ARTIFACT = "config.json"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BATCH = 100  # MLflow accepts at most 100 params (or tags) per log_batch request
+
+
+def experiment_name(dataset: str) -> str:
+    """One experiment per dataset."""
+    return f"diffusion-{dataset}"
+
+
+def registered_model_name(dataset: str) -> str:
+    """One registered model per dataset; each train-eval run adds a version."""
+    return f"ddpm-{dataset}"
+
+
+def ensure_experiment(client: MlflowClient, dataset: str) -> str:
+    """The dataset's experiment id, creating the experiment on first use."""
+    name = experiment_name(dataset)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    root = os.environ.get(ARTIFACT_LOCATION_ENV)
+    try:
+        return client.create_experiment(name, artifact_location=f"{root.rstrip('/')}/{name}" if root else None)
+    except MlflowException as exc:  # another run created it in the meantime
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(key, str(value)) for key, value in params.items()]
+    for start in range(0, len(items), BATCH):
+        client.log_batch(run_id, params=items[start:start + BATCH])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    items = [RunTag(key, str(value)) for key, value in tags.items()]
+    for start in range(0, len(items), BATCH):
+        client.log_batch(run_id, tags=items[start:start + BATCH])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    now_ms = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now_ms, step) for key, value in metrics.items()])
+
+
+def run_config(client: MlflowClient, run_id: str) -> Config:
+    """The resolved config the run was started with (its `config.json` artifact)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)
+        return config_from_dict(json.loads(Path(path).read_text()))
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """The checked-out commit, read from `.git` (no git process); $GIT_COMMIT where there is no
+    checkout (an image), else "unknown"."""
+    git = repo / ".git"
+    try:
+        if git.is_file():  # a worktree: ".git" names the real folder
+            git = (repo / git.read_text().split(":", 1)[1].strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head  # detached HEAD
+        ref = head.removeprefix("ref: ")
+        common = (git / (git / "commondir").read_text().strip()) if (git / "commondir").is_file() else git
+        if (common / ref).is_file():
+            return (common / ref).read_text().strip()
+        for line in (common / "packed-refs").read_text().splitlines():
+            if line.endswith(f" {ref}"):
+                return line.split()[0]
+    except OSError:
+        pass
+    return os.environ.get("GIT_COMMIT", "unknown")

@@ -1,0 +1,128 @@
+"""train-eval: one reproducible, tracked run from a preset to an evaluated, registered model.
+
+    python -m flows.train_eval --preset smoke --set train.steps=40
+
+Steps (each a flow of its own, sharing only the MLflow run id and the working folder
+`$DIFFUSION_RUNS_DIR/<flow run id>`, default `runs/`): prepare-dataset → train (torchrun) →
+register-checkpoint (new version of `ddpm-<dataset>`, alias `challenger`) → sample (DDPM and DDIM)
+→ evaluate (FID …) → champion selection on the DDIM FID (see flows.registry).
+
+The MLflow run (experiment `diffusion-<dataset>`, name `<preset>-<UTC time>-<flow run name>`)
+holds the resolved config as params and as `config.json`, the git commit, torch version, device and
+world size, the dataset sha256 and input, training and evaluation metrics, the plots, the
+checkpoint, the model and the samples. Without PREFECT_API_URL and MLFLOW_TRACKING_URI everything
+runs embedded: Prefect's ephemeral API and `mlflow.db` in the working folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from diffusion_core.config import Config, load_config, parse_override
+from diffusion_core.distributed import DistContext, resolve_device
+from diffusion_core.launch import resolve_nproc, write_resolved_config
+
+from .evaluate import evaluate_samples
+from .prepare import prepare_dataset_flow
+from .register import register_checkpoint
+from .registry import Decision, Score, select_champion
+from .sample import sample_images, sampler_settings
+from .tracking import ensure_experiment, git_commit, log_params, registered_model_name, set_tags
+from .train import train_model
+
+RUNS_DIR_ENV = "DIFFUSION_RUNS_DIR"
+
+
+def _start_run(client: MlflowClient, config: Config, work_dir: Path, nproc_per_node: int | str,
+               extractor: str) -> str:
+    """Create the run with its params, tags and resolved config file; return its id."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    commit = git_commit()
+    run = client.create_run(
+        ensure_experiment(client, config.data.dataset), run_name=f"{config.name}-{stamp}-{flow_run.name}",
+        tags={"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
+              "prefect.deployment": flow_run.deployment_id or "none", "work_dir": str(work_dir.resolve()),
+              "mlflow.source.git.commit": commit})
+    run_id = run.info.run_id
+    log_params(client, run_id, {
+        **config.flat(), "git_commit": commit, "torch_version": torch.__version__,
+        "device": resolve_device(config.train.device, DistContext()).type,
+        "nproc_per_node": nproc_per_node, "world_size": resolve_nproc(nproc_per_node), "eval.extractor": extractor})
+    client.log_artifact(run_id, str(write_resolved_config(config, work_dir)))
+    return run_id
+
+
+def _score(client: MlflowClient, run_id: str, config: Config, extractor: str) -> Score:
+    """The run's DDIM FID and the protocol it was measured with."""
+    run = client.get_run(run_id)
+    ddim = sampler_settings(config)[1]
+    params = run.data.params
+    return Score(run.data.metrics[f"fid_{extractor}_{ddim.tag}"],
+                 {"extractor_id": params["eval.extractor_id"], "num_samples": params["eval.num_samples"],
+                  "sampler": ddim.protocol, "dataset_sha256": params["eval.dataset_sha256"]})
+
+
+@flow(name="train-eval")
+def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = None, nproc_per_node: int | str = 1,
+               num_samples: int | None = None, ddim_steps: int | None = None, ddim_eta: float | None = None,
+               extractor: str = "lenet") -> str:
+    """Train `preset` + `overrides` ({"train.steps": 500, …}) on `nproc_per_node` ranks, register, sample
+    and evaluate it with `num_samples` images per sampler (DDIM with `ddim_steps`, η=`ddim_eta`; unset:
+    the config's sample.*), and make it the champion if its DDIM FID beats the current one.
+    Returns the MLflow run id."""
+    sampling = {"sample.num_samples": num_samples, "sample.steps": ddim_steps, "sample.eta": ddim_eta}
+    config = load_config(preset, {**(overrides or {}), **{k: v for k, v in sampling.items() if v is not None}})
+    work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
+    client = MlflowClient()
+    run_id = _start_run(client, config, work_dir, nproc_per_node, extractor)
+    logger = get_run_logger()
+    logger.info("MLflow run %s, working folder %s", run_id, work_dir)
+    try:
+        prepare_dataset_flow(run_id)
+        train_model(run_id, str(work_dir), nproc_per_node)
+        name = registered_model_name(config.data.dataset)
+        version = register_checkpoint(run_id, str(work_dir))
+        sample_images(run_id, f"models:/{name}/{version}")
+        evaluate_samples(run_id, extractor)
+        decision: Decision = select_champion(client, name, version, _score(client, run_id, config, extractor))
+        set_tags(client, run_id, {"model_version": version, **decision.tags()})
+        logger.info("%s version %s: %s (%s)", name, version, decision.tags()["champion.decision"], decision.reason)
+    except BaseException as exc:  # a cancelled flow run arrives as a BaseException
+        client.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flows.train_eval`: the whole pipeline from one command, with or without servers."""
+    parser = argparse.ArgumentParser(prog="python -m flows.train_eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="mnist-cpu", help="preset name in configs/ or a .toml path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one setting (repeatable), e.g. --set train.steps=100")
+    parser.add_argument("--nproc-per-node", default="1", help="training processes (an integer or 'auto')")
+    parser.add_argument("--num-samples", type=int, help="images per sampler for evaluation (default: sample.num_samples)")
+    parser.add_argument("--ddim-steps", type=int, help="DDIM steps (default: sample.steps)")
+    parser.add_argument("--ddim-eta", type=float, help="DDIM η (default: sample.eta)")
+    parser.add_argument("--extractor", default="lenet", help="FID features: lenet (offline) or inception")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy machine's first start
+    run_id = train_eval(preset=args.preset, overrides=dict(parse_override(o) for o in args.overrides),
+                        nproc_per_node=args.nproc_per_node, num_samples=args.num_samples, ddim_steps=args.ddim_steps,
+                        ddim_eta=args.ddim_eta, extractor=args.extractor)
+    print(f"MLflow run {run_id}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The `diffusion` command as a user runs it (in a subprocess)."""
+
+import subprocess
+import sys
+
+from PIL import Image
+from safetensors.torch import load_file
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "diffusion_core.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_sample_grid_and_tensor(smoke_run, tmp_path):
+    grid, tensor = tmp_path / "grid.png", tmp_path / "samples.safetensors"
+    result = run_cli("sample", "--model", str(smoke_run), "--sampler", "ddim", "--steps", "5", "-n", "6",
+                     "--seed", "1", "--out", str(grid), "--tensor-out", str(tensor), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    images = load_file(str(tensor))["images"]
+    assert images.shape == (6, 1, 28, 28) and str(images.dtype) == "torch.uint8"
+    assert Image.open(grid).size[0] > 28
+    again = tmp_path / "again.safetensors"
+    assert run_cli("sample", "--model", str(smoke_run), "--steps", "5", "-n", "6", "--seed", "1",
+                   "--tensor-out", str(again), "--device", "cpu").returncode == 0
+    assert (load_file(str(again))["images"] == images).all()  # same seed, same images
+
+
+def test_ddpm_sampling_from_cli(smoke_run, tmp_path):
+    tensor = tmp_path / "ddpm.safetensors"
+    result = run_cli("sample", "--model", str(smoke_run), "--sampler", "ddpm", "-n", "2",
+                     "--tensor-out", str(tensor), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert load_file(str(tensor))["images"].shape == (2, 1, 28, 28)
+
+
+def test_bad_input_gives_clear_errors(smoke_run, tmp_path):
+    result = run_cli("sample", "--model", str(smoke_run), "--steps", "5000", "--device", "cpu")
+    assert result.returncode == 2 and "exceeds the model's 100 timesteps" in result.stderr
+    result = run_cli("sample", "--model", str(smoke_run), "--eta", "3", "--device", "cpu")
+    assert result.returncode == 2 and "eta must be in [0, 1]" in result.stderr
+    result = run_cli("train", "--preset", "smoke", "--set", "train.batch_size=0", "--run-dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and "train.batch_size must be >= 1" in result.stderr
+    assert not (tmp_path / "r").exists()  # rejected before any work
+    result = run_cli("sample", "--model", str(tmp_path / "missing"))
+    assert result.returncode == 1 and "no checkpoint at" in result.stderr
+
+
+def test_train_and_prepare_from_cli(mnist_raw_source, tmp_path):
+    data = tmp_path / "data"
+    common = ["--preset", "smoke", "--set", f"data.source={mnist_raw_source}", "--set", f"data.data_dir={data}"]
+    prepared = run_cli("prepare", *common)
+    assert prepared.returncode == 0, prepared.stderr
+    assert "sha256=" in prepared.stdout and (data / "mnist.safetensors").is_file()
+    trained = run_cli("train", *common, "--set", "train.steps=3", "--run-dir", str(tmp_path / "run"))
+    assert trained.returncode == 0, trained.stderr
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

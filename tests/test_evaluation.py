@@ -1,0 +1,222 @@
+"""Evaluation on real MNIST: the classifier extractor, sanity of FID/KID/precision-recall, the reference
+cache, the Inception path (offline, with a local weights file of the right shapes), evaluate() and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from diffusion_core import load_model
+from diffusion_core.cli import main
+from diffusion_core.config import DataConfig
+from diffusion_core.data import prepare_dataset
+from diffusion_core.evaluation import compute_metrics, evaluate, resolve_extractor, train_classifier
+from diffusion_core.evaluation.classifier import accuracy, load_classifier
+from diffusion_core.evaluation.classifier_store import cache_path, ensure_classifier, file_sha256, shipped_path
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+@pytest.fixture(scope="session")
+def prepared(mnist_raw_source, data_dir):
+    return prepare_dataset("mnist", str(mnist_raw_source), data_dir)
+
+
+@pytest.fixture(scope="session")
+def lenet(prepared, data_dir):
+    return resolve_extractor("lenet", prepared, data_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def real(prepared):
+    """(500 random train images, 1000 random test images), uint8. Random, because the MNIST test split is
+    ordered by writer population (its first half is cleaner than its second)."""
+    generator = torch.Generator().manual_seed(0)
+    train, _ = prepared.load("train")
+    test, _ = prepared.load("test")
+    return (train[torch.randperm(len(train), generator=generator)[:500]],
+            test[torch.randperm(len(test), generator=generator)[:1000]])
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    """No network: every socket connection attempt fails as it does on a machine without internet."""
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def metrics(images, reference, extractor):
+    return compute_metrics(images, reference, extractor, progress=False)
+
+
+# --- the lenet extractor ------------------------------------------------------------------------------------------
+
+def test_shipped_classifier_is_verified_and_accurate(prepared, lenet):
+    assert lenet.weights_path == shipped_path("mnist"), "the shipped weights should match the canonical MNIST"
+    meta = json.loads(lenet.weights_path.with_suffix(".json").read_text())
+    sha = file_sha256(lenet.weights_path)
+    assert sha == meta["weights_sha256"] and meta["dataset_sha256"] == prepared.sha256
+    assert lenet.extractor_id == f"lenet-mnist-{sha[:12]}"
+    assert lenet.weights_path.stat().st_size < 1_000_000
+    assert accuracy(load_classifier(lenet.weights_path), *prepared.load("test")) >= 0.99
+
+
+def test_classifier_training_is_seeded_and_learns(prepared):
+    images, labels = prepared.load("train")
+    test_images, test_labels = prepared.load("test")
+    first, second = (train_classifier(images[:500], labels[:500], epochs=1, seed=3, progress=False) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    net = train_classifier(images[:4000], labels[:4000], epochs=1, batch_size=32, seed=0, progress=False)
+    assert accuracy(net, test_images[:2000], test_labels[:2000]) > 0.9
+
+
+def test_cached_classifier_is_preferred_and_a_changed_file_refused(prepared, lenet, tmp_path):
+    cached = cache_path(prepared, tmp_path)
+    cached.parent.mkdir(parents=True)
+    shutil.copy(lenet.weights_path, cached)
+    shutil.copy(lenet.weights_path.with_suffix(".json"), cached.with_suffix(".json"))
+    assert ensure_classifier(prepared, tmp_path, progress=False).weights_path == cached
+    data = bytearray(cached.read_bytes())
+    data[-1] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="sha256"):
+        ensure_classifier(prepared, tmp_path, progress=False)
+    assert cached.read_bytes() == bytes(data)  # not silently retrained
+
+
+# --- metric sanity ------------------------------------------------------------------------------------------------
+
+def test_fid_of_a_set_against_itself_is_zero(lenet, real):
+    _, test = real
+    m = metrics(test[:500], test[:500], lenet)
+    assert abs(m["fid"]) < 1e-3
+    assert m["precision"] == 1.0 and m["recall"] == 1.0
+
+
+def test_real_images_score_far_better_than_noise(lenet, real):
+    train, test = real
+    noise = torch.randint(0, 256, train.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    good, bad = metrics(train, test, lenet), metrics(noise, test, lenet)
+    assert good["fid"] * 20 < bad["fid"]
+    assert good["kid"] * 20 < bad["kid"]
+    # noise collapses to one point in feature space: no real image lies in its k-NN balls (its precision
+    # can still be high, a known weakness of k-NN precision when one set is degenerate)
+    assert good["recall"] > 0.5 > bad["recall"]
+
+
+def _gaussian_noise(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(1)) * sigma
+    return (images.float() + noise).clamp(0, 255).round().to(torch.uint8)
+
+
+def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    return TF.gaussian_blur(images.float(), kernel_size=9, sigma=sigma).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("degrade, levels", [(_gaussian_noise, (16.0, 48.0, 96.0)), (_blur, (0.7, 1.2, 2.0))],
+                         ids=["noise", "blur"])
+def test_fid_grows_monotonically_with_degradation(lenet, real, degrade, levels):
+    train, test = real
+    fids = [metrics(train, test, lenet)["fid"]] + [metrics(degrade(train, s), test, lenet)["fid"] for s in levels]
+    assert all(a < b for a, b in zip(fids, fids[1:])), fids
+
+
+def test_kid_with_fewer_images_than_its_default_subset_size(lenet, real):
+    train, test = real
+    m = metrics(train[:50], test[:300], lenet)
+    assert math.isfinite(m["kid"]) and math.isfinite(m["kid_std"]) and m["kid_std"] > 0
+
+
+# --- evaluate(), the reference cache, the CLI ---------------------------------------------------------------------
+
+def test_evaluate_reuses_the_cached_reference_statistics(smoke_run, mnist_raw_source, prepared, lenet, tmp_path):
+    loaded = load_model(smoke_run)
+    data = DataConfig(dataset="mnist", source=str(mnist_raw_source), data_dir=str(tmp_path / "data"))
+    settings = dict(data=data, num_samples=64, sampler="ddim", steps=5, batch_size=32, progress=False)
+    first = evaluate(loaded, **settings)
+    cached = sorted((tmp_path / "data" / "reference_stats").glob("*.pt"))
+    assert cached and all(lenet.extractor_id in p.name for p in cached)
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cached}
+
+    second = evaluate(loaded, **settings, out=tmp_path / "metrics.json")
+    assert sorted((tmp_path / "data" / "reference_stats").glob("*.pt")) == cached
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cached} == stamps
+    for key in ("fid_lenet_ddim5", "kid_lenet_ddim5", "kid_std_lenet_ddim5", "precision_lenet_ddim5",
+                "recall_lenet_ddim5", "confident_fraction_lenet_ddim5", "class_entropy_lenet_ddim5"):
+        assert math.isfinite(second[key]) and second[key] == first[key], key
+    assert second["extractor_id"] == lenet.extractor_id
+    assert second["num_samples"] == 64 and second["dataset_sha256"] == prepared.sha256
+    assert second["sampling_images_per_s"] > 0
+    assert 0 <= second["class_entropy_lenet_ddim5"] <= math.log(10) + 1e-9
+    assert json.loads((tmp_path / "metrics.json").read_text()) == second
+
+
+def test_cli_evaluate_with_floors(smoke_run, mnist_raw_source, data_dir, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    main(["evaluate", "--model", str(smoke_run), "-n", "32", "--steps", "3", "--floors", "--out", str(out),
+          "--data-source", str(mnist_raw_source), "--data-dir", str(data_dir), "--device", "cpu"])
+    table = capsys.readouterr().out
+    assert all(row in table for row in ("ddim3", "train", "noise"))
+    result = json.loads(out.read_text())
+    assert result["num_samples"] == 32
+    assert result["fid_lenet_train"] * 5 < result["fid_lenet_noise"]
+    assert result["class_entropy_lenet_train"] > result["class_entropy_lenet_noise"]
+
+
+def test_cli_evaluate_without_model_or_floors_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate"])
+    assert exc.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+# --- the Inception path -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A randomly initialised state dict with the exact keys and shapes of torch-fidelity's Inception-v3,
+    saved the way torch-fidelity's weights are (torch.save of a state dict)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(inception, "load_state_dict_from_url", lambda *a, **k: {})  # build only; no download, no loading
+    patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    try:
+        torch.manual_seed(0)
+        net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        patch.undo()
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_runs_offline_with_a_local_weights_file(inception_weights, prepared, data_dir, real, offline,
+                                                           monkeypatch):
+    train, test = real
+    extractor = resolve_extractor("inception", prepared, data_dir, inception_weights=inception_weights)
+    assert extractor.extractor_id == f"inception-v3-compat-{file_sha256(inception_weights)[:12]}"
+    m = metrics(train[:6], test[:6], extractor)
+    assert all(math.isfinite(v) for v in m.values()), m
+    monkeypatch.setenv("DIFFUSION_INCEPTION_WEIGHTS", str(inception_weights))
+    assert resolve_extractor("inception-v3-compat", prepared, data_dir).extractor_id == extractor.extractor_id
+
+
+def test_inception_offline_without_weights_fails_before_sampling(smoke_run, tmp_path, offline, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("DIFFUSION_INCEPTION_WEIGHTS", raising=False)
+    loaded = load_model(smoke_run)
+    calls = []
+    loaded.denoiser.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(RuntimeError) as exc:
+        evaluate(loaded, extractor="inception", num_samples=8, steps=2, progress=False)
+    message = str(exc.value)
+    assert INCEPTION_FILE in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert "--inception-weights" in message and "DIFFUSION_INCEPTION_WEIGHTS" in message
+    assert calls == []
