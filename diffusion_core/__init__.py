@@ -6,14 +6,14 @@ from .data import DATASETS, DataError, prepare_dataset
 from .denoiser import Denoiser
 from .ema import EMA
 from .forward import q_sample, save_forward_process_grid
-from .samplers import ddim_sample, ddpm_sample, generate_batches, sample, sampling_timesteps
+from .samplers import ddim_sample, ddpm_sample, dpm_solver_sample, generate_batches, sample, sampling_timesteps
 from .schedule import NoiseSchedule
 from .train import TrainingDiverged, train
 from .unet import UNet, UNetConfig
 
 __all__ = [
     "Config", "ConfigError", "DATASETS", "DataError", "Denoiser", "EMA", "LoadedModel", "NoiseSchedule",
-    "TrainingDiverged", "UNet", "UNetConfig", "ddim_sample", "ddpm_sample", "export_model", "generate_batches",
+    "TrainingDiverged", "UNet", "UNetConfig", "ddim_sample", "ddpm_sample", "dpm_solver_sample", "export_model", "generate_batches",
     "load_config", "load_model", "prepare_dataset", "q_sample", "sample", "sampling_timesteps",
     "save_forward_process_grid", "train",
 ]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, load_config
+from .samplers import SAMPLERS, SPACINGS
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "mnist-cpu") -> None:
@@ -60,12 +61,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
     cfg = loaded.config.sample
     settings = SampleConfig(
         sampler=args.sampler or cfg.sampler, steps=args.steps or cfg.steps,
-        eta=cfg.eta if args.eta is None else args.eta, spacing=cfg.spacing,
+        eta=cfg.eta if args.eta is None else args.eta, spacing=args.spacing or cfg.spacing,
         num_samples=args.num or cfg.num_samples, batch_size=args.batch_size or cfg.batch_size,
         clip_x0=cfg.clip_x0, seed=cfg.seed if args.seed is None else args.seed,
     )
     schedule = loaded.denoiser.schedule
-    if settings.sampler == "ddim" and settings.steps > schedule.timesteps:
+    if settings.sampler != "ddpm" and settings.steps > schedule.timesteps:
         raise ConfigError(f"--steps {settings.steps} exceeds the model's {schedule.timesteps} timesteps")
     spec_shape = (loaded.config.model.in_channels,) + (_image_size(loaded.config),) * 2
     images = torch.cat(list(generate_batches(
@@ -106,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images from a trained model")
     p.add_argument("--model", required=True, help="exported model folder, run folder or training checkpoint")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the model's config")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the model's config, 50)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the model's config")
+    p.add_argument("--steps", type=int, help="network evaluations for ddim / dpm++2m (default: the model's config)")
+    p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: the model's config)")
     p.add_argument("--eta", type=float, help="DDIM η in [0, 1]")
     p.add_argument("-n", "--num", type=int, help="number of images")
     p.add_argument("--batch-size", type=int, help="images per network call")

@@ -18,12 +18,11 @@ from typing import Any
 
 from .data import DATASETS
 from .denoiser import PREDICTIONS
-from .samplers import SPACINGS
+from .samplers import SAMPLERS, SPACINGS
 from .schedule import SCHEDULE_KINDS
 from .unet import UNetConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-SAMPLERS = ("ddpm", "ddim")
 # Environment variables that override a config field (documented in .env.example).
 ENV_OVERRIDES = {"DIFFUSION_DATA_SOURCE": "data.source", "DIFFUSION_DATA_DIR": "data.data_dir"}
 
@@ -106,10 +105,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "ddim"        # "ddpm" (all T steps) or "ddim"
-    steps: int = 50              # DDIM steps (ignored by DDPM)
+    sampler: str = "ddim"        # "ddpm" (all T steps), "ddim" or "dpm++2m" (DPM-Solver++ 2M)
+    steps: int = 50              # network evaluations for ddim / dpm++2m (ddpm always uses T)
     eta: float = 0.0             # DDIM stochasticity: 0 deterministic … 1 DDPM-like
-    spacing: str = "linear"      # DDIM timestep spacing: "linear" in t or "log_snr"
+    spacing: str = "linear"      # timestep spacing: "linear" in t or "log_snr" (use log_snr with dpm++2m)
     num_samples: int = 64        # images to generate
     batch_size: int = 256        # images per network call
     clip_x0: bool = True         # clip x̂0 to [-1, 1] at every step
@@ -144,7 +143,7 @@ class Config:
             self.model.check_image_size(spec.image_size, spec.image_size)
         except ValueError as exc:
             p.append(f"model.channel_mults: {exc}")
-        _check(p, self.sample.sampler != "ddim" or self.sample.steps <= self.diffusion.timesteps,
+        _check(p, self.sample.sampler == "ddpm" or self.sample.steps <= self.diffusion.timesteps,
                f"sample.steps={self.sample.steps} exceeds diffusion.timesteps={self.diffusion.timesteps}")
         _raise_if(p)
 

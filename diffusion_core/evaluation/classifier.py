@@ -57,10 +57,12 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_classes:
     """Adam with a cosine learning-rate decay to 0 over all steps; cross-entropy on the logits.
 
     Seeded: the initial weights and the per-epoch shuffles come from `seed` only (CPU training, so a
-    seed gives the same weights on the same machine and library versions).
+    seed gives the same weights on the same machine and library versions). The caller's global RNG
+    state is left as it was.
     """
-    torch.manual_seed(seed)
-    net = LeNet(num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = LeNet(num_classes)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     steps_per_epoch = math.ceil(len(images) / batch_size)
     total = epochs * steps_per_epoch

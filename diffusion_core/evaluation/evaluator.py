@@ -63,6 +63,18 @@ def _score(images: torch.Tensor, setup: _Setup, tag: str, *, batch_size: int, se
     return {f"{metric}_{setup.extractor.short_name}_{tag}": value for metric, value in values.items()}
 
 
+def _generate(loaded: LoadedModel, settings: SampleConfig, image_shape: tuple[int, ...], device: torch.device,
+              progress: bool) -> tuple[torch.Tensor, float]:
+    """(uint8 samples [N, C, H, W] on the CPU, images per second); the denoiser is moved to `device`."""
+    start = time.perf_counter()
+    images = torch.cat(list(generate_batches(
+        loaded.denoiser.to(device), loaded.denoiser.schedule, image_shape, settings.num_samples,
+        batch_size=settings.batch_size, seed=settings.seed, device=device, progress=progress,
+        sampler=settings.sampler, steps=settings.steps, eta=settings.eta, spacing=settings.spacing,
+        clip_x0=settings.clip_x0)))
+    return images, settings.num_samples / (time.perf_counter() - start)
+
+
 def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = None, extractor: str = "lenet",
              num_samples: int = 1000, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
              spacing: str = "linear", clip_x0: bool = True, seed: int = 0, batch_size: int = 256,
@@ -92,16 +104,16 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
     else:
         raise ValueError(f"evaluate() takes a LoadedModel or a uint8 image tensor, not {type(source).__name__}")
     setup = _setup(data, extractor, split, inception_weights, progress)
+    spec = setup.prepared.spec
+    image_shape = (spec.channels, spec.image_size, spec.image_size)
+    if isinstance(source, torch.Tensor) and (source.dtype != torch.uint8 or tuple(source.shape[1:]) != image_shape):
+        raise ValueError(f"{spec.name} samples must be uint8 [N, {', '.join(map(str, image_shape))}], "
+                         f"got {source.dtype} {tuple(source.shape)}")
     result = {**_context(setup, num_samples), "reference_split": split}
     if isinstance(source, LoadedModel):
-        spec = setup.prepared.spec
-        start = time.perf_counter()
-        images = torch.cat(list(generate_batches(
-            source.denoiser.to(device), schedule, (spec.channels, spec.image_size, spec.image_size), num_samples,
-            batch_size=settings.batch_size, seed=seed, device=device, progress=progress, sampler=sampler,
-            steps=steps, eta=eta, spacing=spacing, clip_x0=clip_x0)))
+        images, images_per_s = _generate(source, settings, image_shape, device, progress)
         result.update(sampler=sampler, steps=schedule.timesteps if sampler == "ddpm" else steps, eta=eta, seed=seed,
-                      sampling_images_per_s=num_samples / (time.perf_counter() - start))
+                      sampling_images_per_s=images_per_s)
     else:
         images = source
     result.update(_score(images, setup, tag, batch_size=batch_size, seed=seed, device=device, progress=progress))

@@ -54,7 +54,7 @@ def resolve_inception_weights(path: str | Path | None = None) -> Path:
         return cached
     if not _reachable(URL_INCEPTION_V3):
         raise RuntimeError(
-            f"the Inception-v3 feature extractor needs {WEIGHTS_FILE} (~92 MB), which is not in torch-fidelity's "
+            f"the Inception-v3 feature extractor needs {WEIGHTS_FILE}, which is not in torch-fidelity's "
             f"cache {cached.parent} ($TORCH_HOME/hub/checkpoints/), and {urlparse(URL_INCEPTION_V3).hostname} "
             f"cannot be reached to download it. Fetch {URL_INCEPTION_V3} on a machine with internet, then copy it "
             f"into {cached.parent}, or point --inception-weights / {WEIGHTS_ENV} at it; or use --extractor lenet."

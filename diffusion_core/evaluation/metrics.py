@@ -6,8 +6,10 @@
     100 random subsets of min(1000, size of the smaller set) images, so small sets work too.
   - precision / recall (Kynkäänniemi et al. 2019, k = 3): the share of generated samples inside the
     real manifold (k-NN balls), and of real samples inside the generated one.
-Images go in as uint8 [N, C, H, W] tensors. `save_cpu_ram=True` keeps torch-fidelity from starting
-DataLoader worker processes; it runs on CUDA when `cuda` is true.
+The values scale with the feature space: compare numbers only between equal extractor_ids (LeNet's
+KID is in the units of its features, not the ×10⁻³ of Inception). Images go in as uint8 [N, C, H, W]
+tensors. `save_cpu_ram=True` keeps torch-fidelity from starting DataLoader worker processes; it runs
+on CUDA when `cuda` is true.
 """
 
 from __future__ import annotations
