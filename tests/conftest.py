@@ -9,16 +9,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_RAW = REPO.parent / "shared" / "data" / "MNIST" / "raw"
 
 
 @pytest.fixture(scope="session")
 def mnist_raw_source() -> Path:
-    """The folder holding the four original MNIST .gz files (read-only is fine: nothing is written there)."""
-    source = Path(os.environ.get("DIFFUSION_DATA_SOURCE", DEFAULT_RAW))
-    if not (source / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"real MNIST raw files not found in {source}; set DIFFUSION_DATA_SOURCE to their folder")
-    return source
+    """The folder holding the four original MNIST .gz files (read-only is fine: nothing is written there).
+
+    $DIFFUSION_DATA_SOURCE names it; without it the files are downloaded once into .cache/ (needs internet).
+    """
+    from diffusion_core.data import fetch_raw, get_spec
+
+    if os.environ.get("DIFFUSION_DATA_SOURCE"):
+        source = Path(os.environ["DIFFUSION_DATA_SOURCE"])
+        if not (source / "train-images-idx3-ubyte.gz").is_file():
+            pytest.fail(f"DIFFUSION_DATA_SOURCE={source} does not hold the MNIST raw .gz files")
+        return source
+    return fetch_raw(get_spec("mnist"), "download", REPO / ".cache")
 
 
 @pytest.fixture(scope="session")

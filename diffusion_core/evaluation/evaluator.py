@@ -1,7 +1,7 @@
 """Evaluate a model (or a tensor of samples) against the real data, and the floors to read it by.
 
 Results are one flat dict. Metric keys are `<metric>_<extractor>_<tag>`, the tag naming how the
-images were made: `ddim50`, `ddpm1000` (sampler and steps), `samples` (a given tensor), `train`
+images were made: `ddim50`, `ddpm1000`, `dpmpp2m20` (sampler and steps), `samples` (a given tensor), `train`
 (real train images: the best score reachable with N images) and `noise` (uniform random pixels: the
 worst). Metrics: fid, kid, kid_std, precision, recall, and with the lenet classifier also
 confident_fraction and class_entropy. Context keys: extractor_id, num_samples, dataset,
@@ -30,6 +30,11 @@ from .metrics import compute_metrics
 from .reference import ReferenceSet, reference_set
 
 TABLE_COLUMNS = ("fid", "kid", "precision", "recall", "confident_fraction", "class_entropy")
+
+
+def sampler_tag(sampler: str, steps: int) -> str:
+    """'ddim', 50 → 'ddim50'; 'dpm++2m', 20 → 'dpmpp2m20' (metric names may not hold '+')."""
+    return f"{sampler.replace('+', 'p')}{steps}"
 
 
 @dataclass(frozen=True)
@@ -93,10 +98,10 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
         settings = SampleConfig(sampler=sampler, steps=steps, eta=eta, spacing=spacing, num_samples=num_samples,
                                 batch_size=batch_size, clip_x0=clip_x0, seed=seed)  # validates them
         schedule = source.denoiser.schedule
-        if sampler == "ddim" and steps > schedule.timesteps:
+        if sampler != "ddpm" and steps > schedule.timesteps:
             raise ValueError(f"steps={steps} exceeds the model's {schedule.timesteps} timesteps")
         data = data or source.config.data
-        tag = f"ddpm{schedule.timesteps}" if sampler == "ddpm" else f"ddim{steps}"
+        tag = sampler_tag(sampler, schedule.timesteps if sampler == "ddpm" else steps)
     elif isinstance(source, torch.Tensor):
         if data is None:
             raise ValueError("evaluating a tensor of images needs data= (the dataset to compare with)")
