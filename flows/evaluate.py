@@ -42,7 +42,7 @@ def evaluate_samples(run_id: str, extractor: str = "lenet") -> None:
             metrics.update({k: v for k, v in result.items() if k.endswith(f"_{tag}")})
             context.update({k: v for k, v in result.items() if not k.endswith(f"_{tag}")})
         if not metrics:
-            raise RuntimeError(f"run {run_id} has no sample tensors under {SAMPLES_ARTIFACT}/: run the sample flow first")
+            raise RuntimeError(f"run {run_id} has no sample tensors under {SAMPLES_ARTIFACT}/: run `sample` first")
         result_file = Path(tmp) / RESULT_ARTIFACT
         result_file.write_text(json.dumps({**context, **metrics}, indent=2, sort_keys=True))
         client.log_artifact(run_id, str(result_file))

@@ -1,8 +1,10 @@
 """register-checkpoint: the exported EMA model as run artifacts and a new registered-model version.
 
-The model folder (`model.safetensors` + `config.json`) is logged under the run's `model/` artifact
-path and registered from `runs:/<run id>/model` as a new version of `ddpm-<dataset>`, which gets the
-alias `challenger`. Load any version with flows.registry.load_registered_model.
+The model folder (`model.safetensors` + `config.json`) gets an `MLmodel` description without
+flavors (MLflow registers only folders that have one; nothing in it is ever unpickled), is logged
+under the run's `model/` artifact path and registered from `runs:/<run id>/model` as a new version
+of `ddpm-<dataset>`, which gets the alias `challenger`. Load any version with
+flows.registry.load_registered_model.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.models import Model
 from prefect import flow, get_run_logger
+
+from diffusion_core.checkpoint import MODEL_FORMAT
 
 from .registry import CHALLENGER
 from .tracking import registered_model_name, run_config
@@ -25,7 +30,9 @@ def register_checkpoint(run_id: str, work_dir: str) -> str:
     """Log `work_dir/model` to the run, register it, point `challenger` at it; return the new version."""
     client = MlflowClient()
     config = run_config(client, run_id)
-    client.log_artifacts(run_id, str(Path(work_dir) / MODEL_ARTIFACT), MODEL_ARTIFACT)
+    folder = Path(work_dir) / MODEL_ARTIFACT
+    Model(artifact_path=MODEL_ARTIFACT, run_id=run_id, metadata={"format": MODEL_FORMAT}).save(folder / "MLmodel")
+    client.log_artifacts(run_id, str(folder), MODEL_ARTIFACT)
     params = client.get_run(run_id).data.params
     name = registered_model_name(config.data.dataset)
     version = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", name,

@@ -83,9 +83,9 @@ def select_champion(client: MlflowClient, name: str, version: str, score: Score)
     decision. (Two runs deciding at the same moment can both read the old champion: run them in turn.)"""
     for key, value in score.tags().items():
         client.set_model_version_tag(name, version, key, value)
-    champion_version = client.get_registered_model(name).aliases.get(CHAMPION)
-    champion = None
+    champion_version, champion = client.get_registered_model(name).aliases.get(CHAMPION), None
     if champion_version is not None:
+        champion_version = str(champion_version)
         champion = Score.from_tags(client.get_model_version(name, champion_version).tags)
     decision = _judge(score, champion_version, champion)
     if decision.promoted:

@@ -99,4 +99,4 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
                 return line.split()[0]
     except OSError:
         pass
-    return os.environ.get("GIT_COMMIT", "unknown")
+    return os.environ.get("GIT_COMMIT") or "unknown"

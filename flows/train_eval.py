@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from diffusion_core.config import Config, load_config, parse_override
 from diffusion_core.distributed import DistContext, resolve_device
@@ -34,7 +34,7 @@ from diffusion_core.launch import resolve_nproc, write_resolved_config
 from .evaluate import evaluate_samples
 from .prepare import prepare_dataset_flow
 from .register import register_checkpoint
-from .registry import Decision, Score, select_champion
+from .registry import Score, select_champion
 from .sample import sample_images, sampler_settings
 from .tracking import ensure_experiment, git_commit, log_params, registered_model_name, set_tags
 from .train import train_model
@@ -42,23 +42,26 @@ from .train import train_model
 RUNS_DIR_ENV = "DIFFUSION_RUNS_DIR"
 
 
-def _start_run(client: MlflowClient, config: Config, work_dir: Path, nproc_per_node: int | str,
-               extractor: str) -> str:
-    """Create the run with its params, tags and resolved config file; return its id."""
+def _create_run(client: MlflowClient, config: Config, work_dir: Path) -> str:
+    """A new run in the dataset's experiment, tagged with its Prefect flow run; return its id."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    commit = git_commit()
     run = client.create_run(
         ensure_experiment(client, config.data.dataset), run_name=f"{config.name}-{stamp}-{flow_run.name}",
         tags={"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
-              "prefect.deployment": flow_run.deployment_id or "none", "work_dir": str(work_dir.resolve()),
-              "mlflow.source.git.commit": commit})
-    run_id = run.info.run_id
+              "prefect.deployment": deployment.name or "none", "work_dir": str(work_dir.resolve())})
+    return run.info.run_id
+
+
+def _log_setup(client: MlflowClient, run_id: str, config: Config, work_dir: Path, nproc_per_node: int | str,
+               extractor: str) -> None:
+    """Params (the resolved config and what else decides the result), and the resolved config file."""
+    commit = git_commit()
+    set_tags(client, run_id, {"mlflow.source.git.commit": commit})
     log_params(client, run_id, {
         **config.flat(), "git_commit": commit, "torch_version": torch.__version__,
         "device": resolve_device(config.train.device, DistContext()).type,
         "nproc_per_node": nproc_per_node, "world_size": resolve_nproc(nproc_per_node), "eval.extractor": extractor})
     client.log_artifact(run_id, str(write_resolved_config(config, work_dir)))
-    return run_id
 
 
 def _score(client: MlflowClient, run_id: str, config: Config, extractor: str) -> Score:
@@ -83,17 +86,18 @@ def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = Non
     config = load_config(preset, {**(overrides or {}), **{k: v for k, v in sampling.items() if v is not None}})
     work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
     client = MlflowClient()
-    run_id = _start_run(client, config, work_dir, nproc_per_node, extractor)
+    run_id = _create_run(client, config, work_dir)
     logger = get_run_logger()
     logger.info("MLflow run %s, working folder %s", run_id, work_dir)
     try:
+        _log_setup(client, run_id, config, work_dir, nproc_per_node, extractor)
         prepare_dataset_flow(run_id)
         train_model(run_id, str(work_dir), nproc_per_node)
         name = registered_model_name(config.data.dataset)
         version = register_checkpoint(run_id, str(work_dir))
         sample_images(run_id, f"models:/{name}/{version}")
         evaluate_samples(run_id, extractor)
-        decision: Decision = select_champion(client, name, version, _score(client, run_id, config, extractor))
+        decision = select_champion(client, name, version, _score(client, run_id, config, extractor))
         set_tags(client, run_id, {"model_version": version, **decision.tags()})
         logger.info("%s version %s: %s (%s)", name, version, decision.tags()["champion.decision"], decision.reason)
     except BaseException as exc:  # a cancelled flow run arrives as a BaseException
@@ -111,13 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting (repeatable), e.g. --set train.steps=100")
     parser.add_argument("--nproc-per-node", default="1", help="training processes (an integer or 'auto')")
-    parser.add_argument("--num-samples", type=int, help="images per sampler for evaluation (default: sample.num_samples)")
+    parser.add_argument("--num-samples", type=int, help="images per sampler to evaluate (default: sample.num_samples)")
     parser.add_argument("--ddim-steps", type=int, help="DDIM steps (default: sample.steps)")
     parser.add_argument("--ddim-eta", type=float, help="DDIM η (default: sample.eta)")
     parser.add_argument("--extractor", default="lenet", help="FID features: lenet (offline) or inception")
     args = parser.parse_args(argv)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy machine's first start
     run_id = train_eval(preset=args.preset, overrides=dict(parse_override(o) for o in args.overrides),
                         nproc_per_node=args.nproc_per_node, num_samples=args.num_samples, ddim_steps=args.ddim_steps,
                         ddim_eta=args.ddim_eta, extractor=args.extractor)

@@ -1,0 +1,38 @@
+"""Serve the train-eval deployments from this process (run it from the repository root):
+
+    python -m flows.deploy
+
+  train-eval/nightly   on the cron schedule $DIFFUSION_NIGHTLY_CRON (default "0 2 * * *", in
+                       $DIFFUSION_NIGHTLY_TIMEZONE, default UTC) with the preset
+                       $DIFFUSION_NIGHTLY_PRESET (default mnist-cpu)
+  train-eval/adhoc     no schedule: `prefect deployment run 'train-eval/adhoc' --param preset=smoke`
+
+Scheduled and triggered runs execute in subprocesses of this process, in its working folder, with
+its environment (PREFECT_API_URL, MLFLOW_TRACKING_URI, S3 settings: see .env.example). To run them
+on other machines instead, deploy to a work pool (see infra/README.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect import serve
+from prefect.schedules import Cron
+
+from .train_eval import train_eval
+
+
+def main() -> None:
+    nightly = train_eval.to_deployment(
+        name="nightly",
+        schedule=Cron(os.environ.get("DIFFUSION_NIGHTLY_CRON") or "0 2 * * *",
+                      timezone=os.environ.get("DIFFUSION_NIGHTLY_TIMEZONE") or "UTC"),
+        parameters={"preset": os.environ.get("DIFFUSION_NIGHTLY_PRESET") or "mnist-cpu"},
+        tags=["nightly"],
+    )
+    adhoc = train_eval.to_deployment(name="adhoc", tags=["adhoc"])
+    serve(nightly, adhoc)
+
+
+if __name__ == "__main__":
+    main()

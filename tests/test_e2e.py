@@ -1,0 +1,146 @@
+"""End to end: the local stack (infra/stack.sh: S3 endpoint, MLflow server with S3 artifacts, Prefect
+server, the serve process) on free loopback ports, MNIST raw files in the bucket, and deployment runs
+triggered from the Prefect CLI exactly as a user would. Runs in CI (marked slow only so that a
+developer can deselect it locally)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import boto3
+import pytest
+from mlflow import MlflowClient
+
+from diffusion_core import load_config
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+STACK = str(REPO / "infra" / "stack.sh")
+BUCKET = "e2e-artifacts"
+SECRET = "e2e-secret-never-logged"
+# Cheap settings (T = 20, DDIM with 5 steps, 32 images); the first run is trained enough to beat the second.
+COMMON = {"diffusion.timesteps": 20, "sample.steps": 5, "train.lr": 3e-3}
+GOOD, WORSE = {**COMMON, "train.steps": 40}, {**COMMON, "train.steps": 1}
+NUM_SAMPLES = 32
+RUN_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stack(env: dict[str, str], command: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([STACK, command], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _tear_down(env: dict[str, str], state: Path) -> None:
+    """`stack.sh down`, then make sure every process group it started is gone (kill what is left)."""
+    pids = [int(p.read_text()) for p in (state / "pids").glob("*.pid")] if (state / "pids").is_dir() else []
+    down = _stack(env, "down", timeout=180)
+    survivors = []
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+            survivors.append(pid)
+        except ProcessLookupError:
+            pass
+    assert down.returncode == 0 and not survivors, (down.stdout, down.stderr, survivors)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, mnist_raw_source, request):
+    """The stack up on free ports with MNIST uploaded; torn down (process groups killed) whatever happens."""
+    root = tmp_path_factory.mktemp("stack")
+    ports = {name: _free_port() for name in ("S3", "MLFLOW", "PREFECT")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DIFFUSION_ARTIFACT_LOCATION")}
+    env.update({f"STACK_{name}_PORT": str(port) for name, port in ports.items()})
+    env.update({"STACK_ENV_FILE": str(root / "absent.env"), "STACK_DIR": str(root / "state"), "STACK_TIMEOUT": "300",
+                "DIFFUSION_S3_BUCKET": BUCKET, "DIFFUSION_DATA_SOURCE": f"s3://{BUCKET}/datasets/mnist",
+                "DIFFUSION_RUNS_DIR": str(root / "runs"), "DIFFUSION_DATA_DIR": str(root / "data"),
+                "AWS_ACCESS_KEY_ID": "e2e-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+                "PREFECT_HOME": str(root / "prefect-client"), "PYTHON": sys.executable})
+    request.addfinalizer(lambda: _tear_down(env, root / "state"))
+    up = _stack(env, "up", timeout=600)
+    assert up.returncode == 0, up.stdout + up.stderr
+    exports = _stack(env, "env", timeout=30).stdout.splitlines()  # export NAME=value
+    env.update(line.removeprefix("export ").split("=", 1) for line in exports)
+    s3 = boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], aws_access_key_id="e2e-key",
+                      aws_secret_access_key=SECRET, region_name="us-east-1")
+    for raw in sorted(mnist_raw_source.glob("*.gz")):
+        s3.upload_file(str(raw), BUCKET, f"datasets/mnist/{raw.name}")
+    with pytest.MonkeyPatch.context() as patch:  # this process's MLflow client talks to the stack's server
+        patch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+        yield SimpleNamespace(env=env, s3=s3, mlflow=MlflowClient(env["MLFLOW_TRACKING_URI"]))
+
+
+def _run_deployment(stack, overrides: dict) -> str:
+    """`prefect deployment run 'train-eval/adhoc' --watch`; assert it completed; return the MLflow run id."""
+    cmd = [sys.executable, "-m", "prefect", "deployment", "run", "train-eval/adhoc", "--param", "preset=smoke",
+           "--param", f"overrides={json.dumps(overrides)}", "--param", f"num_samples={NUM_SAMPLES}",
+           "--watch", "--watch-timeout", str(RUN_TIMEOUT_S)]
+    done = subprocess.run(cmd, env=stack.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 60)
+    assert done.returncode == 0 and "Completed" in done.stdout, done.stdout + done.stderr
+    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", done.stdout).group(1)
+    (run,) = stack.mlflow.search_runs(
+        [stack.mlflow.get_experiment_by_name("diffusion-mnist").experiment_id],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def first_run(stack) -> str:
+    return _run_deployment(stack, GOOD)
+
+
+def test_deployment_run_is_tracked_registered_and_stored_in_s3(stack, first_run):
+    client = stack.mlflow
+    run = client.get_run(first_run)
+    assert run.info.status == "FINISHED" and run.data.tags["prefect.deployment"] == "adhoc"
+    params = run.data.params
+    config = load_config("smoke", {**GOOD, "sample.num_samples": NUM_SAMPLES,
+                                   "data.source": f"s3://{BUCKET}/datasets/mnist", "data.data_dir": "unused"})
+    assert all(params[k] == str(v) for k, v in config.flat().items() if k != "data.data_dir")
+    assert {"git_commit", "dataset_sha256", "torch_version", "device", "world_size"} <= set(params)
+    assert SECRET not in json.dumps([params, run.data.tags])
+    assert [m.step for m in client.get_metric_history(first_run, "loss")][-1] == 40
+    assert {"lr", "images_per_s", "fid_lenet_ddim5", "fid_lenet_ddpm20", "sampling_images_per_s_ddim5"} <= set(
+        run.data.metrics)
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert json.loads(dataset_input.dataset.source)["uri"] == f"s3://{BUCKET}/datasets/mnist"
+
+    aliases = {alias: str(v) for alias, v in client.get_registered_model("ddpm-mnist").aliases.items()}
+    assert aliases == {"challenger": "1", "champion": "1"}
+
+    keys = {o["Key"] for page in stack.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for o in page.get("Contents", [])}
+    prefix = f"mlflow/{run.info.experiment_id}/{first_run}/artifacts/"
+    for name in ("config.json", "forward_process.png", "loss_curve.png", "checkpoints/last.safetensors",
+                 "model/model.safetensors", "model/config.json", "samples/ddim5.png", "samples/ddpm20.png",
+                 "samples/ddim5.safetensors", "evaluation.json"):
+        assert prefix + name in keys, name
+
+
+def test_a_worse_second_run_does_not_take_champion(stack, first_run):
+    second = _run_deployment(stack, WORSE)
+    client = stack.mlflow
+    first_fid = client.get_run(first_run).data.metrics["fid_lenet_ddim5"]
+    second_run = client.get_run(second)
+    second_fid = second_run.data.metrics["fid_lenet_ddim5"]
+    assert second_fid > first_fid
+    aliases = {alias: str(v) for alias, v in client.get_registered_model("ddpm-mnist").aliases.items()}
+    assert aliases == {"challenger": "2", "champion": "1"}
+    for tags in (client.get_model_version("ddpm-mnist", "2").tags, second_run.data.tags):
+        assert tags["champion.decision"] == "kept"
+        assert (float(tags["champion.candidate_fid"]), float(tags["champion.previous_fid"])) == (second_fid, first_fid)

@@ -1,0 +1,177 @@
+"""The train-eval flows on real MNIST, in-process: Prefect's test harness (one per session) and MLflow
+on a SQLite file with local artifacts, both in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from diffusion_core import load_config, prepare_dataset
+from diffusion_core.launch import write_resolved_config
+from diffusion_core.samplers import generate_batches
+from flows.registry import CHALLENGER, CHAMPION, Score, load_registered_model, select_champion
+from flows.tracking import ensure_experiment
+from flows.train import TrainingFailed
+from flows.train_eval import train_eval
+
+REPO = Path(__file__).resolve().parent.parent
+# T = 20 keeps DDPM sampling cheap; DDIM then takes 5 of those steps.
+FAST = {"diffusion.timesteps": 20, "sample.steps": 5, "train.steps": 10}
+SECRET = "canary-secret-never-logged"
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, mnist_raw_source, data_dir):
+    """Environment of an embedded pipeline: data from the environment, MLflow and runs in a temporary
+    folder, Prefect's test harness as the API."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    root = tmp_path_factory.mktemp("pipeline")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DIFFUSION_RUNS_DIR": str(root / "runs"),
+           "DIFFUSION_ARTIFACT_LOCATION": str(root / "artifacts"), "DIFFUSION_DATA_SOURCE": str(mnist_raw_source),
+           "DIFFUSION_DATA_DIR": str(data_dir), "AWS_SECRET_ACCESS_KEY": SECRET}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        with prefect_test_harness(server_startup_timeout=120):
+            yield root
+
+
+def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+def test_train_eval_tracks_registers_and_crowns_the_first_model(pipeline, mnist_raw_source, data_dir, caplog):
+    run_id = train_eval(preset="smoke", overrides=FAST, num_samples=32)
+    assert any(r.getMessage().startswith("[rank0]: trained to step 10") for r in caplog.records)  # rank-tagged
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "diffusion-mnist"
+    assert re.fullmatch(r"smoke-\d{8}-\d{6}-[\w-]+", run.info.run_name)
+
+    params = run.data.params
+    config = load_config("smoke", {**FAST, "sample.num_samples": 32})
+    assert {k: params[k] for k in config.flat()} == {k: str(v) for k, v in config.flat().items()}
+    sha256 = prepare_dataset("mnist", str(mnist_raw_source), data_dir).sha256
+    assert params["dataset_sha256"] == params["eval.dataset_sha256"] == sha256
+    assert re.fullmatch(r"[0-9a-f]{40}", params["git_commit"])
+    assert (params["torch_version"], params["device"], params["world_size"]) == (torch.__version__, "cpu", "1")
+    assert params["eval.num_samples"] == "32" and params["eval.extractor_id"].startswith("lenet-")
+    assert SECRET not in json.dumps([params, run.data.tags])
+
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [5, 10]
+    for key in ("lr", "images_per_s", "fid_lenet_ddim5", "fid_lenet_ddpm20", "kid_lenet_ddim5",
+                "sampling_images_per_s_ddim5", "sampling_images_per_s_ddpm20"):
+        assert key in run.data.metrics, key
+    assert _artifact_paths(client, run_id) == {
+        "config.json", "forward_process.png", "loss_curve.png", "metrics.jsonl", "evaluation.json",
+        "checkpoints/last.safetensors", "model/MLmodel", "model/config.json", "model/model.safetensors",
+        "samples/ddim5.png", "samples/ddim5.safetensors", "samples/ddpm20.png", "samples/ddpm20.safetensors"}
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "mnist" and sha256.startswith(dataset_input.dataset.digest)
+    assert json.loads(dataset_input.dataset.profile)["sha256"] == sha256
+
+    version = run.data.tags["model_version"]
+    aliases = client.get_registered_model("ddpm-mnist").aliases
+    assert {alias: str(v) for alias, v in aliases.items()} == {CHALLENGER: version, CHAMPION: version}
+    tags = client.get_model_version("ddpm-mnist", version).tags
+    assert tags["eval.sampler"] == "ddim5-eta0-linear" and tags["champion.decision"] == "promoted"
+    assert float(tags["eval.fid"]) == run.data.metrics["fid_lenet_ddim5"]
+    assert run.data.tags["champion.decision"] == "promoted"
+
+    model = load_registered_model("models:/ddpm-mnist@champion")
+    (images,) = generate_batches(model.denoiser, model.denoiser.schedule, (1, 28, 28), 2, batch_size=2, seed=0,
+                                 device="cpu", progress=False, sampler="ddim", steps=2)
+    assert images.shape == (2, 1, 28, 28) and images.dtype == torch.uint8
+
+
+def test_failed_training_fails_the_flow_with_the_log_tail(pipeline):
+    # valid config, but the training process refuses it: a batch larger than the training set
+    with pytest.raises(TrainingFailed, match="exceeds the 60000 training examples"):
+        train_eval(preset="smoke", overrides={**FAST, "train.batch_size": 70000})
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("diffusion-mnist")
+    (latest,) = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    assert latest.info.status == "FAILED" and latest.data.params["train.batch_size"] == "70000"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # exited meanwhile
+            pass
+    return found
+
+
+def test_terminating_the_train_flow_ends_every_training_process(pipeline, tmp_path):
+    """A cancelled flow run gets SIGTERM from its runner: the torchrun group must go with it."""
+    from prefect.settings import PREFECT_API_URL
+
+    client = MlflowClient()
+    run_id = client.create_run(ensure_experiment(client, "mnist")).info.run_id
+    config = load_config("smoke", {"train.steps": 100_000})
+    client.log_artifact(run_id, str(write_resolved_config(config, tmp_path)))
+    work = tmp_path / "work"
+    flow_process = subprocess.Popen(
+        [sys.executable, "-c", f"from flows.train import train_model; train_model({run_id!r}, {str(work)!r})"],
+        cwd=REPO, env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
+    try:
+        deadline = time.monotonic() + 180
+        while not (work / "forward_process.png").is_file():  # rank 0 is training
+            assert flow_process.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(1)
+        assert _processes_mentioning(str(work))
+        flow_process.send_signal(signal.SIGTERM)
+        flow_process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _processes_mentioning(str(work)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _processes_mentioning(str(work))
+    finally:
+        flow_process.kill()
+        for pid in _processes_mentioning(str(work)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_champion_moves_only_to_a_better_score_measured_the_same_way(pipeline, tmp_path):
+    client = MlflowClient()
+    name = "ddpm-champion-test"
+    client.create_registered_model(name)
+    protocol = {"extractor_id": "lenet-mnist-abc", "num_samples": "1000", "sampler": "ddim50-eta0-linear",
+                "dataset_sha256": "f" * 64}
+
+    def new_version(fid: float, **changes: str):
+        version = str(client.create_model_version(name, source=str(tmp_path)).version)
+        return select_champion(client, name, version, Score(fid, {**protocol, **changes})), version
+
+    first, v1 = new_version(10.0)
+    assert first.promoted and first.reason == "no champion yet"
+    worse, _ = new_version(12.0)
+    assert not worse.promoted and (worse.candidate_fid, worse.champion_fid, worse.champion_version) == (12.0, 10.0, v1)
+    assert str(client.get_registered_model(name).aliases[CHAMPION]) == v1
+    other_protocol, _ = new_version(1.0, num_samples="500")
+    assert not other_protocol.promoted and "num_samples" in other_protocol.reason
+    nan, _ = new_version(float("nan"))
+    assert not nan.promoted
+    better, v5 = new_version(9.5)
+    assert better.promoted and str(client.get_registered_model(name).aliases[CHAMPION]) == v5
+    tags = client.get_model_version(name, v5).tags
+    assert (tags["champion.decision"], tags["champion.previous_version"], tags["champion.previous_fid"]) == (
+        "promoted", v1, "10.0")
