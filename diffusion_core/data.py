@@ -115,12 +115,14 @@ def get_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def md5sum(path: Path) -> str:
+    return file_digest(path, "md5")
 
 
 def verify_raw_files(spec: DatasetSpec, folder: Path) -> None:

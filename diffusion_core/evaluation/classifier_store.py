@@ -14,7 +14,6 @@ the shipped folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path, atomic_write_text
-from ..data import PreparedDataset
+from ..data import PreparedDataset, file_digest
 from .classifier import accuracy, train_classifier
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -44,11 +43,7 @@ class ClassifierRecord:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def check_lenet_dataset(prepared: PreparedDataset) -> None:
