@@ -55,3 +55,16 @@ def test_wrong_channels_is_clear():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UNetConfig(**kwargs)
+
+
+def test_class_conditioning_hook():
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, channel_mults=(1, 2), attention_levels=(), num_classes=10, dropout=0.0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 5])
+    a, b = model(x, t, torch.tensor([3, 3])), model(x, t, torch.tensor([7, 7]))
+    assert (a - b).abs().max() > 1e-3 * a.abs().max()
+    assert torch.equal(model(x, t), model(x, t, torch.tensor([10, 10])))  # no label = the "no class" token
+    with pytest.raises(ValueError, match="without class conditioning"):
+        UNet(base_channels=8, channel_mults=(1, 2), attention_levels=())(x, t, torch.tensor([1, 2]))
