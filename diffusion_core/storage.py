@@ -69,8 +69,3 @@ def download_s3_prefix(uri: str, names: Iterable[str], target: Path) -> None:
         except RuntimeError as exc:
             raise DataError(f"{exc}. Check the bucket, prefix, endpoint and credentials in the environment.") from exc
 
-
-def upload_file(path: Path, uri: str) -> None:
-    bucket, key = split_s3_uri(uri)
-    client = s3_client()
-    with_retries(lambda: client.upload_file(str(path), bucket, key), f"upload of {path} to {uri}")

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .checkpoint import build_denoiser, export_model, load_training_checkpoint, save_training_checkpoint
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, ConfigError
 from .data import prepare_dataset
 from .distributed import DistContext, destroy_process_group, init_process_group, resolve_device
 from .ema import EMA
@@ -262,7 +262,3 @@ def plot_loss_curve(metrics_file: Path, png: Path) -> Path | None:
     plt.close(fig)
     return png
 
-
-def load_run_config(run_dir: str | Path) -> Config:
-    """The config stored in a run folder's training checkpoint."""
-    return config_from_dict(load_training_checkpoint(Path(run_dir) / CHECKPOINT).config)
