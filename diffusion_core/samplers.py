@@ -172,6 +172,7 @@ def dpm_solver_sample(
     timesteps = sampling_timesteps(schedule, steps, spacing)
     x = _resolve_start(shape, x_T, generator, device, dtype)
     alpha_bars = schedule.table("alpha_bars", x.device)
+    half_log_snr = 0.5 * schedule.table("log_snr", x.device)  # λ = log(α/σ) = ½·log(ᾱ/(1−ᾱ))
     x0_prev, h_prev = None, None
     prevs = timesteps[1:] + [-1]
     for k, (i, i_next) in enumerate(tqdm(list(zip(timesteps, prevs)), desc=f"DPM++2M-{steps}",
@@ -184,8 +185,7 @@ def dpm_solver_sample(
             x = x0
             break
         ab, ab_next = alpha_bars[i], alpha_bars[i_next]
-        lam, lam_next = 0.5 * torch.log(ab / (1 - ab)), 0.5 * torch.log(ab_next / (1 - ab_next))
-        h = lam_next - lam
+        h = half_log_snr[i_next] - half_log_snr[i]
         lower_order = x0_prev is None or (steps < 15 and k == len(timesteps) - 2)
         if lower_order:
             d = x0

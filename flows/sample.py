@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from diffusion_core.config import Config
 from diffusion_core.data import get_spec
 from diffusion_core.distributed import DistContext, resolve_device
+from diffusion_core.evaluation.evaluator import sampler_tag
 from diffusion_core.images import save_grid
 from diffusion_core.samplers import generate_batches
 
@@ -41,7 +42,7 @@ class SamplerSetting:
     @property
     def tag(self) -> str:
         """The name used in artifact names and evaluation metric keys, e.g. `ddim50`."""
-        return f"{self.sampler}{self.steps}"
+        return sampler_tag(self.sampler, self.steps)
 
     @property
     def protocol(self) -> str:
