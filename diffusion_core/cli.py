@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, load_config
+from .guidance import check_class_labels, parse_classes
 from .samplers import SAMPLERS, SPACINGS
 
 
@@ -64,23 +65,48 @@ def cmd_sample(args: argparse.Namespace) -> None:
         eta=cfg.eta if args.eta is None else args.eta, spacing=args.spacing or cfg.spacing,
         num_samples=args.num or cfg.num_samples, batch_size=args.batch_size or cfg.batch_size,
         clip_x0=cfg.clip_x0, seed=cfg.seed if args.seed is None else args.seed,
+        guidance=cfg.guidance if args.guidance is None else args.guidance,
     )
     schedule = loaded.denoiser.schedule
     if settings.sampler != "ddpm" and settings.steps > schedule.timesteps:
         raise ConfigError(f"--steps {settings.steps} exceeds the model's {schedule.timesteps} timesteps")
+    class_labels, grid_rows = _class_request(args, loaded.config, settings.num_samples)
+    guidance = settings.guidance if class_labels is not None else 0.0
+    check_class_labels(loaded.denoiser, class_labels, guidance)  # before any sampling
     spec_shape = (loaded.config.model.in_channels,) + (_image_size(loaded.config),) * 2
     images = torch.cat(list(generate_batches(
         loaded.denoiser, schedule, spec_shape, settings.num_samples, batch_size=settings.batch_size,
         seed=settings.seed, device=device, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
-        spacing=settings.spacing, clip_x0=settings.clip_x0)))
+        spacing=settings.spacing, clip_x0=settings.clip_x0, class_labels=class_labels, guidance=guidance)))
     if args.out:
-        save_grid(images[: args.grid_max], args.out)
-        print(f"grid of {min(len(images), args.grid_max)} images: {args.out}")
+        shown = images[: args.grid_max]
+        save_grid(shown, args.out, nrow=grid_rows)
+        print(f"grid of {len(shown)} images: {args.out}")
     if args.tensor_out:
+        tensors = {"images": images} if class_labels is None else {"images": images, "labels": class_labels}
         with atomic_path(args.tensor_out) as tmp:
-            save_file({"images": images}, str(tmp), metadata={"sampler": settings.sampler, "steps": str(settings.steps),
-                                                                "eta": str(settings.eta), "seed": str(settings.seed)})
+            save_file(tensors, str(tmp), metadata={"sampler": settings.sampler, "steps": str(settings.steps),
+                                                  "eta": str(settings.eta), "seed": str(settings.seed),
+                                                  "guidance": str(guidance)})
         print(f"{len(images)} uint8 images: {args.tensor_out}")
+
+
+def _class_request(args: argparse.Namespace, config, num_samples: int) -> tuple[torch.Tensor | None, int | None]:
+    """(per-sample class labels or None, images per grid row). `--class 1,3` gives N/2 ones then N/2
+    threes, so a grid shows one class per row."""
+    if args.classes is None:
+        if args.guidance:
+            raise ConfigError("--guidance needs --class (the class or classes to draw)")
+        return None, None
+    if not config.conditional:
+        raise ConfigError("this model is unconditional (trained without classes), so --class cannot be used; "
+                          "train one with model.num_classes set (e.g. --preset mnist-cpu-cond)")
+    classes = parse_classes(args.classes, config.model.num_classes)
+    if num_samples % len(classes):
+        raise ConfigError(f"-n {num_samples} must be a multiple of the {len(classes)} classes asked for")
+    per_class = num_samples // len(classes)
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    return labels, (per_class if len(classes) > 1 else None)
 
 
 def _image_size(config) -> int:
@@ -111,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="network evaluations for ddim / dpm++2m (default: the model's config)")
     p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: the model's config)")
     p.add_argument("--eta", type=float, help="DDIM η in [0, 1]")
+    p.add_argument("--class", dest="classes", metavar="C",
+                   help="conditional models: class to draw (7), several (1,3,5: one grid row each) or 'all'")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight w >= 0 (default: the model's config)")
     p.add_argument("-n", "--num", type=int, help="number of images")
     p.add_argument("--batch-size", type=int, help="images per network call")
     p.add_argument("--seed", type=int)

@@ -79,6 +79,7 @@ class TrainConfig:
     grad_clip: float = 1.0       # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.999     # EMA decay ceiling; warmed up as min(decay, (1 + n) / (10 + n))
     bf16: bool = False           # bfloat16 autocast for the forward pass
+    label_dropout: float = 0.1   # class-conditional models: chance a label is replaced by "no class" (CFG)
     seed: int = 0                # seeds the weights, data order, t and ε
     device: str = "auto"         # "auto" (cuda if available), "cpu", "cuda", "cuda:1", …
     log_every: int = 50          # steps between loss/throughput reports (one host sync each)
@@ -96,6 +97,7 @@ class TrainConfig:
                f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         _check(p, self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         _check(p, 0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(p, 0 <= self.label_dropout <= 1, f"train.label_dropout must be in [0, 1], got {self.label_dropout}")
         _check(p, self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(p, self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _check(p, self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
@@ -113,8 +115,11 @@ class SampleConfig:
     batch_size: int = 256        # images per network call
     clip_x0: bool = True         # clip x̂0 to [-1, 1] at every step
     seed: int = 0                # sampling seed (initial noise and any per-step noise)
+    guidance: float = 0.0        # class-conditional models: guidance weight w, ε̂ = (1+w)·ε̂(x,c) − w·ε̂(x,∅)
+    guidance_sweep: tuple[float, ...] = (0.0, 1.0, 3.0, 5.0)  # weights the pipeline also evaluates (conditional)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "guidance_sweep", tuple(self.guidance_sweep))
         p: list[str] = []
         _check(p, self.sampler in SAMPLERS, f"sample.sampler={self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         _check(p, self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
@@ -122,6 +127,9 @@ class SampleConfig:
         _check(p, self.spacing in SPACINGS, f"sample.spacing={self.spacing!r} is unknown; choose one of {', '.join(SPACINGS)}")
         _check(p, self.num_samples >= 1, f"sample.num_samples must be >= 1, got {self.num_samples}")
         _check(p, self.batch_size >= 1, f"sample.batch_size must be >= 1, got {self.batch_size}")
+        _check(p, self.guidance >= 0, f"sample.guidance must be >= 0 (0 = plain conditional sampling), got {self.guidance}")
+        _check(p, all(w >= 0 for w in self.guidance_sweep),
+               f"sample.guidance_sweep must hold weights >= 0, got {self.guidance_sweep}")
         _raise_if(p)
 
 
@@ -143,9 +151,17 @@ class Config:
             self.model.check_image_size(spec.image_size, spec.image_size)
         except ValueError as exc:
             p.append(f"model.channel_mults: {exc}")
+        _check(p, self.model.num_classes in (None, spec.num_classes),
+               f"model.num_classes={self.model.num_classes} but {spec.name} has {spec.num_classes} classes; "
+               f"set {spec.num_classes} for a class-conditional model or leave it unset for an unconditional one")
         _check(p, self.sample.sampler == "ddpm" or self.sample.steps <= self.diffusion.timesteps,
                f"sample.steps={self.sample.steps} exceeds diffusion.timesteps={self.diffusion.timesteps}")
         _raise_if(p)
+
+    @property
+    def conditional(self) -> bool:
+        """True for a class-conditional model (trained with label dropout, sampled with guidance)."""
+        return self.model.num_classes is not None
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -251,6 +267,27 @@ def preset_path(name_or_path: str) -> Path:
     raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(available)} or give a .toml (or resolved config.json) path")
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's settings; `extends = "other-preset"` starts from that preset's settings."""
+    if path in seen:
+        raise ConfigError(f"presets extend each other in a loop: {' → '.join(p.stem for p in (*seen, path))}")
+    with open(path, "rb") as f:
+        tree = json.load(f) if path.suffix == ".json" else tomllib.load(f)
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path.name}: extends must be a preset name, got {parent!r}")
+    return _merge(_read_preset(preset_path(parent), (*seen, path)), tree)
+
+
 def load_config(
     preset: str | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
@@ -261,8 +298,7 @@ def load_config(
     tree: dict[str, Any] = {}
     if preset:
         path = preset_path(preset)
-        with open(path, "rb") as f:
-            tree = json.load(f) if path.suffix == ".json" else tomllib.load(f)
+        tree = _read_preset(path)
         tree.setdefault("name", path.stem)
     environ = os.environ if environ is None else environ
     for var, dotted in ENV_OVERRIDES.items():

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .denoiser import eps_from_x0, predict_x0
+from .guidance import check_class_labels, guided
 from .schedule import NoiseSchedule
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -199,34 +200,47 @@ def dpm_solver_sample(
 
 
 def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, sampler: str = "ddim",
-           steps: int = 50, eta: float = 0.0, spacing: Spacing = "linear", **kwargs) -> torch.Tensor:
+           steps: int = 50, eta: float = 0.0, spacing: Spacing = "linear",
+           class_labels: torch.Tensor | None = None, guidance: float = 0.0, **kwargs) -> torch.Tensor:
     """Dispatch by sampler name: "ddpm" (all T steps; `steps`, `eta`, `spacing` unused), "ddim", or
-    "dpm++2m" (`eta` unused)."""
+    "dpm++2m" (`eta` unused). With `class_labels` [B] (a class-conditional model), every sampler runs
+    on the classifier-free-guided ε̂ with weight `guidance` (see diffusion_core.guidance)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_class_labels(model, class_labels, guidance)
+    if class_labels is not None:
+        if len(class_labels) != shape[0]:
+            raise ValueError(f"{len(class_labels)} class labels for {shape[0]} images")
+        model = guided(model, class_labels, guidance)
     if sampler == "ddpm":
         return ddpm_sample(model, schedule, shape, **kwargs)
     if sampler == "ddim":
         return ddim_sample(model, schedule, shape, steps=steps, eta=eta, spacing=spacing, **kwargs)
-    if sampler == "dpm++2m":
-        return dpm_solver_sample(model, schedule, shape, steps=steps, spacing=spacing, **kwargs)
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    return dpm_solver_sample(model, schedule, shape, steps=steps, spacing=spacing, **kwargs)
 
 
 def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tuple[int, ...], num_samples: int, *,
                      batch_size: int, seed: int, device: torch.device | str, progress: bool = True,
-                     **sampler_kwargs):
+                     class_labels: torch.Tensor | None = None, **sampler_kwargs):
     """Yield uint8 image batches [b, C, H, W] on the CPU until `num_samples` are made.
 
     Batch k is seeded by (seed, k), so memory stays bounded by one batch whatever N is, and the
-    first images of a longer run equal those of a shorter one.
+    first images of a longer run equal those of a shorter one. `class_labels` [num_samples] (for a
+    conditional model) are sliced per batch; the guidance weight travels in `sampler_kwargs`.
     """
     from .images import to_uint8
 
+    if class_labels is not None and len(class_labels) != num_samples:
+        raise ValueError(f"{len(class_labels)} class labels for {num_samples} samples")
+    check_class_labels(model, class_labels, sampler_kwargs.get("guidance", 0.0))
     made = 0
     bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
     for k in range((num_samples + batch_size - 1) // batch_size):
         b = min(batch_size, num_samples - made)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        x = sample(model, schedule, (b, *image_shape), generator=generator, device=device, **sampler_kwargs)
+        labels = None if class_labels is None else class_labels[made:made + b]
+        x = sample(model, schedule, (b, *image_shape), generator=generator, device=device, class_labels=labels,
+                   **sampler_kwargs)
         made += b
         bar.update(b)
         yield to_uint8(x).cpu()

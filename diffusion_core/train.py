@@ -26,11 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .checkpoint import build_denoiser, export_model, load_training_checkpoint, save_training_checkpoint
-from .config import Config, ConfigError
+from .config import Config, ConfigError, config_from_dict
 from .data import prepare_dataset
 from .distributed import DistContext, destroy_process_group, init_process_group, resolve_device
 from .ema import EMA
 from .forward import save_forward_process_grid
+from .guidance import drop_labels
 from .images import to_model_space
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -78,6 +79,7 @@ def _check_resumable(saved: dict, config: Config) -> None:
     """A run may be resumed with more steps or other reporting intervals, nothing else."""
     free = {"steps", "log_every", "checkpoint_every", "device"}
     current = config.to_dict()
+    saved = config_from_dict(saved).to_dict()  # fills settings added since the checkpoint with their defaults
     saved_train = {k: v for k, v in saved["train"].items() if k not in free}
     current_train = {k: v for k, v in current["train"].items() if k not in free}
     differs = [s for s in ("model", "diffusion") if saved[s] != current[s]]
@@ -117,8 +119,8 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
     ctx.barrier()
     if not ctx.is_main:
         dataset = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
-    images_u8, _ = dataset.load("train")
-    images_u8 = images_u8.to(device)
+    images_u8, labels = dataset.load("train")
+    images_u8, labels = images_u8.to(device), labels.to(device)
     batches = GlobalBatches(images_u8.shape[0], cfg.batch_size, cfg.seed)
     local = cfg.batch_size // ctx.world_size
     mine = slice(ctx.rank * local, (ctx.rank + 1) * local)
@@ -167,10 +169,15 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         x0 = to_model_space(images_u8[batches.indices(step)[mine].to(device)])
         t = torch.randint(0, schedule.timesteps, (cfg.batch_size,), generator=noise_rng, device=device)[mine]
         noise = torch.randn((cfg.batch_size, *image_shape), generator=noise_rng, device=device)[mine]
+        cond = {}
+        if config.conditional:  # drawn for the global batch too, so DDP keeps the single-process math
+            batch_labels = drop_labels(labels[batches.indices(step).to(device)], cfg.label_dropout,
+                                       config.model.num_classes, noise_rng)
+            cond["class_labels"] = batch_labels[mine]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = objective(x0, t, noise)
+            loss = objective(x0, t, noise, **cond)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -227,8 +234,8 @@ class TrainingObjective(torch.nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.denoiser.loss(x0, t, noise)
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
+        return self.denoiser.loss(x0, t, noise, **cond)
 
 
 def _save(run_dir: Path, step: int, config: Config, denoiser, ema: EMA, optimizer, noise_rng, ctx: DistContext) -> None:

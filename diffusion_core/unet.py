@@ -25,7 +25,7 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (2,)  # level indices (0 = full resolution) with self-attention
     attention_heads: int = 4        # heads in each self-attention layer
     dropout: float = 0.1            # dropout inside residual blocks
-    num_classes: int | None = None  # reserved for class conditioning; None = unconditional
+    num_classes: int | None = None  # class-conditional: the dataset's class count; None = unconditional
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -46,6 +46,8 @@ class UNetConfig:
             problems.append(f"model.num_res_blocks must be >= 1, got {self.num_res_blocks}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.num_classes is not None and self.num_classes < 1:
+            problems.append(f"model.num_classes must be >= 1 or unset, got {self.num_classes}")
         if self.attention_heads < 1:
             problems.append(f"model.attention_heads must be >= 1, got {self.attention_heads}")
         if problems:
@@ -218,7 +220,7 @@ class UNet(nn.Module):
                 class_labels = torch.full_like(t, self.config.num_classes)
             emb = emb + self.class_embedding(class_labels)
         elif class_labels is not None:
-            raise ValueError("this model was trained without class conditioning; do not pass class labels")
+            raise ValueError("this model is unconditional (trained without class conditioning); do not pass class labels")
 
         h = self.conv_in(x)
         skips = [h]

@@ -4,7 +4,8 @@ Reads the uint8 sample tensors that `sample` logged (`samples/<tag>.safetensors`
 against the real test split with diffusion_core.evaluation. Metrics are named
 `<metric>_<extractor>_<tag>` (e.g. `fid_lenet_ddim50`); what they depend on (extractor_id,
 num_samples, dataset_sha256, reference split) becomes `eval.*` params; the whole result is also
-kept as the artifact `evaluation.json`.
+kept as the artifact `evaluation.json`. Sample tensors that carry `labels` (class-conditional models)
+also get class_consistency and per-class FIDs, and the guidance sweep is plotted as `guidance_sweep.png`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from prefect import flow, get_run_logger
 from safetensors.torch import load_file
 
 from diffusion_core.evaluation import evaluate, format_table
+from diffusion_core.evaluation.evaluator import sampler_tag
+from diffusion_core.evaluation.plots import plot_guidance_sweep
 
-from .sample import SAMPLES_ARTIFACT
+from .sample import SAMPLES_ARTIFACT, primary_setting
 from .tracking import log_metrics, log_params, run_config
 
 RESULT_ARTIFACT = "evaluation.json"
+GUIDANCE_PLOT = "guidance_sweep.png"  # conditional models: FID and class consistency against w
 
 
 @flow(name="evaluate")
@@ -37,15 +41,20 @@ def evaluate_samples(run_id: str, extractor: str = "lenet") -> None:
         folder = Path(client.download_artifacts(run_id, SAMPLES_ARTIFACT, tmp))
         for tensor_file in sorted(folder.glob("*.safetensors")):
             tag = tensor_file.stem
-            result = evaluate(load_file(str(tensor_file))["images"], data=config.data, extractor=extractor, tag=tag,
-                              device=config.train.device, progress=False)
-            metrics.update({k: v for k, v in result.items() if k.endswith(f"_{tag}")})
-            context.update({k: v for k, v in result.items() if not k.endswith(f"_{tag}")})
+            tensors = load_file(str(tensor_file))
+            result = evaluate(tensors["images"], labels=tensors.get("labels"), data=config.data, extractor=extractor,
+                              tag=tag, device=config.train.device, progress=False)
+            metrics.update({k: v for k, v in result.items() if f"_{tag}" in k})
+            context.update({k: v for k, v in result.items() if f"_{tag}" not in k})
         if not metrics:
             raise RuntimeError(f"run {run_id} has no sample tensors under {SAMPLES_ARTIFACT}/: run `sample` first")
         result_file = Path(tmp) / RESULT_ARTIFACT
         result_file.write_text(json.dumps({**context, **metrics}, indent=2, sort_keys=True))
         client.log_artifact(run_id, str(result_file))
+        ddim = primary_setting(config)
+        sweep_png = plot_guidance_sweep(metrics, extractor, sampler_tag(ddim.sampler, ddim.steps), Path(tmp) / GUIDANCE_PLOT)
+        if sweep_png is not None:
+            client.log_artifact(run_id, str(sweep_png))
     log_metrics(client, run_id, metrics)
     log_params(client, run_id, {f"eval.{k}": v for k, v in context.items()})
     get_run_logger().info("evaluation (%s):\n%s", context.get("extractor_id"), format_table(metrics))

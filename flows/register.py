@@ -3,7 +3,8 @@
 The model folder (`model.safetensors` + `config.json`) gets an `MLmodel` description without
 flavors (MLflow registers only folders that have one; nothing in it is ever unpickled), is logged
 under the run's `model/` artifact path and registered from `runs:/<run id>/model` as a new version
-of `ddpm-<dataset>`, which gets the alias `challenger`. Load any version with
+of `ddpm-<dataset>` (class-conditional models: `ddpm-<dataset>-cond`, tagged with num_classes,
+label_dropout and the default guidance), which gets the alias `challenger`. Load any version with
 flows.registry.load_registered_model.
 """
 
@@ -34,9 +35,12 @@ def register_checkpoint(run_id: str, work_dir: str) -> str:
     Model(artifact_path=MODEL_ARTIFACT, run_id=run_id, metadata={"format": MODEL_FORMAT}).save(folder / "MLmodel")
     client.log_artifacts(run_id, str(folder), MODEL_ARTIFACT)
     params = client.get_run(run_id).data.params
-    name = registered_model_name(config.data.dataset)
+    name = registered_model_name(config.data.dataset, config.conditional)
+    conditioning = ({"num_classes": config.model.num_classes, "label_dropout": config.train.label_dropout,
+                     "guidance": config.sample.guidance} if config.conditional else {"num_classes": "none"})
     version = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", name,
-                                    tags={"preset": config.name, **{k: params[k] for k in VERSION_TAGS}}).version
+                                    tags={"preset": config.name, **{k: params[k] for k in VERSION_TAGS},
+                                          **{k: str(v) for k, v in conditioning.items()}}).version
     client.set_registered_model_alias(name, CHALLENGER, version)
     get_run_logger().info("registered %s version %s (alias %s)", name, version, CHALLENGER)
     return str(version)

@@ -1,13 +1,17 @@
 """sample: N images from a registered model with DDPM (all T steps) and with DDIM (the config's steps and η).
 
 The sampling settings are the run's `sample.*` config (num_samples, steps, eta, spacing, batch_size,
-clip_x0, seed). Per sampler, tagged like the evaluation keys (`ddpm1000`, `ddim50`), the run gets
-`samples/<tag>.safetensors` (all images, uint8 [N, C, H, W]), `samples/<tag>.png` (a grid of the
-first 64) and the metric `sampling_images_per_s_<tag>`.
+clip_x0, seed). A class-conditional model is sampled with balanced class labels (0…K−1 in turn) at
+the config's guidance weight, and with DDIM also at every weight of `sample.guidance_sweep`.
+Per setting, tagged like the evaluation keys (`ddpm1000`, `ddim50`, conditional `ddim50_w3`), the
+run gets `samples/<tag>.safetensors` (all images, uint8 [N, C, H, W], and their `labels` when
+conditional), `samples/<tag>.png` (a grid of the first 64; conditional: one row per class) and the
+metric `sampling_images_per_s_<tag>`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ from diffusion_core.data import get_spec
 from diffusion_core.distributed import DistContext, resolve_device
 from diffusion_core.evaluation.evaluator import sampler_tag
 from diffusion_core.images import save_grid
+from diffusion_core.guidance import balanced_labels
 from diffusion_core.samplers import generate_batches
 
 from .registry import load_registered_model
@@ -38,11 +43,12 @@ class SamplerSetting:
     steps: int
     eta: float
     spacing: str
+    guidance: float | None = None  # classifier-free guidance weight; None for an unconditional model
 
     @property
     def tag(self) -> str:
-        """The name used in artifact names and evaluation metric keys, e.g. `ddim50`."""
-        return sampler_tag(self.sampler, self.steps)
+        """The name used in artifact names and evaluation metric keys, e.g. `ddim50`, `ddim50_w3`."""
+        return sampler_tag(self.sampler, self.steps, self.guidance)
 
     @property
     def protocol(self) -> str:
@@ -50,11 +56,20 @@ class SamplerSetting:
         return self.tag if self.sampler == "ddpm" else f"{self.tag}-eta{self.eta:g}-{self.spacing}"
 
 
-def sampler_settings(config: Config) -> tuple[SamplerSetting, SamplerSetting]:
-    """(DDPM, DDIM) as the config sets them."""
+def primary_setting(config: Config) -> SamplerSetting:
+    """DDIM as the config sets it: the setting whose FID decides the champion."""
     s = config.sample
-    return (SamplerSetting("ddpm", config.diffusion.timesteps, 1.0, "linear"),
-            SamplerSetting("ddim", s.steps, s.eta, s.spacing))
+    return SamplerSetting("ddim", s.steps, s.eta, s.spacing, s.guidance if config.conditional else None)
+
+
+def sampler_settings(config: Config) -> list[SamplerSetting]:
+    """DDPM, the primary DDIM setting and, for a conditional model, DDIM at each guidance_sweep weight."""
+    primary = primary_setting(config)
+    settings = [SamplerSetting("ddpm", config.diffusion.timesteps, 1.0, "linear", primary.guidance), primary]
+    if config.conditional:
+        settings += [dataclasses.replace(primary, guidance=w) for w in config.sample.guidance_sweep
+                     if w != primary.guidance]
+    return settings
 
 
 @flow(name="sample")
@@ -67,6 +82,7 @@ def sample_images(run_id: str, model_uri: str) -> None:
     model = load_registered_model(model_uri, device)
     spec = get_spec(config.data.dataset)
     s = config.sample
+    labels = balanced_labels(s.num_samples, config.model.num_classes) if config.conditional else None
     speeds = {}
     with tempfile.TemporaryDirectory() as tmp:
         for setting in sampler_settings(config):
@@ -75,12 +91,26 @@ def sample_images(run_id: str, model_uri: str) -> None:
                 model.denoiser, model.denoiser.schedule, (spec.channels, spec.image_size, spec.image_size),
                 s.num_samples, batch_size=s.batch_size, seed=s.seed, device=device, progress=False,
                 sampler=setting.sampler, steps=setting.steps, eta=setting.eta, spacing=setting.spacing,
-                clip_x0=s.clip_x0)))
+                clip_x0=s.clip_x0, class_labels=labels, guidance=setting.guidance or 0.0)))
             speeds[f"sampling_images_per_s_{setting.tag}"] = len(images) / (time.perf_counter() - start)
-            save_file({"images": images}, str(Path(tmp) / f"{setting.tag}.safetensors"),
+            tensors = {"images": images} if labels is None else {"images": images, "labels": labels}
+            save_file(tensors, str(Path(tmp) / f"{setting.tag}.safetensors"),
                       metadata={"model": model_uri, "protocol": setting.protocol, "seed": str(s.seed)})
-            save_grid(images[:GRID_MAX], Path(tmp) / f"{setting.tag}.png")
+            grid_images, per_row = _grid(images, labels)
+            save_grid(grid_images, Path(tmp) / f"{setting.tag}.png", nrow=per_row)
             logger.info("%s: %d images at %.1f images/s", setting.protocol, len(images),
                         speeds[f"sampling_images_per_s_{setting.tag}"])
         client.log_artifacts(run_id, tmp, SAMPLES_ARTIFACT)
     log_metrics(client, run_id, speeds)
+
+
+def _grid(images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int | None]:
+    """(images, images per row) for the PNG: the first GRID_MAX, or for class-conditional samples up to
+    GRID_MAX sorted by class, one row per class."""
+    if labels is None:
+        return images[:GRID_MAX], None
+    classes = labels.unique()
+    per_class = max(1, GRID_MAX // len(classes))
+    rows = [images[labels == c][:per_class] for c in classes]
+    per_row = min(len(r) for r in rows)
+    return torch.cat([r[:per_row] for r in rows]), per_row

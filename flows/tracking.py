@@ -36,9 +36,10 @@ def experiment_name(dataset: str) -> str:
     return f"diffusion-{dataset}"
 
 
-def registered_model_name(dataset: str) -> str:
-    """One registered model per dataset; each train-eval run adds a version."""
-    return f"ddpm-{dataset}"
+def registered_model_name(dataset: str, conditional: bool = False) -> str:
+    """One registered model per dataset and kind (`ddpm-mnist`, class-conditional `ddpm-mnist-cond`);
+    each train-eval run adds a version, and each kind has its own champion."""
+    return f"ddpm-{dataset}-cond" if conditional else f"ddpm-{dataset}"
 
 
 def ensure_experiment(client: MlflowClient, dataset: str) -> str:

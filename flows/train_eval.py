@@ -35,7 +35,7 @@ from .evaluate import evaluate_samples
 from .prepare import prepare_dataset_flow
 from .register import register_checkpoint
 from .registry import Score, select_champion
-from .sample import sample_images, sampler_settings
+from .sample import primary_setting, sample_images
 from .tracking import ensure_experiment, git_commit, log_params, registered_model_name, set_tags
 from .train import train_model
 
@@ -65,9 +65,9 @@ def _log_setup(client: MlflowClient, run_id: str, config: Config, work_dir: Path
 
 
 def _score(client: MlflowClient, run_id: str, config: Config, extractor: str) -> Score:
-    """The run's DDIM FID and the protocol it was measured with."""
+    """The run's DDIM FID (at the config's guidance, for a conditional model) and its protocol."""
     run = client.get_run(run_id)
-    ddim = sampler_settings(config)[1]
+    ddim = primary_setting(config)
     params = run.data.params
     return Score(run.data.metrics[f"fid_{extractor}_{ddim.tag}"],
                  {"extractor_id": params["eval.extractor_id"], "num_samples": params["eval.num_samples"],
@@ -93,7 +93,7 @@ def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = Non
         _log_setup(client, run_id, config, work_dir, nproc_per_node, extractor)
         prepare_dataset_flow(run_id)
         train_model(run_id, str(work_dir), nproc_per_node)
-        name = registered_model_name(config.data.dataset)
+        name = registered_model_name(config.data.dataset, config.conditional)
         version = register_checkpoint(run_id, str(work_dir))
         sample_images(run_id, f"models:/{name}/{version}")
         evaluate_samples(run_id, extractor)

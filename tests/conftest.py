@@ -60,3 +60,15 @@ def smoke_run(mnist_raw_source, data_dir, tmp_path_factory) -> Path:
     config = load_config("smoke", {"data.source": str(mnist_raw_source), "data.data_dir": str(data_dir)})
     train(config, run_dir, progress=False)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def smoke_cond_run(mnist_raw_source, data_dir, tmp_path_factory) -> Path:
+    """A trained class-conditional smoke run (20 steps), shared by tests that only read it."""
+    from diffusion_core import load_config, train
+
+    run_dir = tmp_path_factory.mktemp("smoke_cond_run")
+    config = load_config("smoke", {"data.source": str(mnist_raw_source), "data.data_dir": str(data_dir),
+                                   "model.num_classes": 10})
+    train(config, run_dir, progress=False)
+    return run_dir

@@ -46,6 +46,29 @@ def test_bad_input_gives_clear_errors(smoke_run, tmp_path):
     assert result.returncode == 1 and "no checkpoint at" in result.stderr
 
 
+def test_class_conditional_sampling_from_cli(smoke_cond_run, smoke_run, tmp_path):
+    grid, tensor = tmp_path / "digits.png", tmp_path / "digits.safetensors"
+    result = run_cli("sample", "--model", str(smoke_cond_run), "--class", "all", "--guidance", "3", "-n", "30",
+                     "--steps", "4", "--out", str(grid), "--tensor-out", str(tensor), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    saved = load_file(str(tensor))
+    assert saved["images"].shape == (30, 1, 28, 28)
+    assert saved["labels"].tolist() == [c for c in range(10) for _ in range(3)]  # one grid row per class
+    width, height = Image.open(grid).size
+    assert height > 3 * width  # 10 rows of 3
+    one = run_cli("sample", "--model", str(smoke_cond_run), "--class", "7", "-n", "2", "--steps", "4",
+                  "--tensor-out", str(tmp_path / "seven.safetensors"), "--device", "cpu")
+    assert one.returncode == 0 and load_file(str(tmp_path / "seven.safetensors"))["labels"].tolist() == [7, 7]
+    assert run_cli("sample", "--model", str(smoke_cond_run), "-n", "2", "--steps", "4", "--device", "cpu").returncode == 0
+
+    refused = run_cli("sample", "--model", str(smoke_run), "--class", "7", "--guidance", "3", "--device", "cpu")
+    assert refused.returncode == 2 and "unconditional" in refused.stderr
+    refused = run_cli("sample", "--model", str(smoke_cond_run), "--class", "10", "--device", "cpu")
+    assert refused.returncode == 2 and "[0, 9]" in refused.stderr
+    refused = run_cli("sample", "--model", str(smoke_cond_run), "--class", "1,2", "-n", "3", "--device", "cpu")
+    assert refused.returncode == 2 and "multiple of the 2 classes" in refused.stderr
+
+
 def test_train_and_prepare_from_cli(mnist_raw_source, tmp_path):
     data = tmp_path / "data"
     common = ["--preset", "smoke", "--set", f"data.source={mnist_raw_source}", "--set", f"data.data_dir={data}"]

@@ -30,6 +30,10 @@ def test_override_precedence():
     ("train.lrr=0.1", "train.lrr"),
     ("optimizer.lr=0.1", "optimizer"),
     ("train.steps=ten", "train.steps"),
+    ("model.num_classes=7", "model.num_classes"),
+    ("train.label_dropout=1.5", "train.label_dropout"),
+    ("sample.guidance=-1", "sample.guidance"),
+    ("sample.guidance_sweep=[0,-2]", "sample.guidance_sweep"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -39,3 +43,13 @@ def test_invalid_values_name_the_field(override, field):
 def test_unknown_preset_lists_choices():
     with pytest.raises(ConfigError, match="mnist-cpu"):
         load_config("nope", environ={})
+
+
+def test_preset_extends_another(tmp_path):
+    base, cond = load_config("mnist-cpu", environ={}), load_config("mnist-cpu-cond", environ={})
+    assert cond.conditional and not base.conditional and cond.model.num_classes == 10
+    assert cond.train == base.train and cond.model.base_channels == base.model.base_channels  # inherited
+    (tmp_path / "a.toml").write_text('extends = "{}"\n'.format(tmp_path / "b.toml"))
+    (tmp_path / "b.toml").write_text('extends = "{}"\n'.format(tmp_path / "a.toml"))
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(str(tmp_path / "a.toml"), environ={})

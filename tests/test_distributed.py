@@ -26,7 +26,11 @@ def _ckpt(run_dir: Path):
     return load_training_checkpoint(run_dir / "checkpoints" / "last.safetensors")
 
 
-def test_two_ranks_equal_one_process(ddp_config, tmp_path):
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "class-conditional"])
+def test_two_ranks_equal_one_process(ddp_config, tmp_path, conditional):
+    if conditional:  # label dropout is drawn for the global batch too
+        ddp_config = dataclasses.replace(ddp_config, model=dataclasses.replace(ddp_config.model, num_classes=10),
+                                         train=dataclasses.replace(ddp_config.train, label_dropout=0.5))
     lines = []
     assert launch_training(ddp_config, tmp_path / "ddp", 2, on_line=lines.append) == 0, "\n".join(lines[-30:])
     train(ddp_config, tmp_path / "single", progress=False)

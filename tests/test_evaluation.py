@@ -161,6 +161,27 @@ def test_evaluate_reuses_the_cached_reference_statistics(smoke_run, data_dir, pr
     assert json.loads((tmp_path / "metrics.json").read_text()) == second
 
 
+def test_class_conditional_metrics_on_real_images(prepared, data_dir, lenet):
+    """Real test images with their true labels are consistent with them and close to each class;
+    the same images with labels shifted by one are neither."""
+    from diffusion_core.config import DataConfig
+
+    images, labels = prepared.load("test")
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(3))[:400]
+    images, labels = images[pick], labels[pick]
+    data = DataConfig(source=str(prepared.path.parent), data_dir=str(data_dir))
+    true = evaluate(images, labels=labels, data=data, tag="real", progress=False)
+    wrong = evaluate(images, labels=(labels + 1) % 10, data=data, tag="real", progress=False)
+    assert true["class_consistency_lenet_real"] > 0.97  # the classifier's test accuracy is 99 %
+    assert wrong["class_consistency_lenet_real"] < 0.03
+    assert true["fid_lenet_real"] == wrong["fid_lenet_real"]  # overall FID ignores the labels
+    per_class = [true[f"fid_lenet_real_class{c}"] for c in range(10)]
+    assert true["fid_lenet_real_classmean"] == pytest.approx(sum(per_class) / 10)
+    assert true["fid_lenet_real_classmean"] * 5 < wrong["fid_lenet_real_classmean"]
+    with pytest.raises(ValueError, match="one per image"):
+        evaluate(images, labels=labels[:10], data=data, progress=False)
+
+
 def test_cli_evaluate_with_floors(smoke_run, mnist_raw_source, data_dir, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     main(["evaluate", "--model", str(smoke_run), "-n", "32", "--steps", "3", "--floors", "--out", str(out),

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_core import ConfigError, TrainingDiverged, load_config, load_model, train
-from diffusion_core.checkpoint import CheckpointError, load_training_checkpoint
+from diffusion_core.checkpoint import CheckpointError, build_denoiser, load_training_checkpoint
 from diffusion_core.train import GlobalBatches, learning_rate
 
 
@@ -116,3 +116,16 @@ def test_learning_rate_warmup():
     assert learning_rate(0, 1.0, 10) == pytest.approx(0.1)
     assert learning_rate(9, 1.0, 10) == 1.0 and learning_rate(500, 1.0, 10) == 1.0
     assert learning_rate(0, 1.0, 0) == 1.0
+
+
+@pytest.mark.parametrize("label_dropout", [0.0, 1.0])
+def test_label_dropout_is_honoured(smoke_overrides, tmp_path, label_dropout):
+    """With p = 1 only the "no class" row of the class embedding ever gets a gradient; with p = 0 it never does."""
+    config = load_config("smoke", {**smoke_overrides, "model.num_classes": 10, "train.label_dropout": label_dropout,
+                                   "train.steps": 4, "train.checkpoint_every": 4, "train.log_every": 4})
+    torch.manual_seed(config.train.seed)
+    initial = build_denoiser(config).net.class_embedding.weight.detach().clone()  # the run's initial weights
+    train(config, tmp_path, progress=False)
+    trained = load_training_checkpoint(tmp_path / "checkpoints" / "last.safetensors").model["class_embedding.weight"]
+    changed = (trained - initial).abs().amax(dim=1) > 0  # per row: 10 classes, then "no class"
+    assert changed.tolist() == ([False] * 10 + [True] if label_dropout == 1.0 else [True] * 10 + [False])

@@ -41,7 +41,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         loaded = load_model(args.model, device)
         data = _data_config(loaded.config.data, args)
         metrics.update(evaluate(loaded, data=data, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                spacing=args.spacing, **common))
+                                spacing=args.spacing, guidance=args.guidance, **common))
     else:
         data = _data_config(load_config(args.preset).data, args)
     if args.floors:
@@ -75,6 +75,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always uses all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
     p.add_argument("--spacing", choices=SPACINGS, default="linear", help="DDIM timestep spacing")
+    p.add_argument("--guidance", type=float, help="class-conditional models: guidance weight w "
+                                                  "(default: the model's sample.guidance); classes are balanced")
     p.add_argument("-n", "--num-samples", type=int, default=1000, help="images to generate (and floor set size)")
     p.add_argument("--extractor", choices=EXTRACTORS, default="lenet",
                    help="lenet: the project's classifier for 28×28 datasets; inception: torch-fidelity's Inception-v3")

@@ -4,7 +4,8 @@ Results are one flat dict. Metric keys are `<metric>_<extractor>_<tag>`, the tag
 images were made: `ddim50`, `ddpm1000`, `dpmpp2m20` (sampler and steps), `samples` (a given tensor), `train`
 (real train images: the best score reachable with N images) and `noise` (uniform random pixels: the
 worst). Metrics: fid, kid, kid_std, precision, recall, and with the lenet classifier also
-confident_fraction and class_entropy. Context keys: extractor_id, num_samples, dataset,
+confident_fraction and class_entropy; for class-conditional samples (tag `ddim50_w3`: guidance
+weight 3) class_consistency and per-class FIDs. Context keys: extractor_id, num_samples, dataset,
 dataset_sha256, reference_split, and for a model sampler, steps, eta, seed, sampling_images_per_s.
 """
 
@@ -23,18 +24,24 @@ from ..checkpoint import LoadedModel
 from ..config import DataConfig, SampleConfig
 from ..data import PreparedDataset, prepare_dataset
 from ..distributed import DistContext, resolve_device
+from ..guidance import balanced_labels
 from ..samplers import generate_batches
 from .classifier import class_statistics, predict_probs
 from .extractors import Extractor, resolve_extractor
 from .metrics import compute_metrics
 from .reference import ReferenceSet, reference_set
 
-TABLE_COLUMNS = ("fid", "kid", "precision", "recall", "confident_fraction", "class_entropy")
+TABLE_COLUMNS = ("fid", "kid", "precision", "recall", "confident_fraction", "class_entropy", "class_consistency")
 
 
-def sampler_tag(sampler: str, steps: int) -> str:
-    """'ddim', 50 → 'ddim50'; 'dpm++2m', 20 → 'dpmpp2m20' (metric names may not hold '+')."""
-    return f"{sampler.replace('+', 'p')}{steps}"
+def sampler_tag(sampler: str, steps: int, guidance: float | None = None) -> str:
+    """'ddim', 50 → 'ddim50'; 'dpm++2m', 20 → 'dpmpp2m20' (metric names may not hold '+');
+    a class-conditional protocol adds the guidance weight: 'ddim50_w3'."""
+    tag = f"{sampler.replace('+', 'p')}{steps}"
+    return tag if guidance is None else f"{tag}_w{guidance:g}"
+
+
+PER_CLASS_MIN_IMAGES = 20  # per-class FID only when every requested class has at least this many samples
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,8 @@ class _Setup:
     prepared: PreparedDataset
     extractor: Extractor
     reference: ReferenceSet
+    split: str
+    data_dir: str | Path
 
 
 def _setup(data: DataConfig, extractor: str, split: str, inception_weights: str | Path | None,
@@ -50,7 +59,7 @@ def _setup(data: DataConfig, extractor: str, split: str, inception_weights: str 
     prepared = prepare_dataset(data.dataset, data.source, data.data_dir)
     resolved = resolve_extractor(extractor, prepared, data.data_dir, inception_weights=inception_weights,
                                  progress=progress)
-    return _Setup(prepared, resolved, reference_set(prepared, split, resolved, data.data_dir))
+    return _Setup(prepared, resolved, reference_set(prepared, split, resolved, data.data_dir), split, data.data_dir)
 
 
 def _context(setup: _Setup, num_samples: int) -> dict[str, Any]:
@@ -68,15 +77,43 @@ def _score(images: torch.Tensor, setup: _Setup, tag: str, *, batch_size: int, se
     return {f"{metric}_{setup.extractor.short_name}_{tag}": value for metric, value in values.items()}
 
 
+def _score_classes(images: torch.Tensor, labels: torch.Tensor, setup: _Setup, tag: str, *, batch_size: int,
+                   seed: int, device: torch.device, progress: bool) -> dict[str, float]:
+    """Metrics of class-conditional samples drawn for `labels`:
+
+    class_consistency: share of samples the domain classifier assigns to the requested class;
+    fid per class (`fid_<extractor>_<tag>_class<c>`, each against the real images of class c) and
+    their mean (`..._classmean`), when every class has at least PER_CLASS_MIN_IMAGES samples.
+    """
+    short = setup.extractor.short_name
+    out: dict[str, float] = {}
+    classifier = setup.extractor.classifier()
+    if classifier is not None:
+        predicted = predict_probs(classifier, images, device=device).argmax(1)
+        out[f"class_consistency_{short}_{tag}"] = (predicted == labels).float().mean().item()
+    classes = labels.unique().tolist()
+    if min(int((labels == c).sum()) for c in classes) < PER_CLASS_MIN_IMAGES:
+        return out
+    fids = []
+    for c in classes:
+        reference = reference_set(setup.prepared, setup.split, setup.extractor, setup.data_dir, label=c)
+        fid = compute_metrics(images[labels == c], reference, setup.extractor, batch_size=batch_size, seed=seed,
+                              cuda=device.type == "cuda", progress=progress)["fid"]
+        out[f"fid_{short}_{tag}_class{c}"] = fid
+        fids.append(fid)
+    out[f"fid_{short}_{tag}_classmean"] = sum(fids) / len(fids)
+    return out
+
+
 def _generate(loaded: LoadedModel, settings: SampleConfig, image_shape: tuple[int, ...], device: torch.device,
-              progress: bool) -> tuple[torch.Tensor, float]:
+              progress: bool, class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """(uint8 samples [N, C, H, W] on the CPU, images per second); the denoiser is moved to `device`."""
     start = time.perf_counter()
     images = torch.cat(list(generate_batches(
         loaded.denoiser.to(device), loaded.denoiser.schedule, image_shape, settings.num_samples,
         batch_size=settings.batch_size, seed=settings.seed, device=device, progress=progress,
         sampler=settings.sampler, steps=settings.steps, eta=settings.eta, spacing=settings.spacing,
-        clip_x0=settings.clip_x0)))
+        clip_x0=settings.clip_x0, class_labels=class_labels, guidance=settings.guidance)))
     return images, settings.num_samples / (time.perf_counter() - start)
 
 
@@ -84,7 +121,8 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
              num_samples: int = 1000, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
              spacing: str = "linear", clip_x0: bool = True, seed: int = 0, batch_size: int = 256,
              device: torch.device | str = "auto", split: str = "test", inception_weights: str | Path | None = None,
-             tag: str = "samples", out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+             tag: str = "samples", labels: torch.Tensor | None = None, guidance: float | None = None,
+             out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Metrics of a model's samples (or of given uint8 images [N, C, H, W]) against the real `split`.
 
     For a model, `num_samples` images are drawn with `sampler`/`steps`/`eta`/`spacing` (batch k seeded
@@ -92,20 +130,34 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
     config. For a tensor, `data` is required and `tag` names it in the keys. Extractor weights and
     the dataset are checked before any sampling. With `out`, the dict is also saved as JSON
     (atomically).
+
+    Class-conditional: a conditional model is sampled with balanced class labels (0, 1, …, K−1, 0, …)
+    and guidance weight `guidance` (default: its config's sample.guidance), and the tag gets `_w<w>`;
+    for a tensor, `labels` [N] names the class each image was drawn for. Either way the result also
+    holds class_consistency and per-class FIDs (see _score_classes).
     """
     device = resolve_device(str(device), DistContext())
     if isinstance(source, LoadedModel):
+        if guidance is not None and not source.config.conditional:
+            raise ValueError("guidance was given but this model is unconditional (trained without classes)")
+        if source.config.conditional and guidance is None:
+            guidance = source.config.sample.guidance
         settings = SampleConfig(sampler=sampler, steps=steps, eta=eta, spacing=spacing, num_samples=num_samples,
-                                batch_size=batch_size, clip_x0=clip_x0, seed=seed)  # validates them
+                                batch_size=batch_size, clip_x0=clip_x0, seed=seed,
+                                guidance=guidance or 0.0)  # validates them
         schedule = source.denoiser.schedule
         if sampler != "ddpm" and steps > schedule.timesteps:
             raise ValueError(f"steps={steps} exceeds the model's {schedule.timesteps} timesteps")
         data = data or source.config.data
-        tag = sampler_tag(sampler, schedule.timesteps if sampler == "ddpm" else steps)
+        tag = sampler_tag(sampler, schedule.timesteps if sampler == "ddpm" else steps, guidance)
+        if source.config.conditional:
+            labels = balanced_labels(num_samples, source.config.model.num_classes)
     elif isinstance(source, torch.Tensor):
         if data is None:
             raise ValueError("evaluating a tensor of images needs data= (the dataset to compare with)")
         num_samples = len(source)
+        if labels is not None and tuple(labels.shape) != (num_samples,):
+            raise ValueError(f"labels must have shape [{num_samples}] (one per image), got {tuple(labels.shape)}")
     else:
         raise ValueError(f"evaluate() takes a LoadedModel or a uint8 image tensor, not {type(source).__name__}")
     setup = _setup(data, extractor, split, inception_weights, progress)
@@ -116,12 +168,17 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
                          f"got {source.dtype} {tuple(source.shape)}")
     result = {**_context(setup, num_samples), "reference_split": split}
     if isinstance(source, LoadedModel):
-        images, images_per_s = _generate(source, settings, image_shape, device, progress)
+        images, images_per_s = _generate(source, settings, image_shape, device, progress, labels)
         result.update(sampler=sampler, steps=schedule.timesteps if sampler == "ddpm" else steps, eta=eta, seed=seed,
                       sampling_images_per_s=images_per_s)
+        if guidance is not None:
+            result["guidance"] = guidance
     else:
         images = source
-    result.update(_score(images, setup, tag, batch_size=batch_size, seed=seed, device=device, progress=progress))
+    scoring = dict(batch_size=batch_size, seed=seed, device=device, progress=progress)
+    result.update(_score(images, setup, tag, **scoring))
+    if labels is not None:
+        result.update(_score_classes(images, labels.cpu(), setup, tag, **scoring))
     if out is not None:
         save_metrics(out, result)
     return result
@@ -152,7 +209,8 @@ def save_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
 
 def format_table(metrics: dict[str, Any]) -> str:
     """One row per tag found in `metrics` (e.g. ddim50, train, noise), one column per metric."""
-    rows = [key.split("_", 2)[1:] for key in metrics if key.startswith("fid_")]  # [extractor, tag]
+    rows = [key.split("_", 2)[1:] for key in metrics  # [extractor, tag]; per-class FIDs stay out
+            if key.startswith("fid_") and "_class" not in key]
     columns = [c for c in TABLE_COLUMNS if any(f"{c}_{e}_{t}" in metrics for e, t in rows)]
     lines = [f"{'images':<12}" + "".join(f"{c:>20}" for c in columns)]
     for short, tag in rows:

@@ -25,7 +25,11 @@ class ReferenceSet:
     cache_name: str
 
 
-def reference_set(prepared: PreparedDataset, split: str, extractor: Extractor, data_dir: str | Path) -> ReferenceSet:
-    images, _ = prepared.load(split)
+def reference_set(prepared: PreparedDataset, split: str, extractor: Extractor, data_dir: str | Path,
+                  label: int | None = None) -> ReferenceSet:
+    """The real `split` (only its images of class `label` if given), with its cache name."""
+    images, labels = prepared.load(split)
     name = f"{prepared.spec.name}-{prepared.sha256[:12]}-{split}-{extractor.extractor_id}"
+    if label is not None:
+        images, name = images[labels == label], f"{name}-class{label}"
     return ReferenceSet(images, Path(data_dir) / "reference_stats", name)

@@ -1,0 +1,61 @@
+"""Plots of evaluation results (PNG, written atomically), made from the flat metric dicts."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_bytes
+
+_GUIDED_TAG = re.compile(r"^fid_(?P<extractor>[a-z0-9]+)_(?P<sampler>[a-z0-9]+)_w(?P<w>[0-9.e+-]+)$")
+
+
+def guidance_sweep(metrics: dict[str, Any], extractor: str, sampler_tag: str) -> list[tuple[float, dict[str, float]]]:
+    """[(w, {'fid': …, 'fid_classmean': …, 'class_consistency': …}), …] sorted by w, for the keys
+    `<metric>_<extractor>_<sampler_tag>_w<w>` found in `metrics`."""
+    rows = []
+    for key in metrics:
+        match = _GUIDED_TAG.match(key)
+        if not match or match["extractor"] != extractor or match["sampler"] != sampler_tag:
+            continue
+        tag = f"{extractor}_{sampler_tag}_w{match['w']}"
+        values = {"fid": metrics[key]}
+        for name, full in (("fid_classmean", f"fid_{tag}_classmean"), ("class_consistency", f"class_consistency_{tag}")):
+            if full in metrics:
+                values[name] = metrics[full]
+        rows.append((float(match["w"]), values))
+    return sorted(rows, key=lambda row: row[0])
+
+
+def plot_guidance_sweep(metrics: dict[str, Any], extractor: str, sampler_tag: str, png: str | Path) -> Path | None:
+    """FID (overall and mean per class) and class consistency against the guidance weight w: the
+    quality/diversity trade-off of classifier-free guidance. None if fewer than two weights were scored."""
+    rows = guidance_sweep(metrics, extractor, sampler_tag)
+    if len(rows) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    weights = [w for w, _ in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    left.plot(weights, [v["fid"] for _, v in rows], "o-", label="all classes")
+    if all("fid_classmean" in v for _, v in rows):
+        left.plot(weights, [v["fid_classmean"] for _, v in rows], "s--", label="mean over classes")
+    left.set(xlabel="guidance weight w", ylabel=f"FID ({extractor} features)", title=f"{sampler_tag}: FID")
+    left.legend()
+    if all("class_consistency" in v for _, v in rows):
+        right.plot(weights, [v["class_consistency"] for _, v in rows], "o-", color="tab:green")
+        right.set_ylim(0, 1.02)
+    right.set(xlabel="guidance weight w", ylabel="share classified as the requested class",
+              title="class consistency")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(png, buffer.getvalue())
