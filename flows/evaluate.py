@@ -24,7 +24,7 @@ from diffusion_core.evaluation.evaluator import sampler_tag
 from diffusion_core.evaluation.plots import plot_guidance_sweep
 
 from .sample import SAMPLES_ARTIFACT, primary_setting
-from .tracking import log_metrics, log_params, run_config
+from .tracking import log_metrics, log_params, run_config, upload_artifacts
 
 RESULT_ARTIFACT = "evaluation.json"
 GUIDANCE_PLOT = "guidance_sweep.png"  # conditional models: FID and class consistency against w
@@ -50,11 +50,11 @@ def evaluate_samples(run_id: str, extractor: str = "lenet") -> None:
             raise RuntimeError(f"run {run_id} has no sample tensors under {SAMPLES_ARTIFACT}/: run `sample` first")
         result_file = Path(tmp) / RESULT_ARTIFACT
         result_file.write_text(json.dumps({**context, **metrics}, indent=2, sort_keys=True))
-        client.log_artifact(run_id, str(result_file))
+        upload_artifacts(client, run_id, result_file)
         ddim = primary_setting(config)
         sweep_png = plot_guidance_sweep(metrics, extractor, sampler_tag(ddim.sampler, ddim.steps), Path(tmp) / GUIDANCE_PLOT)
         if sweep_png is not None:
-            client.log_artifact(run_id, str(sweep_png))
+            upload_artifacts(client, run_id, sweep_png)
     log_metrics(client, run_id, metrics)
     log_params(client, run_id, {f"eval.{k}": v for k, v in context.items()})
     get_run_logger().info("evaluation (%s):\n%s", context.get("extractor_id"), format_table(metrics))

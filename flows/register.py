@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from diffusion_core.checkpoint import MODEL_FORMAT
 
 from .registry import CHALLENGER
-from .tracking import registered_model_name, run_config
+from .tracking import registered_model_name, run_config, upload_artifacts
 
 MODEL_ARTIFACT = "model"
 VERSION_TAGS = ("dataset_sha256", "git_commit")  # run params copied onto the model version
@@ -33,7 +33,12 @@ def register_checkpoint(run_id: str, work_dir: str) -> str:
     config = run_config(client, run_id)
     folder = Path(work_dir) / MODEL_ARTIFACT
     Model(artifact_path=MODEL_ARTIFACT, run_id=run_id, metadata={"format": MODEL_FORMAT}).save(folder / "MLmodel")
-    client.log_artifacts(run_id, str(folder), MODEL_ARTIFACT)
+    upload_artifacts(client, run_id, folder, MODEL_ARTIFACT)
+    stored = {Path(item.path).name for item in client.list_artifacts(run_id, MODEL_ARTIFACT)}
+    missing = sorted({p.name for p in folder.iterdir() if p.is_file()} - stored)
+    if missing:  # never register a version whose files are not all in the store
+        raise RuntimeError(f"run {run_id}: {', '.join(missing)} missing from the artifact store after upload; "
+                           "nothing was registered")
     params = client.get_run(run_id).data.params
     name = registered_model_name(config.data.dataset, config.conditional)
     conditioning = ({"num_classes": config.model.num_classes, "label_dropout": config.train.label_dropout,

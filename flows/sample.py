@@ -31,7 +31,7 @@ from diffusion_core.guidance import balanced_labels
 from diffusion_core.samplers import generate_batches
 
 from .registry import load_registered_model
-from .tracking import log_metrics, run_config
+from .tracking import log_metrics, run_config, upload_artifacts
 
 SAMPLES_ARTIFACT = "samples"
 GRID_MAX = 64
@@ -100,7 +100,7 @@ def sample_images(run_id: str, model_uri: str) -> None:
             save_grid(grid_images, Path(tmp) / f"{setting.tag}.png", nrow=per_row)
             logger.info("%s: %d images at %.1f images/s", setting.protocol, len(images),
                         speeds[f"sampling_images_per_s_{setting.tag}"])
-        client.log_artifacts(run_id, tmp, SAMPLES_ARTIFACT)
+        upload_artifacts(client, run_id, tmp, SAMPLES_ARTIFACT)
     log_metrics(client, run_id, speeds)
 
 

@@ -20,7 +20,7 @@ from diffusion_core.launch import (rank_environment, resolve_nproc, run_process_
 from diffusion_core.tracking import RUN_ID_ENV
 from diffusion_core.train import CHECKPOINT
 
-from .tracking import run_config
+from .tracking import run_config, upload_artifacts
 
 # Files of the run folder kept as run artifacts (the exported model is registered by register-checkpoint).
 TRAINING_ARTIFACTS = ("forward_process.png", "loss_curve.png", "metrics.jsonl")
@@ -45,8 +45,8 @@ def train_model(run_id: str, work_dir: str, nproc_per_node: int | str = 1) -> No
     if code != 0:
         raise TrainingFailed(f"torchrun exited with code {code}; last lines:\n" + "\n".join(tail))
     for name in TRAINING_ARTIFACTS:
-        client.log_artifact(run_id, str(run_dir / name))
-    client.log_artifact(run_id, str(run_dir / CHECKPOINT), CHECKPOINT.parent.as_posix())
+        upload_artifacts(client, run_id, run_dir / name)
+    upload_artifacts(client, run_id, run_dir / CHECKPOINT, CHECKPOINT.parent.as_posix())
 
 
 def _log_line(logger, line: str) -> None:

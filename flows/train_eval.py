@@ -36,7 +36,7 @@ from .prepare import prepare_dataset_flow
 from .register import register_checkpoint
 from .registry import Score, select_champion
 from .sample import primary_setting, sample_images
-from .tracking import ensure_experiment, git_commit, log_params, registered_model_name, set_tags
+from .tracking import ensure_experiment, git_commit, log_params, registered_model_name, set_tags, upload_artifacts
 from .train import train_model
 
 RUNS_DIR_ENV = "DIFFUSION_RUNS_DIR"
@@ -61,7 +61,7 @@ def _log_setup(client: MlflowClient, run_id: str, config: Config, work_dir: Path
         **config.flat(), "git_commit": commit, "torch_version": torch.__version__,
         "device": resolve_device(config.train.device, DistContext()).type,
         "nproc_per_node": nproc_per_node, "world_size": resolve_nproc(nproc_per_node), "eval.extractor": extractor})
-    client.log_artifact(run_id, str(write_resolved_config(config, work_dir)))
+    upload_artifacts(client, run_id, write_resolved_config(config, work_dir))
 
 
 def _score(client: MlflowClient, run_id: str, config: Config, extractor: str) -> Score:

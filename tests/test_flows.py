@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 
 from diffusion_core import load_config, prepare_dataset
 from diffusion_core.launch import write_resolved_config
@@ -97,6 +98,85 @@ def test_train_eval_tracks_registers_and_crowns_the_first_model(pipeline, mnist_
     (images,) = generate_batches(model.denoiser, model.denoiser.schedule, (1, 28, 28), 2, batch_size=2, seed=0,
                                  device="cpu", progress=False, sampler="ddim", steps=2)
     assert images.shape == (2, 1, 28, 28) and images.dtype == torch.uint8
+
+
+def test_class_conditional_model_is_swept_evaluated_and_registered_apart(pipeline):
+    overrides = {**FAST, "model.num_classes": 10, "sample.guidance": 2.0, "sample.guidance_sweep": [0.0, 2.0]}
+    run_id = train_eval(preset="smoke", overrides=overrides, num_samples=200)  # 20 per class: per-class FIDs
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    for tag in ("ddim5_w2", "ddim5_w0", "ddpm20_w2"):  # the config's guidance, the sweep, DDPM at the config's
+        assert 0 <= metrics[f"class_consistency_lenet_{tag}"] <= 1 and f"fid_lenet_{tag}" in metrics, tag
+    assert "fid_lenet_ddim5_w2_class7" in metrics and "fid_lenet_ddim5_w2_classmean" in metrics
+    artifacts = _artifact_paths(client, run_id)
+    assert {"guidance_sweep.png", "samples/ddim5_w0.safetensors", "samples/ddim5_w2.png"} <= artifacts
+    samples = load_file(client.download_artifacts(run_id, "samples/ddim5_w2.safetensors"))
+    assert samples["labels"].tolist() == [i % 10 for i in range(200)]  # balanced classes
+
+    version = run.data.tags["model_version"]
+    tags = client.get_model_version("ddpm-mnist-cond", version).tags  # its own registered model and champion
+    assert (tags["num_classes"], tags["guidance"], tags["label_dropout"]) == ("10", "2.0", "0.1")
+    assert tags["eval.sampler"] == "ddim5_w2-eta0-linear" and tags["champion.decision"] == "promoted"
+    model = load_registered_model("models:/ddpm-mnist-cond@champion")
+    assert model.config.conditional
+
+
+@pytest.fixture()
+def s3_store(tmp_path, monkeypatch):
+    """A real S3 endpoint on 127.0.0.1 (the stack's store) holding this test's MLflow artifacts, with its
+    own tracking database; `.stop()` takes the endpoint down."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(REPO / "infra" / "s3_server.py"), "--port", str(port),
+                               "--state-dir", str(tmp_path / "s3"), "--bucket", "outage"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "the S3 server did not start"
+            time.sleep(0.3)
+    for key, value in {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'outage.db'}",
+                       "DIFFUSION_ARTIFACT_LOCATION": "s3://outage/mlflow",
+                       "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "outage-key",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    server.stop = lambda: (server.terminate(), server.wait(timeout=30))
+    yield server
+    if server.poll() is None:
+        server.stop()
+
+
+def test_s3_outage_at_upload_fails_cleanly_and_registers_nothing(pipeline, s3_store, monkeypatch):
+    cheap = {**FAST, "train.steps": 4, "train.log_every": 2, "train.checkpoint_every": 4}
+    first = train_eval(preset="smoke", overrides=cheap, num_samples=16)  # S3 up: version 1 becomes champion
+    client = MlflowClient()
+    assert client.get_registered_model("ddpm-mnist").aliases == {CHALLENGER: 1, CHAMPION: 1}
+
+    import flows.register
+
+    real_upload = flows.register.upload_artifacts
+
+    def upload_during_outage(*args, **kwargs):  # S3 goes down after training, as the model upload starts
+        s3_store.stop()
+        return real_upload(*args, **kwargs)
+
+    monkeypatch.setattr(flows.register, "upload_artifacts", upload_during_outage)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"upload of model to the artifact store .* failed after 4 attempts"):
+        train_eval(preset="smoke", overrides=cheap, num_samples=16)
+    assert time.monotonic() - start < 300  # bounded retries, no hang
+    (failed,) = [r for r in client.search_runs([client.get_run(first).info.experiment_id]) if r.info.run_id != first]
+    assert failed.info.status == "FAILED"
+    assert [str(v.version) for v in client.search_model_versions("name='ddpm-mnist'")] == ["1"]  # nothing registered
+    assert client.get_registered_model("ddpm-mnist").aliases == {CHALLENGER: 1, CHAMPION: 1}
 
 
 def test_failed_training_fails_the_flow_with_the_log_tail(pipeline):
