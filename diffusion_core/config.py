@@ -117,9 +117,11 @@ class SampleConfig:
     seed: int = 0                # sampling seed (initial noise and any per-step noise)
     guidance: float = 0.0        # class-conditional models: guidance weight w, ε̂ = (1+w)·ε̂(x,c) − w·ε̂(x,∅)
     guidance_sweep: tuple[float, ...] = (0.0, 1.0, 3.0, 5.0)  # weights the pipeline also evaluates (conditional)
+    nfe_sweep: tuple[int, ...] = ()  # network evaluations at which the pipeline also scores DDIM and DPM-Solver++
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guidance_sweep", tuple(self.guidance_sweep))
+        object.__setattr__(self, "nfe_sweep", tuple(self.nfe_sweep))
         p: list[str] = []
         _check(p, self.sampler in SAMPLERS, f"sample.sampler={self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         _check(p, self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
@@ -130,6 +132,7 @@ class SampleConfig:
         _check(p, self.guidance >= 0, f"sample.guidance must be >= 0 (0 = plain conditional sampling), got {self.guidance}")
         _check(p, all(w >= 0 for w in self.guidance_sweep),
                f"sample.guidance_sweep must hold weights >= 0, got {self.guidance_sweep}")
+        _check(p, all(n >= 1 for n in self.nfe_sweep), f"sample.nfe_sweep must hold step counts >= 1, got {self.nfe_sweep}")
         _raise_if(p)
 
 
@@ -156,6 +159,8 @@ class Config:
                f"set {spec.num_classes} for a class-conditional model or leave it unset for an unconditional one")
         _check(p, self.sample.sampler == "ddpm" or self.sample.steps <= self.diffusion.timesteps,
                f"sample.steps={self.sample.steps} exceeds diffusion.timesteps={self.diffusion.timesteps}")
+        _check(p, all(n <= self.diffusion.timesteps for n in self.sample.nfe_sweep),
+               f"sample.nfe_sweep={self.sample.nfe_sweep} exceeds diffusion.timesteps={self.diffusion.timesteps}")
         _raise_if(p)
 
     @property

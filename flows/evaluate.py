@@ -5,7 +5,8 @@ against the real test split with diffusion_core.evaluation. Metrics are named
 `<metric>_<extractor>_<tag>` (e.g. `fid_lenet_ddim50`); what they depend on (extractor_id,
 num_samples, dataset_sha256, reference split) becomes `eval.*` params; the whole result is also
 kept as the artifact `evaluation.json`. Sample tensors that carry `labels` (class-conditional models)
-also get class_consistency and per-class FIDs, and the guidance sweep is plotted as `guidance_sweep.png`.
+also get class_consistency and per-class FIDs, and the guidance sweep is plotted as `guidance_sweep.png`;
+FID against network evaluations (DDPM, and DDIM / DPM-Solver++ at `sample.nfe_sweep`) as `fid_vs_nfe.png`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from safetensors.torch import load_file
 
 from diffusion_core.evaluation import evaluate, format_table
 from diffusion_core.evaluation.evaluator import sampler_tag
-from diffusion_core.evaluation.plots import plot_guidance_sweep
+from diffusion_core.evaluation.plots import plot_fid_vs_nfe, plot_guidance_sweep
 
 from .sample import SAMPLES_ARTIFACT, primary_setting
 from .tracking import log_metrics, log_params, run_config, upload_artifacts
 
 RESULT_ARTIFACT = "evaluation.json"
 GUIDANCE_PLOT = "guidance_sweep.png"  # conditional models: FID and class consistency against w
+NFE_PLOT = "fid_vs_nfe.png"  # with sample.nfe_sweep: FID against network evaluations per sampler
 
 
 @flow(name="evaluate")
@@ -52,9 +54,11 @@ def evaluate_samples(run_id: str, extractor: str = "lenet") -> None:
         result_file.write_text(json.dumps({**context, **metrics}, indent=2, sort_keys=True))
         upload_artifacts(client, run_id, result_file)
         ddim = primary_setting(config)
-        sweep_png = plot_guidance_sweep(metrics, extractor, sampler_tag(ddim.sampler, ddim.steps), Path(tmp) / GUIDANCE_PLOT)
-        if sweep_png is not None:
-            upload_artifacts(client, run_id, sweep_png)
+        suffix = ddim.tag[len(sampler_tag(ddim.sampler, ddim.steps)):]  # '' or '_w<guidance>'
+        for png in (plot_guidance_sweep(metrics, extractor, sampler_tag(ddim.sampler, ddim.steps), Path(tmp) / GUIDANCE_PLOT),
+                    plot_fid_vs_nfe(metrics, extractor, Path(tmp) / NFE_PLOT, suffix)):
+            if png is not None:
+                upload_artifacts(client, run_id, png)
     log_metrics(client, run_id, metrics)
     log_params(client, run_id, {f"eval.{k}": v for k, v in context.items()})
     get_run_logger().info("evaluation (%s):\n%s", context.get("extractor_id"), format_table(metrics))

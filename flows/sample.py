@@ -2,7 +2,9 @@
 
 The sampling settings are the run's `sample.*` config (num_samples, steps, eta, spacing, batch_size,
 clip_x0, seed). A class-conditional model is sampled with balanced class labels (0…K−1 in turn) at
-the config's guidance weight, and with DDIM also at every weight of `sample.guidance_sweep`.
+the config's guidance weight, and with DDIM also at every weight of `sample.guidance_sweep`. With
+`sample.nfe_sweep` set, DDIM and DPM-Solver++(2M) also run at each of those step counts (FID against
+network evaluations).
 Per setting, tagged like the evaluation keys (`ddpm1000`, `ddim50`, conditional `ddim50_w3`), the
 run gets `samples/<tag>.safetensors` (all images, uint8 [N, C, H, W], and their `labels` when
 conditional), `samples/<tag>.png` (a grid of the first 64; conditional: one row per class) and the
@@ -63,13 +65,17 @@ def primary_setting(config: Config) -> SamplerSetting:
 
 
 def sampler_settings(config: Config) -> list[SamplerSetting]:
-    """DDPM, the primary DDIM setting and, for a conditional model, DDIM at each guidance_sweep weight."""
+    """DDPM, the primary DDIM setting, for a conditional model DDIM at each guidance_sweep weight, and
+    DDIM and DPM-Solver++(2M) (log-SNR spacing) at each nfe_sweep step count."""
     primary = primary_setting(config)
     settings = [SamplerSetting("ddpm", config.diffusion.timesteps, 1.0, "linear", primary.guidance), primary]
     if config.conditional:
-        settings += [dataclasses.replace(primary, guidance=w) for w in config.sample.guidance_sweep
-                     if w != primary.guidance]
-    return settings
+        settings += [dataclasses.replace(primary, guidance=w) for w in config.sample.guidance_sweep]
+    for steps in config.sample.nfe_sweep:
+        settings += [dataclasses.replace(primary, steps=steps),
+                     SamplerSetting("dpm++2m", steps, 0.0, "log_snr", primary.guidance)]
+    unique = {s.tag: s for s in reversed(settings)}  # one setting per tag: the first one listed wins
+    return [unique[tag] for tag in dict.fromkeys(s.tag for s in settings)]
 
 
 @flow(name="sample")

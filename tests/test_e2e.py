@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -82,7 +83,7 @@ def stack(tmp_path_factory, mnist_raw_source, request):
         s3.upload_file(str(raw), BUCKET, f"datasets/mnist/{raw.name}")
     with pytest.MonkeyPatch.context() as patch:  # this process's MLflow client talks to the stack's server
         patch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-        yield SimpleNamespace(env=env, s3=s3, mlflow=MlflowClient(env["MLFLOW_TRACKING_URI"]))
+        yield SimpleNamespace(env=env, s3=s3, mlflow=MlflowClient(env["MLFLOW_TRACKING_URI"]), root=root)
 
 
 def _run_deployment(stack, overrides: dict) -> str:
@@ -132,15 +133,42 @@ def test_deployment_run_is_tracked_registered_and_stored_in_s3(stack, first_run)
         assert prefix + name in keys, name
 
 
-def test_a_worse_second_run_does_not_take_champion(stack, first_run):
-    second = _run_deployment(stack, WORSE)
+def test_two_concurrent_worse_runs_keep_apart_and_do_not_take_champion(stack, first_run):
+    """A nightly and an ad-hoc run at the same time: separate MLflow runs, folders and versions; neither,
+    being worse, moves `champion`."""
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda overrides: _run_deployment(stack, overrides),
+                             [WORSE, {**WORSE, "train.seed": 1}]))
     client = stack.mlflow
     first_fid = client.get_run(first_run).data.metrics["fid_lenet_ddim5"]
-    second_run = client.get_run(second)
-    second_fid = second_run.data.metrics["fid_lenet_ddim5"]
-    assert second_fid > first_fid
+    infos = [client.get_run(run_id) for run_id in runs]
+    assert len(set(runs)) == 2 and all(r.info.status == "FINISHED" for r in infos)
+    work_dirs = [Path(r.data.tags["work_dir"]) for r in infos]
+    assert work_dirs[0] != work_dirs[1] and work_dirs[0].parent == work_dirs[1].parent
+    for work_dir, info in zip(work_dirs, infos):  # each folder holds its own run's config
+        assert json.loads((work_dir / "config.json").read_text())["train"]["seed"] == int(info.data.params["train.seed"])
+    versions = sorted(r.data.tags["model_version"] for r in infos)
+    assert versions == ["2", "3"]
     aliases = {alias: str(v) for alias, v in client.get_registered_model("ddpm-mnist").aliases.items()}
-    assert aliases == {"challenger": "2", "champion": "1"}
-    for tags in (client.get_model_version("ddpm-mnist", "2").tags, second_run.data.tags):
-        assert tags["champion.decision"] == "kept"
-        assert (float(tags["champion.candidate_fid"]), float(tags["champion.previous_fid"])) == (second_fid, first_fid)
+    assert aliases["champion"] == "1" and aliases["challenger"] in versions
+    for info in infos:
+        version = client.get_model_version("ddpm-mnist", info.data.tags["model_version"])
+        assert version.run_id == info.info.run_id  # each version points at its own run's files
+        second_fid = info.data.metrics["fid_lenet_ddim5"]
+        assert second_fid > first_fid
+        for tags in (version.tags, info.data.tags):
+            assert tags["champion.decision"] == "kept"
+            assert (float(tags["champion.candidate_fid"]), float(tags["champion.previous_fid"])) == (second_fid, first_fid)
+
+
+def test_no_credential_in_logs_files_params_or_the_bucket(stack, first_run):
+    """The secret key is in every process's environment; it must not be written anywhere."""
+    needle = SECRET.encode()
+    leaks = [str(p) for p in stack.root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+    for page in stack.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for obj in page.get("Contents", []):
+            if needle in stack.s3.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read():
+                leaks.append(f"s3://{BUCKET}/{obj['Key']}")
+    runs = stack.mlflow.search_runs([stack.mlflow.get_experiment_by_name("diffusion-mnist").experiment_id])
+    leaks += [r.info.run_id for r in runs if SECRET in json.dumps([r.data.params, r.data.tags])]
+    assert len(runs) >= 1 and not leaks, leaks

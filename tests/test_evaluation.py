@@ -244,3 +244,22 @@ def test_inception_offline_without_weights_fails_before_sampling(smoke_run, tmp_
     assert INCEPTION_FILE in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
     assert "--inception-weights" in message and "DIFFUSION_INCEPTION_WEIGHTS" in message
     assert calls == []
+
+
+def test_plots_read_the_metric_keys(tmp_path):
+    from diffusion_core.evaluation.plots import fid_by_nfe, guidance_sweep, plot_fid_vs_nfe, plot_guidance_sweep
+
+    metrics = {"fid_lenet_ddim50": 60.0, "fid_lenet_ddim10": 90.0, "fid_lenet_dpmpp2m10": 70.0,
+               "fid_lenet_ddpm1000": 55.0, "fid_lenet_ddim10_w3": 1.0, "kid_lenet_ddim50": 0.1,
+               "fid_lenet_train": 7.0, "fid_inception_ddim10": 5.0}
+    assert fid_by_nfe(metrics, "lenet") == {"ddim": [(10, 90.0), (50, 60.0)], "ddpm": [(1000, 55.0)],
+                                            "dpmpp2m": [(10, 70.0)]}
+    assert fid_by_nfe(metrics, "lenet", "_w3") == {"ddim": [(10, 1.0)]}
+    assert plot_fid_vs_nfe(metrics, "lenet", tmp_path / "nfe.png").stat().st_size > 1000
+    assert plot_fid_vs_nfe(metrics, "lenet", tmp_path / "none.png", "_w3") is None  # one point is no curve
+
+    guided = {"fid_lenet_ddim50_w0": 60.0, "fid_lenet_ddim50_w3": 80.0, "class_consistency_lenet_ddim50_w3": 0.9,
+              "class_consistency_lenet_ddim50_w0": 0.7, "fid_lenet_ddim50_w3_class1": 3.0}
+    assert guidance_sweep(guided, "lenet", "ddim50") == [(0.0, {"fid": 60.0, "class_consistency": 0.7}),
+                                                         (3.0, {"fid": 80.0, "class_consistency": 0.9})]
+    assert plot_guidance_sweep(guided, "lenet", "ddim50", tmp_path / "sweep.png").is_file()

@@ -101,17 +101,18 @@ def test_train_eval_tracks_registers_and_crowns_the_first_model(pipeline, mnist_
 
 
 def test_class_conditional_model_is_swept_evaluated_and_registered_apart(pipeline):
-    overrides = {**FAST, "model.num_classes": 10, "sample.guidance": 2.0, "sample.guidance_sweep": [0.0, 2.0]}
+    overrides = {**FAST, "model.num_classes": 10, "sample.guidance": 2.0, "sample.guidance_sweep": [0.0, 2.0],
+                 "sample.nfe_sweep": [2]}
     run_id = train_eval(preset="smoke", overrides=overrides, num_samples=200)  # 20 per class: per-class FIDs
     client = MlflowClient()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    for tag in ("ddim5_w2", "ddim5_w0", "ddpm20_w2"):  # the config's guidance, the sweep, DDPM at the config's
+    for tag in ("ddim5_w2", "ddim5_w0", "ddpm20_w2", "ddim2_w2", "dpmpp2m2_w2"):  # config, sweeps, DDPM
         assert 0 <= metrics[f"class_consistency_lenet_{tag}"] <= 1 and f"fid_lenet_{tag}" in metrics, tag
     assert "fid_lenet_ddim5_w2_class7" in metrics and "fid_lenet_ddim5_w2_classmean" in metrics
     artifacts = _artifact_paths(client, run_id)
-    assert {"guidance_sweep.png", "samples/ddim5_w0.safetensors", "samples/ddim5_w2.png"} <= artifacts
+    assert {"guidance_sweep.png", "fid_vs_nfe.png", "samples/ddim5_w0.safetensors", "samples/ddim5_w2.png"} <= artifacts
     samples = load_file(client.download_artifacts(run_id, "samples/ddim5_w2.safetensors"))
     assert samples["labels"].tolist() == [i % 10 for i in range(200)]  # balanced classes
 

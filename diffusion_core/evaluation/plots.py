@@ -10,6 +10,8 @@ from typing import Any
 from ..atomic import atomic_write_bytes
 
 _GUIDED_TAG = re.compile(r"^fid_(?P<extractor>[a-z0-9]+)_(?P<sampler>[a-z0-9]+)_w(?P<w>[0-9.e+-]+)$")
+_SAMPLER_TAG = re.compile(r"^fid_(?P<extractor>[a-z0-9]+)_(?P<sampler>ddpm|ddim|dpmpp2m)(?P<steps>[0-9]+)(?P<suffix>_w[0-9.e+-]+)?$")
+SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM (η = 0)", "dpmpp2m": "DPM-Solver++(2M)"}
 
 
 def guidance_sweep(metrics: dict[str, Any], extractor: str, sampler_tag: str) -> list[tuple[float, dict[str, float]]]:
@@ -29,19 +31,60 @@ def guidance_sweep(metrics: dict[str, Any], extractor: str, sampler_tag: str) ->
     return sorted(rows, key=lambda row: row[0])
 
 
+def fid_by_nfe(metrics: dict[str, Any], extractor: str, suffix: str = "") -> dict[str, list[tuple[int, float]]]:
+    """{sampler: [(network evaluations, FID), …] sorted}, from keys `fid_<extractor>_<sampler><steps><suffix>`
+    (suffix: '' for unconditional samples, '_w3' for guidance weight 3)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for key, value in metrics.items():
+        match = _SAMPLER_TAG.match(key)
+        if match and match["extractor"] == extractor and (match["suffix"] or "") == suffix:
+            curves.setdefault(match["sampler"], []).append((int(match["steps"]), float(value)))
+    return {sampler: sorted(points) for sampler, points in sorted(curves.items())}
+
+
+def plot_fid_vs_nfe(metrics: dict[str, Any], extractor: str, png: str | Path, suffix: str = "") -> Path | None:
+    """FID against the number of network evaluations per image, one line per sampler (log x axis):
+    quality per unit of sampling cost. None unless some sampler was scored at two or more step counts."""
+    curves = fid_by_nfe(metrics, extractor, suffix)
+    if not any(len(points) > 1 for points in curves.values()):
+        return None
+    fig, ax = _figure(1)
+    for sampler, points in curves.items():
+        ax.plot([n for n, _ in points], [f for _, f in points], "o-", label=SAMPLER_LABELS.get(sampler, sampler))
+    ax.set(xscale="log", yscale="log", xlabel="network evaluations per image", ylabel=f"FID ({extractor} features)",
+           title=f"FID against sampling cost{f' (guidance {suffix[2:]})' if suffix else ''}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return _save(fig, png)
+
+
+def _figure(columns: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=(4.5 * columns if columns > 1 else 6, 3.5), dpi=100)
+
+
+def _save(fig, png: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(png, buffer.getvalue())
+
+
 def plot_guidance_sweep(metrics: dict[str, Any], extractor: str, sampler_tag: str, png: str | Path) -> Path | None:
     """FID (overall and mean per class) and class consistency against the guidance weight w: the
     quality/diversity trade-off of classifier-free guidance. None if fewer than two weights were scored."""
     rows = guidance_sweep(metrics, extractor, sampler_tag)
     if len(rows) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     weights = [w for w, _ in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    fig, (left, right) = _figure(2)
     left.plot(weights, [v["fid"] for _, v in rows], "o-", label="all classes")
     if all("fid_classmean" in v for _, v in rows):
         left.plot(weights, [v["fid_classmean"] for _, v in rows], "s--", label="mean over classes")
@@ -54,8 +97,4 @@ def plot_guidance_sweep(metrics: dict[str, Any], extractor: str, sampler_tag: st
               title="class consistency")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(png, buffer.getvalue())
+    return _save(fig, png)
