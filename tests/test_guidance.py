@@ -181,3 +181,24 @@ def test_class_request_helpers():
         with pytest.raises(ValueError, match=r"\[0, 9\]|class numbers"):
             parse_classes(bad, 10)
     assert balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+
+
+# A small conditional U-Net trained briefly on real MNIST (about 2.5 minutes on a 2-core CPU). Measured
+# there (seed 0, 200 samples, DDIM-20, w = 3) after these 600 steps: class consistency 0.81; chance is
+# 0.10. The bar is 4× chance and half the measured value, so library or BLAS differences do not trip it
+# while a conditioning path that does nothing (≈ 0.10) does.
+CONSISTENCY_BAR = 0.4
+SHORT_CONDITIONAL = {"model.num_classes": 10, "model.base_channels": 16, "model.channel_mults": [1, 2, 2],
+                     "model.attention_levels": [], "diffusion.timesteps": 1000, "train.steps": 600,
+                     "train.batch_size": 32, "train.lr": 2e-3, "train.warmup_steps": 20, "train.ema_decay": 0.99,
+                     "train.log_every": 100, "train.checkpoint_every": 600}
+
+
+def test_short_conditional_mnist_training_draws_the_requested_digits(smoke_overrides, tmp_path):
+    from diffusion_core import load_config, load_model, train
+    from diffusion_core.evaluation import evaluate
+
+    train(load_config("smoke", {**smoke_overrides, **SHORT_CONDITIONAL}), tmp_path, progress=False)
+    model = load_model(tmp_path / "model")
+    guided_result = evaluate(model, num_samples=200, steps=20, guidance=3.0, progress=False, device="cpu")
+    assert guided_result["class_consistency_lenet_ddim20_w3"] >= CONSISTENCY_BAR, guided_result
