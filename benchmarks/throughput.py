@@ -5,7 +5,8 @@
 Prints: parameters; training images/s and achieved GFLOP/s (FLOPs counted by
 torch.utils.flop_counter for one forward+backward); the machine's dense fp32 (and bf16) matmul
 GFLOP/s measured in the same process, and the fraction of it reached; sampling network evaluations
-per second and images/s for DDPM-1000, DDIM-50 and DDIM-20 (measured on a DDIM-20 run).
+per second and images/s for DDPM-1000, DDIM-50, DDIM-20 and DPM-Solver++(2M) at 20 and 10 steps
+(one network evaluation per step for all of them, so measured once, on a DDIM-20 run).
 """
 
 from __future__ import annotations
@@ -40,12 +41,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds_per_call(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Mean wall seconds of `fn()` over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def sampling_evals_per_s(eps_model, schedule, shape: tuple[int, ...], device: torch.device, amp: dict,
+                         steps: int = 20) -> float:
+    """Image-evaluations per second of a DDIM run of `steps` steps on a batch of `shape`."""
+    with torch.no_grad(), torch.autocast(**amp):
+        seconds = seconds_per_call(lambda: ddim_sample(eps_model, schedule, shape, steps=steps, device=device),
+                                   device, repeats=1, warmup=1)
+    return shape[0] * steps / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="mnist-cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (after 3 warm-up)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and inputs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -57,14 +80,16 @@ def main() -> None:
     shape = (batch, spec.channels, spec.image_size, spec.image_size)
     denoiser = build_denoiser(config).to(device)
     net = denoiser.net
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    net.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    x0 = torch.rand(shape, device=device) * 2 - 1
+    x0 = (torch.rand(shape, device=device) * 2 - 1).contiguous(memory_format=memory_format)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     def train_step() -> None:
         t = torch.randint(0, denoiser.schedule.timesteps, (batch,), device=device)
         with torch.autocast(**amp):
-            loss = denoiser.loss(x0, t, torch.randn_like(x0))
+            loss = denoiser.loss(x0, t, torch.randn_like(x0))  # randn_like keeps x0's memory format
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -72,14 +97,7 @@ def main() -> None:
     with FlopCounterMode(display=False) as counter:
         train_step()
     flops_per_step = counter.get_total_flops()
-    for _ in range(2):
-        train_step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        train_step()
-    _sync(device)
-    step_s = (time.perf_counter() - start) / args.steps
+    step_s = seconds_per_call(train_step, device, args.steps)
 
     peak32 = matmul_gflops(device, torch.float32)
     peak16 = matmul_gflops(device, torch.bfloat16) if args.bf16 else None
@@ -88,17 +106,11 @@ def main() -> None:
 
     net.eval()
     sample_batch = min(256, batch * 4)
-    eval_steps = 20
-    with torch.autocast(**amp):
-        ddim_sample(denoiser, denoiser.schedule, (sample_batch, *shape[1:]), steps=2, device=device)  # warm-up
-        _sync(device)
-        start = time.perf_counter()
-        ddim_sample(denoiser, denoiser.schedule, (sample_batch, *shape[1:]), steps=eval_steps, device=device)
-        _sync(device)
-    evals_per_s = sample_batch * eval_steps / (time.perf_counter() - start)
+    evals_per_s = sampling_evals_per_s(denoiser, denoiser.schedule, (sample_batch, *shape[1:]), device, amp)
 
     print(f"device: {device} ({torch.get_num_threads()} threads), preset {args.preset}, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}, torch {torch.__version__}")
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}{', channels_last' if args.channels_last else ''}, "
+          f"torch {torch.__version__}")
     print(f"parameters:                   {count_parameters(net):,}")
     print(f"training batch:               {batch} images {tuple(shape[1:])}")
     print(f"training:                     {batch / step_s:8.1f} images/s   ({step_s * 1000:.0f} ms/step)")
@@ -109,7 +121,7 @@ def main() -> None:
         print(f"dense matmul peak bf16:       {peak16:8.1f} GFLOP/s")
     print(f"fraction of matmul peak:      {achieved / peak:8.1%}")
     print(f"sampling (batch {sample_batch}):         {evals_per_s:8.1f} image-evaluations/s")
-    for name, evals in (("DDPM-1000", 1000), ("DDIM-50", 50), ("DDIM-20", 20)):
+    for name, evals in (("DDPM-1000", 1000), ("DDIM-50", 50), ("DDIM-20", 20), ("DPM++2M-20", 20), ("DPM++2M-10", 10)):
         print(f"  {name:10s}                  {evals_per_s / evals:8.2f} images/s")
 
 

@@ -129,8 +129,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        # one copy into [3, B, heads, tokens, head_dim]: attention kernels are several times slower on
+        # strided views (measured 3.6× for inference, 1.6× for training on CPU)
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, tokens, head_dim]
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
