@@ -1,6 +1,6 @@
 """Training and sampling throughput of a preset's model on this machine, against its matmul peak.
 
-    python benchmarks/throughput.py --preset mnist-cpu [--batch-size 64] [--bf16] [--device cpu]
+    python benchmarks/throughput.py --preset mnist-cpu [--batch-size 64] [--bf16] [--channels-last] [--compile] [--device cpu]
 
 Prints: parameters; training images/s and achieved GFLOP/s (FLOPs counted by
 torch.utils.flop_counter for one forward+backward); the machine's dense fp32 (and bf16) matmul
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (after 3 warm-up)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and inputs")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training loss (compile time reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -86,17 +87,21 @@ def main() -> None:
     x0 = (torch.rand(shape, device=device) * 2 - 1).contiguous(memory_format=memory_format)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
+    loss_fn = torch.compile(denoiser.loss) if args.compile else denoiser.loss
+
     def train_step() -> None:
         t = torch.randint(0, denoiser.schedule.timesteps, (batch,), device=device)
         with torch.autocast(**amp):
-            loss = denoiser.loss(x0, t, torch.randn_like(x0))  # randn_like keeps x0's memory format
+            loss = loss_fn(x0, t, torch.randn_like(x0))  # randn_like keeps x0's memory format
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
+    first_step_s = seconds_per_call(train_step, device, repeats=1, warmup=0)  # includes any compilation
     with FlopCounterMode(display=False) as counter:
-        train_step()
+        (denoiser.loss(x0, torch.zeros(batch, dtype=torch.long, device=device), x0)).backward()
     flops_per_step = counter.get_total_flops()
+    optimizer.zero_grad(set_to_none=True)
     step_s = seconds_per_call(train_step, device, args.steps)
 
     peak32 = matmul_gflops(device, torch.float32)
@@ -109,11 +114,13 @@ def main() -> None:
     evals_per_s = sampling_evals_per_s(denoiser, denoiser.schedule, (sample_batch, *shape[1:]), device, amp)
 
     print(f"device: {device} ({torch.get_num_threads()} threads), preset {args.preset}, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}{', channels_last' if args.channels_last else ''}, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}{', channels_last' if args.channels_last else ''}"
+          f"{', torch.compile' if args.compile else ''}, "
           f"torch {torch.__version__}")
     print(f"parameters:                   {count_parameters(net):,}")
     print(f"training batch:               {batch} images {tuple(shape[1:])}")
     print(f"training:                     {batch / step_s:8.1f} images/s   ({step_s * 1000:.0f} ms/step)")
+    print(f"first step (incl. compile):   {first_step_s:8.1f} s")
     print(f"training FLOPs per image:     {flops_per_step / batch / 1e9:8.3f} GFLOP (forward + backward)")
     print(f"achieved:                     {achieved:8.1f} GFLOP/s")
     print(f"dense matmul peak fp32:       {peak32:8.1f} GFLOP/s")

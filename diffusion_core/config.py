@@ -79,6 +79,7 @@ class TrainConfig:
     grad_clip: float = 1.0       # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.999     # EMA decay ceiling; warmed up as min(decay, (1 + n) / (10 + n))
     bf16: bool = False           # bfloat16 autocast for the forward pass
+    compile: bool = False        # torch.compile the training step's model (first steps pay the compile time)
     label_dropout: float = 0.1   # class-conditional models: chance a label is replaced by "no class" (CFG)
     seed: int = 0                # seeds the weights, data order, t and ε
     device: str = "auto"         # "auto" (cuda if available), "cpu", "cuda", "cuda:1", …

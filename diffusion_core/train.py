@@ -151,6 +151,8 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
     objective: torch.nn.Module = TrainingObjective(denoiser)
     if ctx.enabled:  # gradients are averaged across ranks inside backward()
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # after the DDP wrap, so compiled graphs break at DDP's bucket boundaries
+        objective = torch.compile(objective)
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
