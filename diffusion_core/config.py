@@ -78,7 +78,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0       # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.999     # EMA decay ceiling; warmed up as min(decay, (1 + n) / (10 + n))
-    bf16: bool = False           # bfloat16 autocast for the forward pass
+    bf16: bool = False           # bfloat16 autocast (GPUs, or CPUs with AMX/AVX512-BF16; emulated and far slower elsewhere)
     compile: bool = False        # torch.compile the training step's model (first steps pay the compile time)
     label_dropout: float = 0.1   # class-conditional models: chance a label is replaced by "no class" (CFG)
     seed: int = 0                # seeds the weights, data order, t and ε
