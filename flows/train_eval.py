@@ -4,7 +4,8 @@
 
 Steps (each a flow of its own, sharing only the MLflow run id and the working folder
 `$DIFFUSION_RUNS_DIR/<flow run id>`, default `runs/`): prepare-dataset → train (torchrun) →
-register-checkpoint (new version of `ddpm-<dataset>`, alias `challenger`) → sample (DDPM and DDIM)
+register-checkpoint (new version of `ddpm-<dataset>`, or `ddpm-<dataset>-cond` for a class-conditional
+model, alias `challenger`) → sample (DDPM and DDIM, plus the guidance and NFE sweeps)
 → evaluate (FID …) → champion selection on the DDIM FID (see flows.registry).
 
 The MLflow run (experiment `diffusion-<dataset>`, name `<preset>-<UTC time>-<flow run name>`)
