@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, load_config
-from .guidance import check_class_labels, parse_classes
+from .guidance import parse_classes
 from .samplers import SAMPLERS, SPACINGS
 
 
@@ -54,7 +54,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .config import SampleConfig
     from .distributed import DistContext, resolve_device
-    from .images import save_grid
+    from .images import grid_by_class, save_grid
     from .samplers import generate_batches
 
     device = resolve_device(args.device, DistContext())
@@ -70,17 +70,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
     schedule = loaded.denoiser.schedule
     if settings.sampler != "ddpm" and settings.steps > schedule.timesteps:
         raise ConfigError(f"--steps {settings.steps} exceeds the model's {schedule.timesteps} timesteps")
-    class_labels, grid_rows = _class_request(args, loaded.config, settings.num_samples)
+    class_labels = _class_request(args, loaded.config, settings.num_samples)
     guidance = settings.guidance if class_labels is not None else 0.0
-    check_class_labels(loaded.denoiser, class_labels, guidance)  # before any sampling
     spec_shape = (loaded.config.model.in_channels,) + (_image_size(loaded.config),) * 2
     images = torch.cat(list(generate_batches(
         loaded.denoiser, schedule, spec_shape, settings.num_samples, batch_size=settings.batch_size,
         seed=settings.seed, device=device, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
         spacing=settings.spacing, clip_x0=settings.clip_x0, class_labels=class_labels, guidance=guidance)))
     if args.out:
-        shown = images[: args.grid_max]
-        save_grid(shown, args.out, nrow=grid_rows)
+        shown, per_row = grid_by_class(images, class_labels, args.grid_max)
+        save_grid(shown, args.out, nrow=per_row)
         print(f"grid of {len(shown)} images: {args.out}")
     if args.tensor_out:
         tensors = {"images": images} if class_labels is None else {"images": images, "labels": class_labels}
@@ -91,22 +90,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"{len(images)} uint8 images: {args.tensor_out}")
 
 
-def _class_request(args: argparse.Namespace, config, num_samples: int) -> tuple[torch.Tensor | None, int | None]:
-    """(per-sample class labels or None, images per grid row). `--class 1,3` gives N/2 ones then N/2
-    threes, so a grid shows one class per row."""
+def _class_request(args: argparse.Namespace, config, num_samples: int) -> torch.Tensor | None:
+    """Per-sample class labels (None: no class asked for). `--class 1,3` gives N/2 ones, then N/2 threes."""
     if args.classes is None:
         if args.guidance:
             raise ConfigError("--guidance needs --class (the class or classes to draw)")
-        return None, None
+        return None
     if not config.conditional:
         raise ConfigError("this model is unconditional (trained without classes), so --class cannot be used; "
                           "train one with model.num_classes set (e.g. --preset mnist-cpu-cond)")
     classes = parse_classes(args.classes, config.model.num_classes)
     if num_samples % len(classes):
         raise ConfigError(f"-n {num_samples} must be a multiple of the {len(classes)} classes asked for")
-    per_class = num_samples // len(classes)
-    labels = torch.tensor(classes).repeat_interleave(per_class)
-    return labels, (per_class if len(classes) > 1 else None)
+    return torch.tensor(classes).repeat_interleave(num_samples // len(classes))
 
 
 def _image_size(config) -> int:

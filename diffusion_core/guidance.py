@@ -62,16 +62,20 @@ def guided(model, class_labels: torch.Tensor, guidance: float) -> EpsModel:
     For w = 0 only the conditional pass runs; otherwise both run as one forward pass of batch 2B.
     """
     check_class_labels(model, class_labels, guidance)
-    null_label = num_classes_of(model)
+    # the labels of every step's forward pass, built once: [c] for w = 0, else [c, ∅]
+    labels = class_labels if guidance == 0 else torch.cat([class_labels, torch.full_like(class_labels,
+                                                                                         num_classes_of(model))])
+    on_device: dict[torch.device, torch.Tensor] = {}
 
     def eps(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x_t.shape[0] != len(class_labels):
             raise ValueError(f"{len(class_labels)} class labels for a batch of {x_t.shape[0]} images")
-        labels = class_labels.to(x_t.device)
+        step_labels = on_device.get(x_t.device)
+        if step_labels is None:
+            step_labels = on_device[x_t.device] = labels.to(x_t.device)
         if guidance == 0:
-            return model(x_t, t, class_labels=labels)
-        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                     class_labels=torch.cat([labels, torch.full_like(labels, null_label)]))
+            return model(x_t, t, class_labels=step_labels)
+        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), class_labels=step_labels)
         conditional, unconditional = both.chunk(2)
         return (1 + guidance) * conditional - guidance * unconditional
 

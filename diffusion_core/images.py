@@ -35,3 +35,13 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def grid_by_class(images: torch.Tensor, labels: torch.Tensor | None, max_images: int) -> tuple[torch.Tensor, int | None]:
+    """(images, images per row) for `save_grid`: the first `max_images` in a square grid, or, for
+    samples of several classes, up to `max_images` arranged one row per class (the same number each)."""
+    classes = None if labels is None else labels.unique()
+    if classes is None or len(classes) < 2:
+        return images[:max_images], None
+    per_row = min(max(1, max_images // len(classes)), *(int((labels == c).sum()) for c in classes))
+    return torch.cat([images[labels == c][:per_row] for c in classes]), per_row

@@ -207,11 +207,12 @@ def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
     on the classifier-free-guided ε̂ with weight `guidance` (see diffusion_core.guidance)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    check_class_labels(model, class_labels, guidance)
-    if class_labels is not None:
+    if class_labels is None:
+        check_class_labels(model, None, guidance)  # guidance without labels is an error
+    else:
         if len(class_labels) != shape[0]:
             raise ValueError(f"{len(class_labels)} class labels for {shape[0]} images")
-        model = guided(model, class_labels, guidance)
+        model = guided(model, class_labels, guidance)  # checks the labels against the model
     if sampler == "ddpm":
         return ddpm_sample(model, schedule, shape, **kwargs)
     if sampler == "ddim":

@@ -168,14 +168,14 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
                dynamic_ncols=True)
     denoiser.train()
     for step in range(start_step, cfg.steps):
-        x0 = to_model_space(images_u8[batches.indices(step)[mine].to(device)])
+        index = batches.indices(step).to(device)  # the global batch; this rank takes its slice `mine`
+        x0 = to_model_space(images_u8[index[mine]])
         t = torch.randint(0, schedule.timesteps, (cfg.batch_size,), generator=noise_rng, device=device)[mine]
         noise = torch.randn((cfg.batch_size, *image_shape), generator=noise_rng, device=device)[mine]
         cond = {}
         if config.conditional:  # drawn for the global batch too, so DDP keeps the single-process math
-            batch_labels = drop_labels(labels[batches.indices(step).to(device)], cfg.label_dropout,
-                                       config.model.num_classes, noise_rng)
-            cond["class_labels"] = batch_labels[mine]
+            cond["class_labels"] = drop_labels(labels[index], cfg.label_dropout, config.model.num_classes,
+                                               noise_rng)[mine]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):

@@ -28,7 +28,7 @@ from diffusion_core.config import Config
 from diffusion_core.data import get_spec
 from diffusion_core.distributed import DistContext, resolve_device
 from diffusion_core.evaluation.evaluator import sampler_tag
-from diffusion_core.images import save_grid
+from diffusion_core.images import grid_by_class, save_grid
 from diffusion_core.guidance import balanced_labels
 from diffusion_core.samplers import generate_batches
 
@@ -74,8 +74,10 @@ def sampler_settings(config: Config) -> list[SamplerSetting]:
     for steps in config.sample.nfe_sweep:
         settings += [dataclasses.replace(primary, steps=steps),
                      SamplerSetting("dpm++2m", steps, 0.0, "log_snr", primary.guidance)]
-    unique = {s.tag: s for s in reversed(settings)}  # one setting per tag: the first one listed wins
-    return [unique[tag] for tag in dict.fromkeys(s.tag for s in settings)]
+    by_tag: dict[str, SamplerSetting] = {}
+    for setting in settings:  # one setting per tag: the first one listed wins
+        by_tag.setdefault(setting.tag, setting)
+    return list(by_tag.values())
 
 
 @flow(name="sample")
@@ -102,21 +104,9 @@ def sample_images(run_id: str, model_uri: str) -> None:
             tensors = {"images": images} if labels is None else {"images": images, "labels": labels}
             save_file(tensors, str(Path(tmp) / f"{setting.tag}.safetensors"),
                       metadata={"model": model_uri, "protocol": setting.protocol, "seed": str(s.seed)})
-            grid_images, per_row = _grid(images, labels)
+            grid_images, per_row = grid_by_class(images, labels, GRID_MAX)
             save_grid(grid_images, Path(tmp) / f"{setting.tag}.png", nrow=per_row)
             logger.info("%s: %d images at %.1f images/s", setting.protocol, len(images),
                         speeds[f"sampling_images_per_s_{setting.tag}"])
         upload_artifacts(client, run_id, tmp, SAMPLES_ARTIFACT)
     log_metrics(client, run_id, speeds)
-
-
-def _grid(images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int | None]:
-    """(images, images per row) for the PNG: the first GRID_MAX, or for class-conditional samples up to
-    GRID_MAX sorted by class, one row per class."""
-    if labels is None:
-        return images[:GRID_MAX], None
-    classes = labels.unique()
-    per_class = max(1, GRID_MAX // len(classes))
-    rows = [images[labels == c][:per_class] for c in classes]
-    per_row = min(len(r) for r in rows)
-    return torch.cat([r[:per_row] for r in rows]), per_row

@@ -75,26 +75,26 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
     client.log_batch(run_id, metrics=[Metric(key, float(value), now_ms, step) for key, value in metrics.items()])
 
 
-UPLOAD_ATTEMPTS = 4  # tries per artifact transfer, 0.5 s, 1 s, 2 s apart (on top of the S3 client's own retries)
+TRANSFER_ATTEMPTS = 4  # tries per artifact transfer, 0.5 s, 1 s, 2 s apart (on top of the S3 client's own retries)
 
 
 def upload_artifacts(client: MlflowClient, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
     """Log a file or a folder's files as run artifacts, with bounded retries and backoff; then a clear error.
 
-    A failed upload raises before anything downstream (registration, champion) can point at it.
+    A failed upload raises, so the flow fails before anything downstream (registration, champion)
+    can point at it.
     """
     local_path = Path(local_path)
-    log = client.log_artifacts if local_path.is_dir() else client.log_artifact
-
-    def upload() -> None:
-        log(run_id, str(local_path), artifact_path)
-
-    where = f"{artifact_path}/{local_path.name}" if artifact_path and not local_path.is_dir() else artifact_path or local_path.name
+    if local_path.is_dir():
+        log, what = client.log_artifacts, artifact_path or "the run's artifacts"
+    else:
+        log, what = client.log_artifact, "/".join(filter(None, (artifact_path, local_path.name)))
     try:
-        with_retries(upload, f"upload of {where} to the artifact store of run {run_id}", attempts=UPLOAD_ATTEMPTS)
+        with_retries(lambda: log(run_id, str(local_path), artifact_path),
+                     f"upload of {what} to the artifact store of run {run_id}", attempts=TRANSFER_ATTEMPTS)
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}. Check that the artifact store is reachable (S3 endpoint, MLflow server) "
-                           "and re-run; nothing was registered from this run.") from exc
+                           "and re-run.") from exc
 
 
 def run_config(client: MlflowClient, run_id: str) -> Config:
@@ -102,7 +102,7 @@ def run_config(client: MlflowClient, run_id: str) -> Config:
     with tempfile.TemporaryDirectory() as tmp:
         path = with_retries(lambda: client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp),
                             f"download of {CONFIG_ARTIFACT} from the artifact store of run {run_id}",
-                            attempts=UPLOAD_ATTEMPTS)
+                            attempts=TRANSFER_ATTEMPTS)
         return config_from_dict(json.loads(Path(path).read_text()))
 
 

@@ -254,9 +254,9 @@ def test_plots_read_the_metric_keys(tmp_path):
                "fid_lenet_train": 7.0, "fid_inception_ddim10": 5.0}
     assert fid_by_nfe(metrics, "lenet") == {"ddim": [(10, 90.0), (50, 60.0)], "ddpm": [(1000, 55.0)],
                                             "dpmpp2m": [(10, 70.0)]}
-    assert fid_by_nfe(metrics, "lenet", "_w3") == {"ddim": [(10, 1.0)]}
+    assert fid_by_nfe(metrics, "lenet", 3.0) == {"ddim": [(10, 1.0)]}
     assert plot_fid_vs_nfe(metrics, "lenet", tmp_path / "nfe.png").stat().st_size > 1000
-    assert plot_fid_vs_nfe(metrics, "lenet", tmp_path / "none.png", "_w3") is None  # one point is no curve
+    assert plot_fid_vs_nfe(metrics, "lenet", tmp_path / "none.png", 3.0) is None  # one point is no curve
 
     guided = {"fid_lenet_ddim50_w0": 60.0, "fid_lenet_ddim50_w3": 80.0, "class_consistency_lenet_ddim50_w3": 0.9,
               "class_consistency_lenet_ddim50_w0": 0.7, "fid_lenet_ddim50_w3_class1": 3.0}

@@ -37,8 +37,12 @@ TABLE_COLUMNS = ("fid", "kid", "precision", "recall", "confident_fraction", "cla
 def sampler_tag(sampler: str, steps: int, guidance: float | None = None) -> str:
     """'ddim', 50 → 'ddim50'; 'dpm++2m', 20 → 'dpmpp2m20' (metric names may not hold '+');
     a class-conditional protocol adds the guidance weight: 'ddim50_w3'."""
-    tag = f"{sampler.replace('+', 'p')}{steps}"
-    return tag if guidance is None else f"{tag}_w{guidance:g}"
+    return f"{sampler.replace('+', 'p')}{steps}{guidance_suffix(guidance)}"
+
+
+def guidance_suffix(guidance: float | None) -> str:
+    """The tag suffix of a guidance weight: '' for an unconditional protocol, '_w3' for w = 3."""
+    return "" if guidance is None else f"_w{guidance:g}"
 
 
 PER_CLASS_MIN_IMAGES = 20  # per-class FID only when every requested class has at least this many samples
@@ -67,41 +71,33 @@ def _context(setup: _Setup, num_samples: int) -> dict[str, Any]:
             "extractor_id": setup.extractor.extractor_id, "num_samples": num_samples}
 
 
-def _score(images: torch.Tensor, setup: _Setup, tag: str, *, batch_size: int, seed: int, device: torch.device,
-           progress: bool) -> dict[str, float]:
-    values = compute_metrics(images, setup.reference, setup.extractor, batch_size=batch_size, seed=seed,
-                             cuda=device.type == "cuda", progress=progress)
-    classifier = setup.extractor.classifier()
-    if classifier is not None:
-        values.update(class_statistics(predict_probs(classifier, images, device=device)))
-    return {f"{metric}_{setup.extractor.short_name}_{tag}": value for metric, value in values.items()}
-
-
-def _score_classes(images: torch.Tensor, labels: torch.Tensor, setup: _Setup, tag: str, *, batch_size: int,
-                   seed: int, device: torch.device, progress: bool) -> dict[str, float]:
-    """Metrics of class-conditional samples drawn for `labels`:
+def _score(images: torch.Tensor, setup: _Setup, tag: str, labels: torch.Tensor | None = None, *, batch_size: int,
+           seed: int, device: torch.device, progress: bool) -> dict[str, float]:
+    """FID, KID, precision/recall against the reference; with a classifier, the class statistics; and
+    for class-conditional samples drawn for `labels`:
 
     class_consistency: share of samples the domain classifier assigns to the requested class;
     fid per class (`fid_<extractor>_<tag>_class<c>`, each against the real images of class c) and
     their mean (`..._classmean`), when every class has at least PER_CLASS_MIN_IMAGES samples.
     """
-    short = setup.extractor.short_name
-    out: dict[str, float] = {}
+    fidelity = dict(batch_size=batch_size, seed=seed, cuda=device.type == "cuda", progress=progress)
+    values = compute_metrics(images, setup.reference, setup.extractor, **fidelity)
     classifier = setup.extractor.classifier()
     if classifier is not None:
-        predicted = predict_probs(classifier, images, device=device).argmax(1)
-        out[f"class_consistency_{short}_{tag}"] = (predicted == labels).float().mean().item()
-    classes = labels.unique().tolist()
-    if min(int((labels == c).sum()) for c in classes) < PER_CLASS_MIN_IMAGES:
-        return out
-    fids = []
-    for c in classes:
-        reference = reference_set(setup.prepared, setup.split, setup.extractor, setup.data_dir, label=c)
-        fid = compute_metrics(images[labels == c], reference, setup.extractor, batch_size=batch_size, seed=seed,
-                              cuda=device.type == "cuda", progress=progress)["fid"]
-        out[f"fid_{short}_{tag}_class{c}"] = fid
-        fids.append(fid)
-    out[f"fid_{short}_{tag}_classmean"] = sum(fids) / len(fids)
+        probs = predict_probs(classifier, images, device=device)
+        values.update(class_statistics(probs))
+        if labels is not None:
+            values["class_consistency"] = (probs.argmax(1) == labels).float().mean().item()
+    short = setup.extractor.short_name
+    out = {f"{metric}_{short}_{tag}": value for metric, value in values.items()}
+    if labels is not None:
+        classes = labels.unique().tolist()
+        if min(int((labels == c).sum()) for c in classes) >= PER_CLASS_MIN_IMAGES:
+            for c in classes:
+                reference = reference_set(setup.prepared, setup.split, setup.extractor, setup.data_dir, label=c)
+                out[f"fid_{short}_{tag}_class{c}"] = compute_metrics(images[labels == c], reference,
+                                                                     setup.extractor, **fidelity)["fid"]
+            out[f"fid_{short}_{tag}_classmean"] = sum(out[f"fid_{short}_{tag}_class{c}"] for c in classes) / len(classes)
     return out
 
 
@@ -134,7 +130,7 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
     Class-conditional: a conditional model is sampled with balanced class labels (0, 1, …, K−1, 0, …)
     and guidance weight `guidance` (default: its config's sample.guidance), and the tag gets `_w<w>`;
     for a tensor, `labels` [N] names the class each image was drawn for. Either way the result also
-    holds class_consistency and per-class FIDs (see _score_classes).
+    holds class_consistency and per-class FIDs (see _score).
     """
     device = resolve_device(str(device), DistContext())
     if isinstance(source, LoadedModel):
@@ -175,10 +171,8 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
             result["guidance"] = guidance
     else:
         images = source
-    scoring = dict(batch_size=batch_size, seed=seed, device=device, progress=progress)
-    result.update(_score(images, setup, tag, **scoring))
-    if labels is not None:
-        result.update(_score_classes(images, labels.cpu(), setup, tag, **scoring))
+    result.update(_score(images, setup, tag, None if labels is None else labels.cpu(), batch_size=batch_size,
+                         seed=seed, device=device, progress=progress))
     if out is not None:
         save_metrics(out, result)
     return result

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_bytes
+from .evaluator import guidance_suffix
 
 _GUIDED_TAG = re.compile(r"^fid_(?P<extractor>[a-z0-9]+)_(?P<sampler>[a-z0-9]+)_w(?P<w>[0-9.e+-]+)$")
 _SAMPLER_TAG = re.compile(r"^fid_(?P<extractor>[a-z0-9]+)_(?P<sampler>ddpm|ddim|dpmpp2m)(?P<steps>[0-9]+)(?P<suffix>_w[0-9.e+-]+)?$")
@@ -31,9 +32,10 @@ def guidance_sweep(metrics: dict[str, Any], extractor: str, sampler_tag: str) ->
     return sorted(rows, key=lambda row: row[0])
 
 
-def fid_by_nfe(metrics: dict[str, Any], extractor: str, suffix: str = "") -> dict[str, list[tuple[int, float]]]:
-    """{sampler: [(network evaluations, FID), …] sorted}, from keys `fid_<extractor>_<sampler><steps><suffix>`
-    (suffix: '' for unconditional samples, '_w3' for guidance weight 3)."""
+def fid_by_nfe(metrics: dict[str, Any], extractor: str, guidance: float | None = None) -> dict[str, list[tuple[int, float]]]:
+    """{sampler: [(network evaluations, FID), …] sorted}, from keys `fid_<extractor>_<sampler><steps>`
+    (with `guidance`, only the samples drawn at that guidance weight: `…_w3`)."""
+    suffix = guidance_suffix(guidance)
     curves: dict[str, list[tuple[int, float]]] = {}
     for key, value in metrics.items():
         match = _SAMPLER_TAG.match(key)
@@ -42,17 +44,18 @@ def fid_by_nfe(metrics: dict[str, Any], extractor: str, suffix: str = "") -> dic
     return {sampler: sorted(points) for sampler, points in sorted(curves.items())}
 
 
-def plot_fid_vs_nfe(metrics: dict[str, Any], extractor: str, png: str | Path, suffix: str = "") -> Path | None:
+def plot_fid_vs_nfe(metrics: dict[str, Any], extractor: str, png: str | Path,
+                    guidance: float | None = None) -> Path | None:
     """FID against the number of network evaluations per image, one line per sampler (log x axis):
     quality per unit of sampling cost. None unless some sampler was scored at two or more step counts."""
-    curves = fid_by_nfe(metrics, extractor, suffix)
+    curves = fid_by_nfe(metrics, extractor, guidance)
     if not any(len(points) > 1 for points in curves.values()):
         return None
     fig, ax = _figure(1)
     for sampler, points in curves.items():
         ax.plot([n for n, _ in points], [f for _, f in points], "o-", label=SAMPLER_LABELS.get(sampler, sampler))
     ax.set(xscale="log", yscale="log", xlabel="network evaluations per image", ylabel=f"FID ({extractor} features)",
-           title=f"FID against sampling cost{f' (guidance {suffix[2:]})' if suffix else ''}")
+           title=f"FID against sampling cost{'' if guidance is None else f' (guidance {guidance:g})'}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return _save(fig, png)
