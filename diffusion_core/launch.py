@@ -19,9 +19,8 @@ import torch
 from .atomic import atomic_write_text
 from .config import Config
 
-# Environment for every rank. glibc's default malloc returns freed blocks to the OS after each large
-# free, which showed up as system time in the training loop; these thresholds keep them (see README).
-RANK_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "PYTHONUNBUFFERED": "1"}
+# Environment for every rank (allocator and thread tuning happen in-process: diffusion_core.runtime).
+RANK_ENV = {"PYTHONUNBUFFERED": "1"}
 
 
 def resolve_nproc(nproc_per_node: int | str) -> int:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .denoiser import eps_from_x0, predict_x0
 from .guidance import check_class_labels, guided
+from .runtime import tune_cpu_runtime
 from .schedule import NoiseSchedule
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -234,6 +235,7 @@ def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tupl
     if class_labels is not None and len(class_labels) != num_samples:
         raise ValueError(f"{len(class_labels)} class labels for {num_samples} samples")
     check_class_labels(model, class_labels, sampler_kwargs.get("guidance", 0.0))
+    tune_cpu_runtime()
     made = 0
     bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
     for k in range((num_samples + batch_size - 1) // batch_size):
