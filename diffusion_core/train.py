@@ -33,6 +33,7 @@ from .ema import EMA
 from .forward import save_forward_process_grid
 from .guidance import drop_labels
 from .images import to_model_space
+from .runtime import tune_cpu_runtime
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
@@ -102,8 +103,7 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = True, progress:
     if cfg.batch_size % ctx.world_size:
         raise ConfigError(f"train.batch_size={cfg.batch_size} must be divisible by the {ctx.world_size} processes")
     device = resolve_device(cfg.device, ctx)
-    # Subnormal floats (e.g. Adam's squared tiny gradients) take a slow path on x86 CPUs; flush them.
-    torch.set_flush_denormal(True)
+    tune_cpu_runtime()
     init_process_group(ctx, device)
     try:
         return _train(config, Path(run_dir), ctx, device, resume, progress, on_metrics)
@@ -130,7 +130,7 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
     schedule = denoiser.schedule
     ema = EMA(denoiser.net, cfg.ema_decay)
     optimizer = torch.optim.AdamW(denoiser.net.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                  weight_decay=cfg.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
+                                  weight_decay=cfg.weight_decay, fused=True)  # one kernel for all parameters
     noise_rng = torch.Generator(device).manual_seed(cfg.seed + 1)
     torch.manual_seed(cfg.seed + 2 + ctx.rank)  # dropout: independent per rank
 
@@ -143,6 +143,7 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         ema.model.load_state_dict(state.ema)
         ema.num_updates = state.ema_updates
         optimizer.load_state_dict(state.optimizer)
+        _match_parameter_layouts(optimizer)
         noise_rng.set_state(state.rng["noise"])
         if f"torch_rank{ctx.rank}" in state.rng:
             torch.set_rng_state(state.rng[f"torch_rank{ctx.rank}"])
@@ -227,6 +228,17 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     ctx.barrier()
     return TrainResult(run_dir, max(start_step, cfg.steps), result_loss, result_ips, dataset.sha256)
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments) its parameter's strides. A checkpoint
+    stores them contiguous; the fused AdamW kernel walks parameter and state memory in the same
+    order, so a channels_last weight with a contiguous moment would be updated with the wrong
+    moment entries, silently."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 class TrainingObjective(torch.nn.Module):

@@ -1,0 +1,87 @@
+"""Sample quality against sampling cost: FID per number of network evaluations (NFE) for DDIM and
+DPM-Solver++(2M), and optionally DDPM (all T steps), on one trained model with one seed and N.
+
+    python benchmarks/fid_vs_nfe.py --model runs/mnist-cpu -n 500 --nfe 10 20 50 100 [--ddpm] \
+        [--merge earlier.json ...] [--out-json fid_vs_nfe.json] [--plot docs/fid_vs_nfe.png]
+
+DDIM runs with η = 0 and the model's timestep spacing, DPM-Solver++(2M) with log-SNR spacing (as
+the pipeline's `sample.nfe_sweep`). `--merge` adds results of earlier `diffusion evaluate --out` runs
+of the same model, N and seed (e.g. the ~1,000× costlier DDPM run, made separately), after checking
+that they match. Prints a Markdown table; the plot is the evaluate flow's `fid_vs_nfe.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from diffusion_core.checkpoint import load_model
+from diffusion_core.evaluation.evaluator import evaluate, sampler_tag, save_metrics
+from diffusion_core.evaluation.plots import SAMPLER_LABELS, fid_by_nfe, plot_fid_vs_nfe
+
+MATCHING = ("num_samples", "seed", "extractor_id", "dataset_sha256", "reference_split")  # must agree to merge
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="exported model folder, run folder or training checkpoint")
+    parser.add_argument("-n", "--num-samples", type=int, default=500)
+    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100], help="network evaluations per image")
+    parser.add_argument("--ddpm", action="store_true", help="also DDPM with all T steps (T evaluations per image)")
+    parser.add_argument("--merge", nargs="*", default=[], help="metrics JSON files from `diffusion evaluate --out`")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out-json", help="all metrics, merged, as JSON")
+    parser.add_argument("--plot", help="PNG of FID against NFE")
+    args = parser.parse_args()
+
+    earlier = [json.loads(Path(path).read_text()) for path in args.merge]  # read before hours of sampling
+    loaded = load_model(args.model, args.device)
+    spacing = loaded.config.sample.spacing
+    runs = [("ddim", steps, spacing) for steps in args.nfe] + [("dpm++2m", steps, "log_snr") for steps in args.nfe]
+    if args.ddpm:
+        runs.append(("ddpm", loaded.denoiser.schedule.timesteps, "linear"))
+
+    metrics: dict = {}
+    seconds_per_image: dict[str, float] = {}
+    for sampler, steps, spacing in runs:
+        result = evaluate(loaded, sampler=sampler, steps=steps, spacing=spacing, num_samples=args.num_samples,
+                          seed=args.seed, device=args.device)
+        seconds_per_image[sampler_tag(sampler, steps)] = 1 / result.pop("sampling_images_per_s")
+        _merge(metrics, result, "this run")
+        print(f"{sampler}-{steps}: FID {result[f'fid_lenet_{sampler_tag(sampler, steps)}']:.2f}", flush=True)
+    for path, result in zip(args.merge, earlier):
+        result.pop("sampling_images_per_s", None)
+        _merge(metrics, result, path)
+
+    print(f"\n{metrics['extractor_id']}, N = {metrics['num_samples']}, seed {metrics['seed']}, "
+          f"vs the {metrics['reference_split']} split\n")
+    print("| sampler | network evaluations | FID ↓ | KID ↓ | precision | recall | seconds per image |")
+    print("|---|---|---|---|---|---|---|")
+    for sampler, points in fid_by_nfe(metrics, "lenet").items():
+        for steps, fid in points:
+            tag = sampler_tag(sampler, steps)
+            per_image = seconds_per_image.get(tag)
+            print(f"| {SAMPLER_LABELS.get(sampler, sampler)} | {steps} | {fid:.1f} | {metrics[f'kid_lenet_{tag}']:.1f} "
+                  f"| {metrics[f'precision_lenet_{tag}']:.3f} | {metrics[f'recall_lenet_{tag}']:.3f} "
+                  f"| {'' if per_image is None else f'{per_image:.3f}'} |")
+    if args.out_json:
+        save_metrics(args.out_json, metrics)
+    if args.plot and plot_fid_vs_nfe(metrics, "lenet", args.plot):
+        print(f"plot: {args.plot}")
+
+
+def _merge(metrics: dict, result: dict, source: str) -> None:
+    """Add `result` to `metrics`, refusing results made under a different protocol."""
+    for key in MATCHING:
+        if key in metrics and key in result and metrics[key] != result[key]:
+            raise SystemExit(f"{source}: {key} = {result[key]!r} but the other results have {metrics[key]!r}; "
+                             "merge only runs of the same model, N, seed and reference split")
+    for key in ("sampler", "steps", "eta"):  # per-run fields: the tags in the metric names carry them
+        result.pop(key, None)
+    metrics.update(result)
+
+
+if __name__ == "__main__":
+    main()
