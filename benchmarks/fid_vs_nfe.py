@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from diffusion_core.checkpoint import load_model
+from diffusion_core.distributed import DistContext, resolve_device
 from diffusion_core.evaluation.evaluator import evaluate, sampler_tag, save_metrics
 from diffusion_core.evaluation.plots import SAMPLER_LABELS, fid_by_nfe, plot_fid_vs_nfe
 
@@ -37,7 +38,8 @@ def main() -> None:
     args = parser.parse_args()
 
     earlier = [json.loads(Path(path).read_text()) for path in args.merge]  # read before hours of sampling
-    loaded = load_model(args.model, args.device)
+    device = resolve_device(args.device, DistContext())
+    loaded = load_model(args.model, device)
     spacing = loaded.config.sample.spacing
     runs = [("ddim", steps, spacing) for steps in args.nfe] + [("dpm++2m", steps, "log_snr") for steps in args.nfe]
     if args.ddpm:
@@ -47,7 +49,7 @@ def main() -> None:
     seconds_per_image: dict[str, float] = {}
     for sampler, steps, spacing in runs:
         result = evaluate(loaded, sampler=sampler, steps=steps, spacing=spacing, num_samples=args.num_samples,
-                          seed=args.seed, device=args.device)
+                          seed=args.seed, device=device)
         seconds_per_image[sampler_tag(sampler, steps)] = 1 / result.pop("sampling_images_per_s")
         _merge(metrics, result, "this run")
         print(f"{sampler}-{steps}: FID {result[f'fid_lenet_{sampler_tag(sampler, steps)}']:.2f}", flush=True)

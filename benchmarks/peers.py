@@ -20,7 +20,7 @@ from diffusion_core import load_config
 from diffusion_core.checkpoint import build_denoiser
 from diffusion_core.data import get_spec
 from diffusion_core.forward import q_sample
-from diffusion_core.runtime import MEMORY_FORMAT, tune_cpu_runtime
+from diffusion_core.runtime import tune_cpu_runtime
 from diffusion_core.unet import count_parameters
 from throughput import sampling_evals_per_s, seconds_per_call
 
@@ -52,7 +52,7 @@ class PeerEps(torch.nn.Module):
 
 
 def measure(name: str, eps_model: torch.nn.Module, schedule, shape, steps: int, device) -> dict[str, float]:
-    eps_model.to(device, memory_format=MEMORY_FORMAT).train()  # the project's layout, for both networks
+    eps_model.to(device).train()
     optimizer = torch.optim.AdamW(eps_model.parameters(), lr=1e-4, fused=True)  # as in training
     x0 = torch.rand(shape, device=device) * 2 - 1
 

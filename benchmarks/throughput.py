@@ -1,6 +1,6 @@
 """Training and sampling throughput of a preset's model on this machine, against its matmul peak.
 
-    python benchmarks/throughput.py --preset mnist-cpu [--batch-size 64] [--bf16] [--contiguous] [--compile]
+    python benchmarks/throughput.py --preset mnist-cpu [--batch-size 64] [--bf16] [--channels-last] [--compile]
         [--default-allocator] [--device cpu]
 
 Prints: parameters; training images/s and achieved GFLOP/s (FLOPs counted by
@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion_core import load_config
 from diffusion_core.checkpoint import build_denoiser
 from diffusion_core.data import get_spec
-from diffusion_core.runtime import MEMORY_FORMAT, tune_allocator
+from diffusion_core.runtime import tune_allocator
 from diffusion_core.samplers import ddim_sample
 from diffusion_core.unet import count_parameters
 
@@ -100,8 +100,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (after 3 warm-up)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    parser.add_argument("--contiguous", action="store_true",
-                        help="NCHW weights instead of the project's channels_last (NHWC), to compare")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC weights (activations follow them)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training loss (compile time reported)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc malloc's thresholds alone (what the project's entry points change)")
@@ -117,8 +116,7 @@ def main() -> None:
     shape = (batch, spec.channels, spec.image_size, spec.image_size)
     denoiser = build_denoiser(config).to(device)
     net = denoiser.net
-    memory_format = torch.contiguous_format if args.contiguous else MEMORY_FORMAT
-    net.to(memory_format=memory_format)
+    net.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)  # as in training
     x0 = torch.rand(shape, device=device) * 2 - 1  # NCHW, as training feeds it; activations follow the weights
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -155,7 +153,7 @@ def main() -> None:
     evals_per_s = sampling_evals_per_s(denoiser, denoiser.schedule, (sample_batch, *shape[1:]), device, amp)
 
     print(f"device: {device} ({torch.get_num_threads()} threads), preset {args.preset}, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}{', NCHW' if args.contiguous else ', channels_last'}"
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}{', channels_last' if args.channels_last else ''}"
           f"{', torch.compile' if args.compile else ''}, {allocator}, torch {torch.__version__}")
     print(f"parameters:                   {count_parameters(net):,}")
     print(f"training batch:               {batch} images {tuple(shape[1:])}")

@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path
 from .config import Config, config_from_dict
 from .denoiser import Denoiser
-from .runtime import MEMORY_FORMAT
 from .schedule import NoiseSchedule
 from .unet import UNet
 
@@ -150,9 +149,8 @@ class LoadedModel:
 
 
 def build_denoiser(config: Config) -> Denoiser:
-    """The config's denoiser, freshly initialised, with its weights in the fast layout (MEMORY_FORMAT)."""
     schedule = NoiseSchedule(config.diffusion.timesteps, config.diffusion.schedule)
-    return Denoiser(UNet(config.model).to(memory_format=MEMORY_FORMAT), schedule, config.diffusion.prediction)
+    return Denoiser(UNet(config.model), schedule, config.diffusion.prediction)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:

@@ -1,5 +1,5 @@
-"""Process-wide settings that make CPU training and sampling faster, applied by every entry point
-that runs the network (training, the CLI, the sample and evaluate flows) and by the benchmarks.
+"""Process-wide settings that make CPU training and sampling faster, applied where the network runs
+(training, and `generate_batches`, which every sampling path goes through) and by the benchmarks.
 
 Measured on a 2-core CPU (README, "Throughput"): with glibc's default malloc, every activation
 larger than its mmap threshold is mapped fresh and unmapped when freed, so each training step pays
@@ -19,11 +19,6 @@ import torch
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 KEEP_FREED_BYTES = 1 << 30  # up to 1 GiB of freed memory stays in the process instead of going back to the OS
-
-# Layout of the U-Net's convolution weights (activations follow them): NHWC. On the 2-core CPU the
-# convolutions run up to 3× faster for the 16-channel layers; see README "Throughput" for the whole
-# step. NHWC is also the layout GPU tensor cores want for bf16 convolutions.
-MEMORY_FORMAT = torch.channels_last
 
 _tuned_allocator: bool | None = None
 

@@ -143,7 +143,6 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         ema.model.load_state_dict(state.ema)
         ema.num_updates = state.ema_updates
         optimizer.load_state_dict(state.optimizer)
-        _match_parameter_layouts(optimizer)
         noise_rng.set_state(state.rng["noise"])
         if f"torch_rank{ctx.rank}" in state.rng:
             torch.set_rng_state(state.rng[f"torch_rank{ctx.rank}"])
@@ -228,17 +227,6 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     ctx.barrier()
     return TrainResult(run_dir, max(start_step, cfg.steps), result_loss, result_ips, dataset.sha256)
-
-
-def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Give each per-parameter state tensor (Adam's moments) its parameter's strides. A checkpoint
-    stores them contiguous; the fused AdamW kernel walks parameter and state memory in the same
-    order, so a channels_last weight with a contiguous moment would be updated with the wrong
-    moment entries, silently."""
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 class TrainingObjective(torch.nn.Module):
