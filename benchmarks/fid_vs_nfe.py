@@ -1,11 +1,13 @@
-"""Sample quality against sampling cost: FID per number of network evaluations (NFE) for DDIM and
-DPM-Solver++(2M), and optionally DDPM (all T steps), on one trained model with one seed and N.
+"""Sample quality against sampling cost: FID per number of network evaluations (NFE) for DDIM,
+DPM-Solver++(2M) and its SDE form, and optionally DDPM (all T steps), on one trained model with one
+seed and N.
 
     python benchmarks/fid_vs_nfe.py --model runs/mnist-cpu -n 500 --nfe 10 20 50 100 [--ddpm] \
-        [--merge earlier.json ...] [--out-json fid_vs_nfe.json] [--plot docs/fid_vs_nfe.png]
+        [--samplers ddim dpm++2m dpm++2m-sde] [--merge earlier.json ...] [--out-json fid_vs_nfe.json] \
+        [--plot docs/fid_vs_nfe.png]
 
-DDIM runs with η = 0 and the model's timestep spacing, DPM-Solver++(2M) with log-SNR spacing (as
-the pipeline's `sample.nfe_sweep`). `--merge` adds results of earlier `diffusion evaluate --out` runs
+DDIM runs with η = 0 and the model's timestep spacing, the DPM-Solver++ samplers with log-SNR
+spacing (as the pipeline's `sample.nfe_sweep`). `--merge` adds results of earlier `diffusion evaluate --out` runs
 of the same model, N and seed (e.g. the ~1,000× costlier DDPM run, made separately), after checking
 that they match. Prints a Markdown table; the plot is the evaluate flow's `fid_vs_nfe.png`.
 """
@@ -29,6 +31,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="exported model folder, run folder or training checkpoint")
     parser.add_argument("-n", "--num-samples", type=int, default=500)
     parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100], help="network evaluations per image")
+    parser.add_argument("--samplers", nargs="+", default=["ddim", "dpm++2m", "dpm++2m-sde"],
+                        choices=["ddim", "dpm++2m", "dpm++2m-sde"])
     parser.add_argument("--ddpm", action="store_true", help="also DDPM with all T steps (T evaluations per image)")
     parser.add_argument("--merge", nargs="*", default=[], help="metrics JSON files from `diffusion evaluate --out`")
     parser.add_argument("--seed", type=int, default=0)
@@ -41,7 +45,7 @@ def main() -> None:
     device = resolve_device(args.device, DistContext())
     loaded = load_model(args.model, device)
     spacing = loaded.config.sample.spacing
-    runs = [("ddim", steps, spacing) for steps in args.nfe] + [("dpm++2m", steps, "log_snr") for steps in args.nfe]
+    runs = [(sampler, steps, spacing if sampler == "ddim" else "log_snr") for sampler in args.samplers for steps in args.nfe]
     if args.ddpm:
         runs.append(("ddpm", loaded.denoiser.schedule.timesteps, "linear"))
 

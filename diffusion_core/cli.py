@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images from a trained model")
     p.add_argument("--model", required=True, help="exported model folder, run folder or training checkpoint")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the model's config")
-    p.add_argument("--steps", type=int, help="network evaluations for ddim / dpm++2m (default: the model's config)")
+    p.add_argument("--steps", type=int, help="network evaluations for ddim / dpm++2m(-sde) (default: the model's config)")
     p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: the model's config)")
     p.add_argument("--eta", type=float, help="DDIM η in [0, 1]")
     p.add_argument("--class", dest="classes", metavar="C",

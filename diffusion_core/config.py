@@ -108,17 +108,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "ddim"        # "ddpm" (all T steps), "ddim" or "dpm++2m" (DPM-Solver++ 2M)
-    steps: int = 50              # network evaluations for ddim / dpm++2m (ddpm always uses T)
+    sampler: str = "ddim"        # "ddpm" (all T steps), "ddim", "dpm++2m" (DPM-Solver++ 2M) or "dpm++2m-sde" (its SDE form)
+    steps: int = 50              # network evaluations for ddim / dpm++2m(-sde) (ddpm always uses T)
     eta: float = 0.0             # DDIM stochasticity: 0 deterministic … 1 DDPM-like
-    spacing: str = "linear"      # timestep spacing: "linear" in t or "log_snr" (use log_snr with dpm++2m)
+    spacing: str = "linear"      # timestep spacing: "linear" in t or "log_snr" (use log_snr with dpm++2m and dpm++2m-sde)
     num_samples: int = 64        # images to generate
     batch_size: int = 256        # images per network call
     clip_x0: bool = True         # clip x̂0 to [-1, 1] at every step
     seed: int = 0                # sampling seed (initial noise and any per-step noise)
     guidance: float = 0.0        # class-conditional models: guidance weight w, ε̂ = (1+w)·ε̂(x,c) − w·ε̂(x,∅)
     guidance_sweep: tuple[float, ...] = (0.0, 1.0, 3.0, 5.0)  # weights the pipeline also evaluates (conditional)
-    nfe_sweep: tuple[int, ...] = ()  # network evaluations at which the pipeline also scores DDIM and DPM-Solver++
+    nfe_sweep: tuple[int, ...] = ()  # network evaluations at which the pipeline also scores DDIM and DPM-Solver++ (ODE, SDE)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guidance_sweep", tuple(self.guidance_sweep))

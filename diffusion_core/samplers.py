@@ -20,7 +20,7 @@ from .schedule import NoiseSchedule
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Spacing = Literal["linear", "log_snr"]
 SPACINGS = ("linear", "log_snr")
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
 
 
 def _initial_noise(shape, generator, device, dtype) -> torch.Tensor:
@@ -154,6 +154,7 @@ def dpm_solver_sample(
     *,
     steps: int = 20,
     spacing: Spacing = "log_snr",
+    stochastic: bool = False,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -167,6 +168,9 @@ def dpm_solver_sample(
     With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ) and h = λ_next − λ:
         x_next = (σ_next/σ)·x − α_next·(e^{−h} − 1)·D,
         D = x̂0 on the first step, else (1 + 1/(2r))·x̂0 − 1/(2r)·x̂0_prev with r = h_prev/h.
+    `stochastic`: SDE-DPM-Solver++(2M) (same paper, §5 / App. B), which solves the reverse SDE
+    instead, injecting fresh noise z each step like DDPM does:
+        x_next = (σ_next/σ)·e^{−h}·x + α_next·(1 − e^{−2h})·D + σ_next·√(1 − e^{−2h})·z.
     The final step goes to ᾱ = 1 (σ = 0), where the update is exactly x = x̂0; the step before it is
     first order when there are fewer than 15 steps (Lu et al.'s "lower order final").
     Log-SNR spacing (the default) is what makes 10–20 steps accurate.
@@ -195,7 +199,12 @@ def dpm_solver_sample(
             r = h_prev / h
             d = (1 + 1 / (2 * r)).to(x.dtype) * x0 - (1 / (2 * r)).to(x.dtype) * x0_prev
         ratio = ((1 - ab_next) / (1 - ab)).sqrt()
-        x = ratio.to(x.dtype) * x - (ab_next.sqrt() * torch.expm1(-h)).to(x.dtype) * d
+        if stochastic:
+            kept = -torch.expm1(-2 * h)  # 1 − e^{−2h}
+            x = (ratio * torch.exp(-h)).to(x.dtype) * x + (ab_next.sqrt() * kept).to(x.dtype) * d
+            x = x + ((1 - ab_next) * kept).sqrt().to(x.dtype) * _noise_like(x, generator)
+        else:
+            x = ratio.to(x.dtype) * x - (ab_next.sqrt() * torch.expm1(-h)).to(x.dtype) * d
         x0_prev, h_prev = x0, h
     return x.clamp(-1.0, 1.0) if clip_x0 else x
 
@@ -203,8 +212,8 @@ def dpm_solver_sample(
 def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, sampler: str = "ddim",
            steps: int = 50, eta: float = 0.0, spacing: Spacing = "linear",
            class_labels: torch.Tensor | None = None, guidance: float = 0.0, **kwargs) -> torch.Tensor:
-    """Dispatch by sampler name: "ddpm" (all T steps; `steps`, `eta`, `spacing` unused), "ddim", or
-    "dpm++2m" (`eta` unused). With `class_labels` [B] (a class-conditional model), every sampler runs
+    """Dispatch by sampler name: "ddpm" (all T steps; `steps`, `eta`, `spacing` unused), "ddim",
+    "dpm++2m" or its stochastic variant "dpm++2m-sde" (`eta` unused). With `class_labels` [B] (a class-conditional model), every sampler runs
     on the classifier-free-guided ε̂ with weight `guidance` (see diffusion_core.guidance)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -218,7 +227,8 @@ def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
         return ddpm_sample(model, schedule, shape, **kwargs)
     if sampler == "ddim":
         return ddim_sample(model, schedule, shape, steps=steps, eta=eta, spacing=spacing, **kwargs)
-    return dpm_solver_sample(model, schedule, shape, steps=steps, spacing=spacing, **kwargs)
+    return dpm_solver_sample(model, schedule, shape, steps=steps, spacing=spacing,
+                             stochastic=sampler == "dpm++2m-sde", **kwargs)
 
 
 def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tuple[int, ...], num_samples: int, *,

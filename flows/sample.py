@@ -3,7 +3,7 @@
 The sampling settings are the run's `sample.*` config (num_samples, steps, eta, spacing, batch_size,
 clip_x0, seed). A class-conditional model is sampled with balanced class labels (0…K−1 in turn) at
 the config's guidance weight, and with DDIM also at every weight of `sample.guidance_sweep`. With
-`sample.nfe_sweep` set, DDIM and DPM-Solver++(2M) also run at each of those step counts (FID against
+`sample.nfe_sweep` set, DDIM and DPM-Solver++(2M) (ODE and SDE) also run at each of those step counts (FID against
 network evaluations).
 Per setting, tagged like the evaluation keys (`ddpm1000`, `ddim50`, conditional `ddim50_w3`), the
 run gets `samples/<tag>.safetensors` (all images, uint8 [N, C, H, W], and their `labels` when
@@ -66,14 +66,15 @@ def primary_setting(config: Config) -> SamplerSetting:
 
 def sampler_settings(config: Config) -> list[SamplerSetting]:
     """DDPM, the primary DDIM setting, for a conditional model DDIM at each guidance_sweep weight, and
-    DDIM and DPM-Solver++(2M) (log-SNR spacing) at each nfe_sweep step count."""
+    DDIM and DPM-Solver++(2M) in ODE and SDE form (log-SNR spacing) at each nfe_sweep step count."""
     primary = primary_setting(config)
     settings = [SamplerSetting("ddpm", config.diffusion.timesteps, 1.0, "linear", primary.guidance), primary]
     if config.conditional:
         settings += [dataclasses.replace(primary, guidance=w) for w in config.sample.guidance_sweep]
     for steps in config.sample.nfe_sweep:
         settings += [dataclasses.replace(primary, steps=steps),
-                     SamplerSetting("dpm++2m", steps, 0.0, "log_snr", primary.guidance)]
+                     SamplerSetting("dpm++2m", steps, 0.0, "log_snr", primary.guidance),
+                     SamplerSetting("dpm++2m-sde", steps, 0.0, "log_snr", primary.guidance)]
     by_tag: dict[str, SamplerSetting] = {}
     for setting in settings:  # one setting per tag: the first one listed wins
         by_tag.setdefault(setting.tag, setting)

@@ -251,9 +251,10 @@ def test_plots_read_the_metric_keys(tmp_path):
 
     metrics = {"fid_lenet_ddim50": 60.0, "fid_lenet_ddim10": 90.0, "fid_lenet_dpmpp2m10": 70.0,
                "fid_lenet_ddpm1000": 55.0, "fid_lenet_ddim10_w3": 1.0, "kid_lenet_ddim50": 0.1,
+               "fid_lenet_dpmpp2msde20": 50.0,
                "fid_lenet_train": 7.0, "fid_inception_ddim10": 5.0}
     assert fid_by_nfe(metrics, "lenet") == {"ddim": [(10, 90.0), (50, 60.0)], "ddpm": [(1000, 55.0)],
-                                            "dpmpp2m": [(10, 70.0)]}
+                                            "dpmpp2m": [(10, 70.0)], "dpmpp2msde": [(20, 50.0)]}
     assert fid_by_nfe(metrics, "lenet", 3.0) == {"ddim": [(10, 1.0)]}
     assert plot_fid_vs_nfe(metrics, "lenet", tmp_path / "nfe.png").stat().st_size > 1000
     assert plot_fid_vs_nfe(metrics, "lenet", tmp_path / "none.png", 3.0) is None  # one point is no curve

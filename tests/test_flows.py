@@ -108,7 +108,7 @@ def test_class_conditional_model_is_swept_evaluated_and_registered_apart(pipelin
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    for tag in ("ddim5_w2", "ddim5_w0", "ddpm20_w2", "ddim2_w2", "dpmpp2m2_w2"):  # config, sweeps, DDPM
+    for tag in ("ddim5_w2", "ddim5_w0", "ddpm20_w2", "ddim2_w2", "dpmpp2m2_w2", "dpmpp2msde2_w2"):  # config, sweeps, DDPM
         assert 0 <= metrics[f"class_consistency_lenet_{tag}"] <= 1 and f"fid_lenet_{tag}" in metrics, tag
     assert "fid_lenet_ddim5_w2_class7" in metrics and "fid_lenet_ddim5_w2_classmean" in metrics
     artifacts = _artifact_paths(client, run_id)

@@ -59,6 +59,7 @@ def _per_class(x, labels):
     ("ddim", {"steps": 1000}),
     ("ddpm", {}),
     ("dpm++2m", {"steps": 20, "spacing": "log_snr"}),
+    ("dpm++2m-sde", {"steps": 100, "spacing": "log_snr"}),
 ])
 def test_guidance_zero_reproduces_each_class(linear, sampler, kwargs):
     labels = _labels()

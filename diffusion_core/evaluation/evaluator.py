@@ -35,9 +35,9 @@ TABLE_COLUMNS = ("fid", "kid", "precision", "recall", "confident_fraction", "cla
 
 
 def sampler_tag(sampler: str, steps: int, guidance: float | None = None) -> str:
-    """'ddim', 50 → 'ddim50'; 'dpm++2m', 20 → 'dpmpp2m20' (metric names may not hold '+');
-    a class-conditional protocol adds the guidance weight: 'ddim50_w3'."""
-    return f"{sampler.replace('+', 'p')}{steps}{guidance_suffix(guidance)}"
+    """'ddim', 50 → 'ddim50'; 'dpm++2m', 20 → 'dpmpp2m20'; 'dpm++2m-sde', 20 → 'dpmpp2msde20' (metric
+    names may not hold '+'); a class-conditional protocol adds the guidance weight: 'ddim50_w3'."""
+    return f"{sampler.replace('+', 'p').replace('-', '')}{steps}{guidance_suffix(guidance)}"
 
 
 def guidance_suffix(guidance: float | None) -> str:

@@ -11,8 +11,9 @@ from ..atomic import atomic_write_bytes
 from .evaluator import guidance_suffix
 
 _GUIDED_TAG = re.compile(r"^fid_(?P<extractor>[a-z0-9]+)_(?P<sampler>[a-z0-9]+)_w(?P<w>[0-9.e+-]+)$")
-_SAMPLER_TAG = re.compile(r"^fid_(?P<extractor>[a-z0-9]+)_(?P<sampler>ddpm|ddim|dpmpp2m)(?P<steps>[0-9]+)(?P<suffix>_w[0-9.e+-]+)?$")
-SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM (η = 0)", "dpmpp2m": "DPM-Solver++(2M)"}
+_SAMPLER_TAG = re.compile(r"^fid_(?P<extractor>[a-z0-9]+)_(?P<sampler>ddpm|ddim|dpmpp2msde|dpmpp2m)(?P<steps>[0-9]+)(?P<suffix>_w[0-9.e+-]+)?$")
+SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM (η = 0)", "dpmpp2m": "DPM-Solver++(2M)",
+                  "dpmpp2msde": "SDE-DPM-Solver++(2M)"}
 
 
 def guidance_sweep(metrics: dict[str, Any], extractor: str, sampler_tag: str) -> list[tuple[float, dict[str, float]]]:
