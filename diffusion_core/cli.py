@@ -55,14 +55,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .config import SampleConfig
     from .distributed import DistContext, resolve_device
     from .images import grid_by_class, save_grid
-    from .samplers import generate_batches
+    from .samplers import default_spacing, generate_batches
 
     device = resolve_device(args.device, DistContext())
     loaded = load_model(args.model, device)
     cfg = loaded.config.sample
+    sampler = args.sampler or cfg.sampler
     settings = SampleConfig(
-        sampler=args.sampler or cfg.sampler, steps=args.steps or cfg.steps,
-        eta=cfg.eta if args.eta is None else args.eta, spacing=args.spacing or cfg.spacing,
+        sampler=sampler, steps=args.steps or cfg.steps,
+        eta=cfg.eta if args.eta is None else args.eta, spacing=args.spacing or default_spacing(sampler, cfg.spacing),
         num_samples=args.num or cfg.num_samples, batch_size=args.batch_size or cfg.batch_size,
         clip_x0=cfg.clip_x0, seed=cfg.seed if args.seed is None else args.seed,
         guidance=cfg.guidance if args.guidance is None else args.guidance,
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported model folder, run folder or training checkpoint")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the model's config")
     p.add_argument("--steps", type=int, help="network evaluations for ddim / dpm++2m(-sde) (default: the model's config)")
-    p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: the model's config)")
+    p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: log_snr for dpm++2m(-sde), else the model's config)")
     p.add_argument("--eta", type=float, help="DDIM η in [0, 1]")
     p.add_argument("--class", dest="classes", metavar="C",
                    help="conditional models: class to draw (7), several (1,3,5: one grid row each) or 'all'")
