@@ -86,7 +86,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         tensors = {"images": images} if class_labels is None else {"images": images, "labels": class_labels}
         with atomic_path(args.tensor_out) as tmp:
             save_file(tensors, str(tmp), metadata={"sampler": settings.sampler, "steps": str(settings.steps),
-                                                  "eta": str(settings.eta), "seed": str(settings.seed),
+                                                  "eta": str(settings.eta), "spacing": settings.spacing,
+                                                  "seed": str(settings.seed),
                                                   "guidance": str(guidance)})
         print(f"{len(images)} uint8 images: {args.tensor_out}")
 
