@@ -18,13 +18,14 @@ import torch
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-KEEP_FREED_BYTES = 1 << 30  # up to 1 GiB of freed memory stays in the process instead of going back to the OS
+MMAP_THRESHOLD_BYTES = 32 << 20  # blocks below 32 MiB (every activation of the presets) come from the heap
+TRIM_THRESHOLD_BYTES = 128 << 20  # up to 128 MiB of freed heap stays in the process for reuse
 
 _tuned_allocator: bool | None = None
 
 
 def tune_allocator() -> bool:
-    """Raise glibc malloc's mmap and trim thresholds to KEEP_FREED_BYTES (same effect as the
+    """Fix glibc malloc's mmap and trim thresholds at the values above (same effect as the
     MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment variables, but applied in-process, so
     `diffusion train` gets it without a launcher). True if applied; False where the C library is not
     glibc (macOS, musl), whose allocators need no such setting. Idempotent."""
@@ -33,8 +34,8 @@ def tune_allocator() -> bool:
         _tuned_allocator = False
         if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
             libc = ctypes.CDLL(None)
-            _tuned_allocator = bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
-                                    and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+            _tuned_allocator = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                                    and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     return _tuned_allocator
 
 
