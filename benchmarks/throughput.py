@@ -137,9 +137,9 @@ def main() -> None:
     flops_per_step, conv_flops_per_step = counter.get_total_flops(), conv_flops(counter)
     optimizer.zero_grad(set_to_none=True)
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-    step_s = seconds_per_call(train_step, device, args.steps)
+    step_s = seconds_per_call(train_step, device, args.steps, warmup=2)
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-    steps_run = args.steps + 2  # seconds_per_call's warm-up calls included
+    steps_run = args.steps + 2  # the 2 warm-up calls included
     user_ms, sys_ms = ((getattr(cpu_after, f) - getattr(cpu_before, f)) / steps_run * 1000 for f in ("ru_utime", "ru_stime"))
 
     breakdown = time_breakdown(train_step, device)

@@ -111,7 +111,7 @@ class SampleConfig:
     sampler: str = "ddim"        # "ddpm" (all T steps), "ddim", "dpm++2m" (DPM-Solver++ 2M) or "dpm++2m-sde" (its SDE form)
     steps: int = 50              # network evaluations for ddim / dpm++2m(-sde) (ddpm always uses T)
     eta: float = 0.0             # DDIM stochasticity: 0 deterministic … 1 DDPM-like
-    spacing: str = "linear"      # timestep spacing: "linear" in t or "log_snr" (use log_snr with dpm++2m and dpm++2m-sde)
+    spacing: str = "linear"      # timestep spacing: "linear" in t or "log_snr"; the CLI uses it for ddim (dpm++ samplers default to log_snr)
     num_samples: int = 64        # images to generate
     batch_size: int = 256        # images per network call
     clip_x0: bool = True         # clip x̂0 to [-1, 1] at every step

@@ -219,7 +219,8 @@ def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
            steps: int = 50, eta: float = 0.0, spacing: Spacing = "linear",
            class_labels: torch.Tensor | None = None, guidance: float = 0.0, **kwargs) -> torch.Tensor:
     """Dispatch by sampler name: "ddpm" (all T steps; `steps`, `eta`, `spacing` unused), "ddim",
-    "dpm++2m" or its stochastic variant "dpm++2m-sde" (`eta` unused). With `class_labels` [B] (a class-conditional model), every sampler runs
+    "dpm++2m" or its stochastic variant "dpm++2m-sde" (`eta` unused). With `class_labels` [B] (a
+    class-conditional model), every sampler runs
     on the classifier-free-guided ε̂ with weight `guidance` (see diffusion_core.guidance)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
