@@ -150,7 +150,8 @@ class LoadedModel:
 
 def build_denoiser(config: Config) -> Denoiser:
     schedule = NoiseSchedule(config.diffusion.timesteps, config.diffusion.schedule)
-    return Denoiser(UNet(config.model), schedule, config.diffusion.prediction)
+    return Denoiser(UNet(config.model), schedule, config.diffusion.prediction,
+                    loss_weighting=config.train.loss_weighting, min_snr_gamma=config.train.min_snr_gamma)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:

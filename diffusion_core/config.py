@@ -18,6 +18,7 @@ from typing import Any
 
 from .data import DATASETS
 from .denoiser import PREDICTIONS
+from .noise_levels import LOSS_WEIGHTINGS, NOISE_LEVEL_DISTRIBUTIONS
 from .samplers import SAMPLERS, SPACINGS
 from .schedule import SCHEDULE_KINDS
 from .unet import UNetConfig
@@ -25,6 +26,9 @@ from .unet import UNetConfig
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Environment variables that override a config field (documented in .env.example).
 ENV_OVERRIDES = {"DIFFUSION_DATA_SOURCE": "data.source", "DIFFUSION_DATA_DIR": "data.data_dir"}
+
+
+LR_DECAYS = ("none", "cosine")
 
 
 class ConfigError(ValueError):
@@ -74,10 +78,17 @@ class TrainConfig:
     batch_size: int = 64         # global batch (images per optimizer step, summed over all ranks)
     lr: float = 1e-3             # AdamW peak learning rate
     warmup_steps: int = 200      # linear learning-rate warm-up from 0, in steps
+    lr_decay: str = "none"       # after warm-up: "none" (constant) or "cosine" (to 0 at train.steps)
     weight_decay: float = 0.0    # AdamW decoupled weight decay
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0       # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.999     # EMA decay ceiling; warmed up as min(decay, (1 + n) / (10 + n))
+    ema_std: float = 0.0         # > 0: power-function EMA (EDM2) of this relative length instead; ema_decay unused
+    noise_levels: str = "uniform"  # how t is drawn: "uniform" or "log_snr_normal" (log SNR ~ N(mean, std²))
+    log_snr_mean: float = 2.4    # log_snr_normal: mean of log SNR (EDM's P_mean = −1.2 on ln σ is 2.4)
+    log_snr_std: float = 2.4     # log_snr_normal: its standard deviation (EDM's P_std = 1.2 on ln σ is 2.4)
+    loss_weighting: str = "none"  # w(t) on the squared error: "none" (L_simple) or "min_snr" (Min-SNR-γ)
+    min_snr_gamma: float = 5.0   # min_snr: the SNR at which the x̂0 error's weight stops growing
     bf16: bool = False           # bfloat16 autocast (GPUs, or CPUs with AMX/AVX512-BF16; emulated and far slower elsewhere)
     compile: bool = False        # torch.compile the training step's model (first steps pay the compile time)
     label_dropout: float = 0.1   # class-conditional models: chance a label is replaced by "no class" (CFG)
@@ -98,6 +109,14 @@ class TrainConfig:
                f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         _check(p, self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         _check(p, 0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(p, 0 <= self.ema_std < 0.28, f"train.ema_std must be in [0, 0.28) (0 = fixed decay), got {self.ema_std}")
+        _check(p, self.lr_decay in LR_DECAYS, f"train.lr_decay={self.lr_decay!r} is unknown; choose one of {', '.join(LR_DECAYS)}")
+        _check(p, self.noise_levels in NOISE_LEVEL_DISTRIBUTIONS,
+               f"train.noise_levels={self.noise_levels!r} is unknown; choose one of {', '.join(NOISE_LEVEL_DISTRIBUTIONS)}")
+        _check(p, self.log_snr_std > 0, f"train.log_snr_std must be > 0, got {self.log_snr_std}")
+        _check(p, self.loss_weighting in LOSS_WEIGHTINGS,
+               f"train.loss_weighting={self.loss_weighting!r} is unknown; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+        _check(p, self.min_snr_gamma > 0, f"train.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
         _check(p, 0 <= self.label_dropout <= 1, f"train.label_dropout must be in [0, 1], got {self.label_dropout}")
         _check(p, self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(p, self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .forward import q_sample
+from .noise_levels import loss_weights
 from .schedule import NoiseSchedule
 
 Prediction = Literal["eps", "x0", "v"]
@@ -19,13 +20,17 @@ PREDICTIONS = ("eps", "x0", "v")
 
 
 class Denoiser(nn.Module):
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: Prediction = "eps") -> None:
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: Prediction = "eps",
+                 loss_weighting: str = "none", min_snr_gamma: float = 5.0) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         self.net = net
         self.schedule = schedule
         self.prediction = prediction
+        # w(t) on the squared error of the target (noise_levels.loss_weights); moves with .to(device)
+        self.register_buffer("loss_weight", loss_weights(schedule, prediction, loss_weighting,
+                                                         min_snr_gamma=min_snr_gamma).float(), persistent=False)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """ε̂(x_t, t), whatever the network predicts."""
@@ -48,10 +53,14 @@ class Denoiser(nn.Module):
                 - self.schedule.gather("sqrt_one_minus_alpha_bars", t, x0) * x0)
 
     def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
-        """L_simple = E‖target − net(x_t, t)‖² (Ho et al. 2020, eq. 14), averaged over all elements."""
+        """E[w(t)·‖target − net(x_t, t)‖²], the squared error averaged over each image's elements.
+
+        With w = 1 this is L_simple (Ho et al. 2020, eq. 14); w(t) is `noise_levels.loss_weights`.
+        """
         x_t = q_sample(self.schedule, x0, t, noise)
         out = self.net(x_t, t, **cond)
-        return torch.mean((out.float() - self.target(x0, t, noise).float()) ** 2)
+        per_image = ((out.float() - self.target(x0, t, noise).float()) ** 2).flatten(1).mean(1)
+        return torch.mean(self.loss_weight[t] * per_image)
 
 
 def predict_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

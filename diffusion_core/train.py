@@ -33,6 +33,7 @@ from .ema import EMA
 from .forward import save_forward_process_grid
 from .guidance import drop_labels
 from .images import to_model_space
+from .noise_levels import timestep_probabilities
 from .runtime import tune_cpu_runtime
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -52,9 +53,18 @@ class TrainResult:
     dataset_sha256: str
 
 
-def learning_rate(step: int, peak: float, warmup_steps: int) -> float:
-    """Linear warm-up from peak/warmup to peak over `warmup_steps`, then constant."""
-    return peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else peak
+def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int | None = None,
+                  decay: str = "none") -> float:
+    """Linear warm-up from peak/warmup to peak over `warmup_steps`; then constant (`decay` "none"),
+    or half a cosine from peak down to 0 at `total_steps` ("cosine", Loshchilov & Hutter 2017)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if decay == "none":
+        return peak
+    if decay != "cosine":
+        raise ValueError(f"unknown learning-rate decay {decay!r}; choose none or cosine")
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class GlobalBatches:
@@ -128,10 +138,13 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     denoiser = build_denoiser(config).to(device)
     schedule = denoiser.schedule
-    ema = EMA(denoiser.net, cfg.ema_decay)
+    ema = EMA(denoiser.net, cfg.ema_decay, cfg.ema_std)
     optimizer = torch.optim.AdamW(denoiser.net.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay, fused=True)  # one kernel for all parameters
     noise_rng = torch.Generator(device).manual_seed(cfg.seed + 1)
+    # p(t): None for uniform draws (randint, as before), else a table for torch.multinomial
+    t_probs = None if cfg.noise_levels == "uniform" else timestep_probabilities(
+        schedule, cfg.noise_levels, log_snr_mean=cfg.log_snr_mean, log_snr_std=cfg.log_snr_std).float().to(device)
     torch.manual_seed(cfg.seed + 2 + ctx.rank)  # dropout: independent per rank
 
     start_step = 0
@@ -170,14 +183,17 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
     for step in range(start_step, cfg.steps):
         index = batches.indices(step).to(device)  # the global batch; this rank takes its slice `mine`
         x0 = to_model_space(images_u8[index[mine]])
-        t = torch.randint(0, schedule.timesteps, (cfg.batch_size,), generator=noise_rng, device=device)[mine]
+        if t_probs is None:
+            t = torch.randint(0, schedule.timesteps, (cfg.batch_size,), generator=noise_rng, device=device)[mine]
+        else:
+            t = torch.multinomial(t_probs, cfg.batch_size, replacement=True, generator=noise_rng)[mine]
         noise = torch.randn((cfg.batch_size, *image_shape), generator=noise_rng, device=device)[mine]
         cond = {}
         if config.conditional:  # drawn for the global batch too, so DDP keeps the single-process math
             cond["class_labels"] = drop_labels(labels[index], cfg.label_dropout, config.model.num_classes,
                                                noise_rng)[mine]
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
+            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_decay)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = objective(x0, t, noise, **cond)
         optimizer.zero_grad(set_to_none=True)

@@ -53,6 +53,36 @@ def test_exact_resume(smoke_overrides, tmp_path):
                for i in a.optimizer["state"])
 
 
+class Crash(Exception):
+    pass
+
+
+def test_exact_resume_mid_run_with_the_recipe_options(smoke_overrides, tmp_path):
+    """A run that decays its learning rate over its whole length, draws t by log SNR, weights its
+    loss, predicts v and keeps a power-function EMA, crashed after its step-5 checkpoint (at step 10)
+    and resumed, ends with the same weights, EMA and optimizer state as an uninterrupted run."""
+    config = load_config("smoke", {**smoke_overrides, "train.steps": 12, "train.checkpoint_every": 5,
+                                   "train.lr_decay": "cosine", "train.noise_levels": "log_snr_normal",
+                                   "train.loss_weighting": "min_snr", "train.ema_std": 0.1,
+                                   "diffusion.prediction": "v"})
+    train(config, tmp_path / "straight", progress=False)
+
+    def crash_at_step_10(step, metrics):
+        if step == 10:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(config, tmp_path / "split", progress=False, on_metrics=crash_at_step_10)
+    assert load_training_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors").step == 5
+    train(config, tmp_path / "split", progress=False)
+    a = load_training_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors")
+    b = load_training_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors")
+    assert a.step == b.step == 12
+    for part in ("model", "ema"):
+        for key in getattr(a, part):
+            assert torch.equal(getattr(a, part)[key], getattr(b, part)[key]), (part, key)
+
+
 def test_resume_with_other_settings_is_refused(smoke_run, smoke_overrides):
     config = load_config("smoke", {**smoke_overrides, "train.lr": 0.5, "train.steps": 30})
     with pytest.raises(ConfigError, match="train.lr"):

@@ -1,0 +1,269 @@
+"""Training-recipe ablation at equal wall-clock budget: train each arm for the same minutes of this
+machine, then score every arm the same way.
+
+    python benchmarks/recipe.py --arms baseline cosine-lr --minutes 5 [--preset mnist-cpu] \
+        [--sampler dpm++2m-sde --steps 20] [-n 1000] [--out-dir runs/recipe] [--plot docs/time-to-quality.png]
+    python benchmarks/recipe.py --list                       # the arms and what each changes
+    python benchmarks/recipe.py --report runs/recipe --plot docs/time-to-quality.png   # table + plot only
+
+Budget: each arm first measures its own training images/s on this machine (the best of a few
+timings of its network and batch; the fp32 matmul peak is recorded beside it, since this machine's
+speed drifts by up to 2× between days), and is then trained for `minutes × 60 × images/s` images.
+So the arms get equal time on the idle machine, and the comparison holds even when the arms are
+trained later, side by side or on a busy machine. `--calibrate-only` measures every listed arm first
+(on an idle machine); the figures are kept in `<out-dir>/calibration.json`.
+An arm whose learning rate does not depend on the run's length (no decay) is trained once to the
+longest budget and scored at each shorter one on the way (resuming is exact, so each stop equals a
+separate run of that length); an arm with a decaying rate is a separate run per budget.
+
+Score: N samples with the given sampler (default SDE-DPM-Solver++(2M), 20 steps, log-SNR spacing) at
+sampling seeds 0 and 1: FID, KID, precision/recall in the LeNet classifier's features against the
+test split, confident share and class entropy; FID's sampling noise is the spread between the two
+seeds; the floor is N real train images against the same test split. One JSON per arm and budget
+(`<out-dir>/<arm>-<minutes>min/score.json`), a Markdown table of all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from diffusion_core import load_config, load_model, train
+from diffusion_core.config import parse_override
+from diffusion_core.checkpoint import build_denoiser
+from diffusion_core.data import get_spec
+from diffusion_core.evaluation.evaluator import compute_floors, evaluate, sampler_tag, save_metrics
+from diffusion_core.runtime import tune_cpu_runtime
+from diffusion_core.samplers import default_spacing
+
+# name → (what it changes, overrides on the preset). Each arm is one change, or the running winner
+# plus one change, so its row reads as the effect of that change.
+ARMS: dict[str, tuple[str, dict]] = {
+    "baseline": ("the mnist-cpu recipe before this ablation: LR 1e-3 constant after 200 warm-up steps, "
+                 "t uniform, ε target, EMA 0.995", {}),
+    "cosine-lr": ("learning rate decays to 0 along half a cosine by the end of the run",
+                  {"train.lr_decay": "cosine"}),
+    "cosine-lr-2e-3": ("cosine-lr with peak LR 2e-3", {"train.lr_decay": "cosine", "train.lr": 2e-3}),
+    "min-snr": ("cosine-lr + Min-SNR-5 loss weighting on the ε error",
+                {"train.lr_decay": "cosine", "train.loss_weighting": "min_snr"}),
+    "v-pred": ("cosine-lr + v target (ε error weighted by ᾱ, i.e. SNR/(SNR+1))",
+               {"train.lr_decay": "cosine", "diffusion.prediction": "v"}),
+    "lognormal-t": ("cosine-lr + t drawn with log SNR ~ N(2.4, 2.4²) (EDM's noise levels)",
+                    {"train.lr_decay": "cosine", "train.noise_levels": "log_snr_normal"}),
+    "power-ema": ("cosine-lr + power-function EMA, relative length 0.10 (EDM2)",
+                  {"train.lr_decay": "cosine", "train.ema_std": 0.10}),
+    "one-block": ("cosine-lr + one residual block per level (more images per minute)",
+                  {"train.lr_decay": "cosine", "model.num_res_blocks": 1}),
+    "batch-128": ("cosine-lr + batch 128, peak LR 1.4e-3 (√2 × 1e-3)",
+                  {"train.lr_decay": "cosine", "train.batch_size": 128, "train.lr": 1.4e-3}),
+    "no-attention": ("cosine-lr + no self-attention at 7×7 (the middle block keeps its own)",
+                     {"train.lr_decay": "cosine", "model.attention_levels": []}),
+}
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Dense fp32 matmul GFLOP/s now: the yardstick printed beside every wall-clock figure."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def training_images_per_s(config, warmup: int = 3, steps: int = 6, repeats: int = 5) -> float:
+    """Images/s of full training steps (forward, backward, AdamW) of the config's network and batch:
+    the best of `repeats` timings, since anything else running on the machine only slows a timing down."""
+    tune_cpu_runtime()
+    torch.manual_seed(0)
+    denoiser = build_denoiser(config)
+    optimizer = torch.optim.AdamW(denoiser.net.parameters(), lr=1e-4, fused=True)
+    spec = get_spec(config.data.dataset)
+    x0 = torch.rand(config.train.batch_size, spec.channels, spec.image_size, spec.image_size) * 2 - 1
+
+    def step() -> None:
+        t = torch.randint(0, denoiser.schedule.timesteps, (len(x0),))
+        loss = denoiser.loss(x0, t, torch.randn_like(x0))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, time.perf_counter() - start)
+    return steps * len(x0) / best
+
+
+def calibration(config, out_dir: Path) -> tuple[float, float]:
+    """(training images/s, fp32 matmul GFLOP/s) of a network and batch size, measured once and kept in
+    `<out-dir>/calibration.json`: arms that differ only in what a step computes with the same tensors
+    (noise levels, weighting, learning rate, EMA) share one figure, and arms trained later or side by
+    side use the idle machine's figures."""
+    key = json.dumps({"model": config.to_dict()["model"], "batch_size": config.train.batch_size}, sort_keys=True)
+    path = out_dir / "calibration.json"
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in table:
+        peak = matmul_gflops()
+        table[key] = {"images_per_s": training_images_per_s(config), "matmul_gflops": peak,
+                      "threads": torch.get_num_threads()}
+        save_metrics(path, table)
+    return table[key]["images_per_s"], table[key]["matmul_gflops"]
+
+
+def score(model_dir: Path, args, floors: dict) -> dict:
+    """The arm's metrics at sampling seeds 0 and 1, with FID's seed spread and the floor at this N."""
+    loaded = load_model(model_dir)
+    spacing = default_spacing(args.sampler, loaded.config.sample.spacing)
+    tag = sampler_tag(args.sampler, args.steps)
+    runs = [evaluate(loaded, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
+                     spacing=spacing, seed=seed, progress=False) for seed in (0, 1)]
+    fids = [r[f"fid_lenet_{tag}"] for r in runs]
+    floor = floors["fid_lenet_train"]
+    out = {"sampler": args.sampler, "steps": args.steps, "spacing": spacing, "num_samples": args.num_samples,
+           "fid": sum(fids) / 2, "fid_seed_spread": abs(fids[0] - fids[1]), "fid_floor": floor,
+           "fid_x_floor": sum(fids) / 2 / floor, "sampling_images_per_s": runs[0]["sampling_images_per_s"]}
+    for key in ("kid", "precision", "recall", "confident_fraction", "class_entropy"):
+        out[key] = sum(r[f"{key}_lenet_{tag}"] for r in runs) / 2
+    return out
+
+
+def run_arm(name: str, args, floors: dict) -> list[dict]:
+    description, overrides = ARMS[name]
+    overrides = {**overrides, **dict(parse_override(o) for o in args.set)}
+    config = load_config(args.preset, overrides)
+    rate, peak = calibration(config, Path(args.out_dir))
+    print(f"[{name}] {rate:.1f} training images/s (fp32 matmul peak {peak:.0f} GFLOP/s): {description}",
+          flush=True)
+    budgets = sorted(args.minutes)
+    extendable = config.train.lr_decay == "none"  # a stop on the way equals a separate run of that length
+    results = []
+    for minutes in budgets:
+        steps = max(1, round(minutes * 60 * rate / config.train.batch_size))
+        run_dir = Path(args.out_dir) / (f"{name}-run" if extendable else f"{name}-{minutes:g}min")
+        out_dir = Path(args.out_dir) / f"{name}-{minutes:g}min"
+        if (out_dir / "score.json").is_file():  # scored before: keep it (delete the file to redo)
+            results.append(json.loads((out_dir / "score.json").read_text()))
+            continue
+        config_m = load_config(args.preset, {**overrides, "train.steps": steps, "train.checkpoint_every": steps})
+        start = time.perf_counter()
+        trained = train(config_m, run_dir, progress=not args.quiet)
+        wall = time.perf_counter() - start
+        model_dir = out_dir / "model"
+        if extendable:  # keep this stop's model: the run folder's export moves on with the next budget
+            shutil.copytree(run_dir / "model", model_dir, dirs_exist_ok=True)
+        result = {"arm": name, "description": description, "overrides": overrides, "minutes": minutes,
+                  "steps": steps, "batch_size": config.train.batch_size, "images_seen": steps * config.train.batch_size,
+                  "calibrated_images_per_s": rate, "matmul_gflops": peak, "train_wall_s_this_call": wall,
+                  "final_loss": trained.final_loss,
+                  **score(model_dir, args, floors)}
+        save_metrics(out_dir / "score.json", result)
+        results.append(result)
+        print(f"[{name} {minutes:g} min] {steps} steps, FID {result['fid']:.2f} ± {result['fid_seed_spread']:.2f} "
+              f"= {result['fid_x_floor']:.2f}× floor, confident {result['confident_fraction']:.3f}, "
+              f"entropy {result['class_entropy']:.3f}", flush=True)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    head = ("| arm | min | images/s | images seen | FID (seed spread) | × floor | KID | precision | recall "
+            "| confident | entropy |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [f"| {r['arm']} | {r['minutes']:g} | {r['calibrated_images_per_s']:.0f} | {r['images_seen']:,} "
+            f"| {r['fid']:.2f} ({r['fid_seed_spread']:.2f}) | {r['fid_x_floor']:.2f} | {r['kid']:.4f} "
+            f"| {r['precision']:.3f} | {r['recall']:.3f} | {r['confident_fraction']:.3f} | {r['class_entropy']:.3f} |"
+            for r in sorted(results, key=lambda r: (r["minutes"], r["fid"]))]
+    return "\n".join([head, *rows])
+
+
+def plot(results: list[dict], png: Path, arms: list[str]) -> None:
+    """FID × floor and confident share against training minutes, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_fid, ax_conf) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    for arm in arms:
+        rows = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["minutes"])
+        if not rows:
+            continue
+        minutes = [r["minutes"] for r in rows]
+        ax_fid.errorbar(minutes, [r["fid_x_floor"] for r in rows],
+                        yerr=[r["fid_seed_spread"] / r["fid_floor"] for r in rows], marker="o", capsize=3, label=arm)
+        ax_conf.plot(minutes, [r["confident_fraction"] for r in rows], marker="o", label=arm)
+    ax_fid.axhline(2.0, color="grey", ls="--", lw=0.8)
+    ax_fid.set(xlabel="training minutes (2-core CPU)", ylabel="LeNet FID ÷ real-data floor", yscale="log",
+               title="FID (N = 1,000; bar: seed spread)")
+    ax_conf.axhline(0.9, color="grey", ls="--", lw=0.8)
+    ax_conf.set(xlabel="training minutes (2-core CPU)", ylabel="share classified with > 0.9 confidence",
+                title="confident samples")
+    for ax in (ax_fid, ax_conf):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", nargs="*", default=[], choices=sorted(ARMS))
+    parser.add_argument("--minutes", type=float, nargs="+", default=[5.0], help="training budget(s) per arm")
+    parser.add_argument("--preset", default="mnist-cpu", help="the preset every arm starts from")
+    parser.add_argument("--set", action="append", default=[], help="section.field=value for every arm")
+    parser.add_argument("--sampler", default="dpm++2m-sde")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps (network evaluations per image)")
+    parser.add_argument("-n", "--num-samples", type=int, default=1000)
+    parser.add_argument("--out-dir", default="runs/recipe")
+    parser.add_argument("--report", help="only print the table (and plot) of the scores under this folder")
+    parser.add_argument("--plot", help="time-to-quality PNG")
+    parser.add_argument("--plot-arms", nargs="+", default=None, help="arms drawn in the plot (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the arms")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="only measure each arm's training images/s (run on an idle machine, before the arms)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args()
+    if args.list:
+        for name, (description, overrides) in ARMS.items():
+            print(f"{name:16s} {description}\n{'':16s} {overrides}")
+        return
+
+    if not args.report:
+        config = load_config(args.preset)
+        floors_file = Path(args.out_dir) / f"floors-n{args.num_samples}.json"
+        if floors_file.is_file():
+            floors = json.loads(floors_file.read_text())
+        else:
+            floors = compute_floors(config.data, num_samples=args.num_samples, progress=False)
+            save_metrics(floors_file, floors)
+        print(f"real-data floor at N = {args.num_samples}: FID {floors['fid_lenet_train']:.2f}, "
+              f"confident {floors['confident_fraction_lenet_train']:.3f}, "
+              f"entropy {floors['class_entropy_lenet_train']:.3f}", flush=True)
+        for name in args.arms:
+            if args.calibrate_only:
+                calibration(load_config(args.preset, {**ARMS[name][1], **dict(parse_override(o) for o in args.set)}),
+                            Path(args.out_dir))
+            else:
+                run_arm(name, args, floors)
+        if args.calibrate_only:
+            print(Path(args.out_dir, "calibration.json").read_text())
+            return
+    folder = Path(args.report or args.out_dir)
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*/score.json"))]
+    print(table(results))
+    if args.plot:
+        plot(results, Path(args.plot), args.plot_arms or sorted({r["arm"] for r in results}))
+
+
+if __name__ == "__main__":
+    main()
