@@ -64,11 +64,12 @@ def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "
     last one goes to ᾱ = 1 (clean data). One list serves both t and the next t, so they always agree.
 
     linear: evenly spaced in t.
-    log_snr: evenly spaced in λ = log(ᾱ/(1−ᾱ)) (Lu et al. 2022, §3.4) over the schedule's usable range,
-    from `schedule.usable_log_snr_min` (below it only the cosine schedule's β clip lowers λ, by ~7 in one
-    index) to λ at index 0; the first step is always T−1, where sampling starts.
-    Targets that round to an index already taken move to the next free index below it, so a collision
-    costs one index where it happened and never moves a step to the top of the chain.
+    log_snr: evenly spaced in λ = log(ᾱ/(1−ᾱ)) (as DPM-Solver, Lu et al. 2022) over the schedule's usable
+    range, from `schedule.usable_log_snr_min` (below it only the cosine schedule's β clip lowers λ, by ~7
+    in one index) to λ at index 0; the first step is always T−1, where sampling starts.
+    A target whose nearest index is taken moves to the next free index below it (near index 0, where
+    there is no room below, the steps before it move up instead), so a collision shifts steps by one
+    index where it happens and never moves one to the noisy top of the chain.
     """
     T = schedule.timesteps
     if not isinstance(steps, int) or not 1 <= steps <= T:
@@ -115,7 +116,7 @@ def ddim_sample(
     clipped, ε̂ is recomputed from the clipped x̂0 so the update stays consistent.
     """
     if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
+        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = ancestral like DDPM), got {eta!r}")
     timesteps = sampling_timesteps(schedule, steps, spacing)
     x = _resolve_start(shape, x_T, generator, device, dtype)
     alpha_bars = schedule.table("alpha_bars", x.device)
@@ -142,7 +143,7 @@ def ddpm_sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...]
     """Ancestral sampling (Ho et al. 2020, Alg. 2): x_t' ~ q(x_t' | x_t, x̂0) = N(μ̃, β̃) on the grid of
     `steps` timesteps (default all T; fewer is the respaced chain with β_t = 1 − ᾱ_t/ᾱ_t', Nichol & Dhariwal
     2021, §4). Its posterior mean and variance are exactly DDIM's update with η = 1 (Song et al. 2021,
-    eq. 16 and §4.1), so this is `ddim_sample(eta=1)`; tests check it against Ho et al.'s eqs. 6–7.
+    eq. 16), so this is `ddim_sample(eta=1)`; tests check it against Ho et al.'s eqs. 6–7.
     """
     return ddim_sample(model, schedule, shape, steps=steps or schedule.timesteps, eta=1.0, spacing=spacing,
                        **kwargs)
