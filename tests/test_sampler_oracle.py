@@ -91,13 +91,14 @@ class Oracle:
             self.x = self.x + sigma * self.z()
 
     def run(self, sampler: str, grid: list[int], eta: float = 0.0) -> torch.Tensor:
-        nexts = grid[1:] + [-1]
+        """The coefficients of `sampler`'s output after visiting `grid`, then ᾱ = 1 (index −1)."""
         if sampler.startswith("dpm"):
             self.dpm_solver(grid, stochastic=sampler == "dpm++2m-sde")
-        for i, j in zip(grid, nexts):
+            return self.x
+        for i, j in zip(grid, grid[1:] + [-1]):
             if sampler == "ddpm":
                 self.ddpm_step(i, j)
-            elif sampler == "ddim":
+            else:
                 self.ddim_step(i, j, eta)
         return self.x
 
@@ -271,7 +272,8 @@ def test_log_snr_grid_takes_the_nearest_index_until_targets_collide(kind, steps)
 
 def test_cosine_log_snr_grid_skips_the_clipped_tail():
     """The cosine schedule clips β at 0.999 only at its last index, where λ falls from −12.9 to −19.8; evenly
-    spaced λ over that tail put 8 of 20 steps at t ≥ 991. Over the usable range: T−1 and three more."""
+    spaced λ over that tail put 8 of 20 steps at t ≥ 991. Over the usable range [−12.9, 10.1] in 19 steps of
+    1.21, the targets below λ(991) ≈ −8.8 are T−1 (for −12.9), −11.7, −10.5 and −9.3: four steps."""
     schedule = NoiseSchedule(T, "cosine")
     alpha_bars = paper_alpha_bars("cosine")
     log_snr = torch.log(alpha_bars / (1 - alpha_bars))
