@@ -7,9 +7,9 @@ seed and N.
         [--plot docs/fid_vs_nfe.png]
 
 Every sampler runs with its default timestep spacing (samplers.default_spacing: even in t for DDIM
-with η = 0 and DDPM, even in log-SNR for both DPM-Solver++ forms), as the pipeline's `sample.nfe_sweep`. `--merge` adds results of earlier `diffusion evaluate --out` runs
-of the same model, N and seed (e.g. the ~1,000× costlier DDPM run, made separately), after checking
-that they match. Prints a Markdown table; the plot is the evaluate flow's `fid_vs_nfe.png`.
+with η = 0 and DDPM, even in log-SNR for both DPM-Solver++ forms), as the pipeline's `sample.nfe_sweep`.
+`--merge` adds results of earlier `diffusion evaluate --out` runs of the same model, N and seed (e.g. the
+~1,000× costlier DDPM run, made separately), after checking that they match. Prints a Markdown table; the plot is the evaluate flow's `fid_vs_nfe.png`.
 """
 
 from __future__ import annotations

@@ -110,8 +110,8 @@ class TrainConfig:
 class SampleConfig:
     """How to sample: the one settings object the CLI, evaluate() and the flows hand to generate_batches."""
 
-    sampler: str = "ddim"        # "ddpm" (ancestral), "ddim", "dpm++2m" (DPM-Solver++ 2M) or "dpm++2m-sde" (its SDE form)
-    steps: int | None = None     # network evaluations; unset: all T for ddpm, 50 for the others (samplers.default_steps)
+    sampler: str = "ddim"        # "ddpm" (ancestral), "ddim", "dpm++2m" (DPM-Solver++ 2M) or "dpm++2m-sde" (SDE)
+    steps: int | None = None     # network evaluations; unset: all T for ddpm, else 50 (samplers.default_steps)
     eta: float = 0.0             # DDIM stochasticity: 0 deterministic … 1 ancestral (= ddpm)
     spacing: str | None = None   # timesteps "linear" in t or even in "log_snr"; unset: log_snr for dpm++*, else linear
     num_samples: int = 64        # images to generate

@@ -119,10 +119,10 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
     """Metrics of a model's samples (or of given uint8 images [N, C, H, W]) against the real `split`.
 
     For a model, `num_samples` images are drawn with `sampler`/`steps`/`eta`/`spacing` (batch k seeded
-    by (seed, k); unset steps and spacing take the sampler's defaults, see SampleConfig), on `device` (the denoiser is moved there); `data` defaults to the model's data
-    config. For a tensor, `data` is required and `tag` names it in the keys. Extractor weights and
-    the dataset are checked before any sampling. With `out`, the dict is also saved as JSON
-    (atomically).
+    by (seed, k); unset steps and spacing take the sampler's defaults, see SampleConfig), on `device`
+    (the denoiser is moved there); `data` defaults to the model's data config. For a tensor, `data` is
+    required and `tag` names it in the keys. Extractor weights and the dataset are checked before any
+    sampling. With `out`, the dict is also saved as JSON (atomically).
 
     Class-conditional: a conditional model is sampled with balanced class labels (0, 1, …, K−1, 0, …)
     and guidance weight `guidance` (default: its config's sample.guidance), and the tag gets `_w<w>`;
