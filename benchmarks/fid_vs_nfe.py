@@ -6,10 +6,10 @@ seed and N.
         [--samplers ddim dpm++2m dpm++2m-sde] [--merge earlier.json ...] [--out-json fid_vs_nfe.json] \
         [--plot docs/fid_vs_nfe.png]
 
-DDIM runs with η = 0 and the model's timestep spacing, the DPM-Solver++ samplers with log-SNR
-spacing (as the pipeline's `sample.nfe_sweep`). `--merge` adds results of earlier `diffusion evaluate --out` runs
-of the same model, N and seed (e.g. the ~1,000× costlier DDPM run, made separately), after checking
-that they match. Prints a Markdown table; the plot is the evaluate flow's `fid_vs_nfe.png`.
+Every sampler runs with its default timestep spacing (samplers.default_spacing: even in t for DDIM
+with η = 0 and DDPM, even in log-SNR for both DPM-Solver++ forms), as the pipeline's `sample.nfe_sweep`.
+`--merge` adds results of earlier `diffusion evaluate --out` runs of the same model, N and seed (e.g. the
+~1,000× costlier DDPM run, made separately), after checking that they match. Prints a Markdown table; the plot is the evaluate flow's `fid_vs_nfe.png`.
 """
 
 from __future__ import annotations
@@ -44,15 +44,14 @@ def main() -> None:
     earlier = [json.loads(Path(path).read_text()) for path in args.merge]  # read before hours of sampling
     device = resolve_device(args.device, DistContext())
     loaded = load_model(args.model, device)
-    spacing = loaded.config.sample.spacing
-    runs = [(sampler, steps, spacing if sampler == "ddim" else "log_snr") for sampler in args.samplers for steps in args.nfe]
+    runs = [(sampler, steps) for sampler in args.samplers for steps in args.nfe]
     if args.ddpm:
-        runs.append(("ddpm", loaded.denoiser.schedule.timesteps, "linear"))
+        runs.append(("ddpm", loaded.denoiser.schedule.timesteps))
 
     metrics: dict = {}
     seconds_per_image: dict[str, float] = {}
-    for sampler, steps, spacing in runs:
-        result = evaluate(loaded, sampler=sampler, steps=steps, spacing=spacing, num_samples=args.num_samples,
+    for sampler, steps in runs:  # each with its sampler's default spacing
+        result = evaluate(loaded, sampler=sampler, steps=steps, num_samples=args.num_samples,
                           seed=args.seed, device=device)
         seconds_per_image[sampler_tag(sampler, steps)] = 1 / result.pop("sampling_images_per_s")
         _merge(metrics, result, "this run")
@@ -84,7 +83,7 @@ def _merge(metrics: dict, result: dict, source: str) -> None:
         if key in metrics and key in result and metrics[key] != result[key]:
             raise SystemExit(f"{source}: {key} = {result[key]!r} but the other results have {metrics[key]!r}; "
                              "merge only runs of the same model, N, seed and reference split")
-    for key in ("sampler", "steps", "eta"):  # per-run fields: the tags in the metric names carry them
+    for key in ("sampler", "steps", "eta", "spacing"):  # per-run fields: the tags in the metric names carry them
         result.pop(key, None)
     metrics.update(result)
 

@@ -52,32 +52,24 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from .atomic import atomic_path
     from .checkpoint import load_model
-    from .config import SampleConfig
     from .distributed import DistContext, resolve_device
     from .images import grid_by_class, save_grid
-    from .samplers import default_spacing, generate_batches
+    from .samplers import generate_batches
 
     device = resolve_device(args.device, DistContext())
     loaded = load_model(args.model, device)
-    cfg = loaded.config.sample
-    sampler = args.sampler or cfg.sampler
-    settings = SampleConfig(
-        sampler=sampler, steps=args.steps or cfg.steps,
-        eta=cfg.eta if args.eta is None else args.eta, spacing=args.spacing or default_spacing(sampler, cfg.spacing),
-        num_samples=args.num or cfg.num_samples, batch_size=args.batch_size or cfg.batch_size,
-        clip_x0=cfg.clip_x0, seed=cfg.seed if args.seed is None else args.seed,
-        guidance=cfg.guidance if args.guidance is None else args.guidance,
-    )
     schedule = loaded.denoiser.schedule
-    if settings.sampler != "ddpm" and settings.steps > schedule.timesteps:
+    settings = loaded.config.sample.override(
+        sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing, num_samples=args.num,
+        batch_size=args.batch_size, seed=args.seed, guidance=args.guidance).resolved(schedule.timesteps)
+    if settings.steps > schedule.timesteps:
         raise ConfigError(f"--steps {settings.steps} exceeds the model's {schedule.timesteps} timesteps")
     class_labels = _class_request(args, loaded.config, settings.num_samples)
-    guidance = settings.guidance if class_labels is not None else 0.0
+    if class_labels is None:
+        settings = settings.override(guidance=0.0)
     spec_shape = (loaded.config.model.in_channels,) + (_image_size(loaded.config),) * 2
-    images = torch.cat(list(generate_batches(
-        loaded.denoiser, schedule, spec_shape, settings.num_samples, batch_size=settings.batch_size,
-        seed=settings.seed, device=device, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
-        spacing=settings.spacing, clip_x0=settings.clip_x0, class_labels=class_labels, guidance=guidance)))
+    images = torch.cat(list(generate_batches(loaded.denoiser, schedule, spec_shape, settings, device=device,
+                                             class_labels=class_labels)))
     if args.out:
         shown, per_row = grid_by_class(images, class_labels, args.grid_max)
         save_grid(shown, args.out, nrow=per_row)
@@ -87,8 +79,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         with atomic_path(args.tensor_out) as tmp:
             save_file(tensors, str(tmp), metadata={"sampler": settings.sampler, "steps": str(settings.steps),
                                                   "eta": str(settings.eta), "spacing": settings.spacing,
-                                                  "seed": str(settings.seed),
-                                                  "guidance": str(guidance)})
+                                                  "seed": str(settings.seed), "guidance": str(settings.guidance)})
         print(f"{len(images)} uint8 images: {args.tensor_out}")
 
 
@@ -132,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images from a trained model")
     p.add_argument("--model", required=True, help="exported model folder, run folder or training checkpoint")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the model's config")
-    p.add_argument("--steps", type=int, help="network evaluations for ddim / dpm++2m(-sde) (default: the model's config)")
-    p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: log_snr for dpm++2m(-sde), else the model's config)")
+    p.add_argument("--steps", type=int, help="network evaluations (default: the model's config for its sampler; "
+                                             "else all T for ddpm, 50 for the others)")
+    p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: the model's config for its sampler; "
+                                                       "else log_snr for dpm++2m(-sde), linear for ddpm and ddim)")
     p.add_argument("--eta", type=float, help="DDIM η in [0, 1]")
     p.add_argument("--class", dest="classes", metavar="C",
                    help="conditional models: class to draw (7), several (1,3,5: one grid row each) or 'all'")

@@ -19,7 +19,7 @@ from typing import Any
 from .data import DATASETS
 from .denoiser import PREDICTIONS
 from .noise_levels import LOSS_WEIGHTINGS, NOISE_LEVEL_DISTRIBUTIONS
-from .samplers import SAMPLERS, SPACINGS
+from .samplers import SAMPLERS, SPACINGS, default_spacing, default_steps
 from .schedule import SCHEDULE_KINDS
 from .unet import UNetConfig
 
@@ -127,10 +127,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "ddim"        # "ddpm" (all T steps), "ddim", "dpm++2m" (DPM-Solver++ 2M) or "dpm++2m-sde" (its SDE form)
-    steps: int = 50              # network evaluations for ddim / dpm++2m(-sde) (ddpm always uses T)
-    eta: float = 0.0             # DDIM stochasticity: 0 deterministic … 1 DDPM-like
-    spacing: str = "linear"      # timestep spacing: "linear" in t or "log_snr"; the CLI uses it for ddim (dpm++ samplers default to log_snr)
+    """How to sample: the one settings object the CLI, evaluate() and the flows hand to generate_batches."""
+
+    sampler: str = "ddim"        # "ddpm" (ancestral), "ddim", "dpm++2m" (DPM-Solver++ 2M) or "dpm++2m-sde" (SDE)
+    steps: int | None = None     # network evaluations; unset: all T for ddpm, else 50 (samplers.default_steps)
+    eta: float = 0.0             # DDIM stochasticity: 0 deterministic … 1 ancestral (= ddpm)
+    spacing: str | None = None   # timesteps "linear" in t or even in "log_snr"; unset: log_snr for dpm++*, else linear
     num_samples: int = 64        # images to generate
     batch_size: int = 256        # images per network call
     clip_x0: bool = True         # clip x̂0 to [-1, 1] at every step
@@ -144,9 +146,10 @@ class SampleConfig:
         object.__setattr__(self, "nfe_sweep", tuple(self.nfe_sweep))
         p: list[str] = []
         _check(p, self.sampler in SAMPLERS, f"sample.sampler={self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
-        _check(p, self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
+        _check(p, self.steps is None or self.steps >= 1, f"sample.steps must be >= 1 (or unset), got {self.steps}")
         _check(p, 0 <= self.eta <= 1, f"sample.eta must be in [0, 1], got {self.eta}")
-        _check(p, self.spacing in SPACINGS, f"sample.spacing={self.spacing!r} is unknown; choose one of {', '.join(SPACINGS)}")
+        _check(p, self.spacing is None or self.spacing in SPACINGS,
+               f"sample.spacing={self.spacing!r} is unknown; choose one of {', '.join(SPACINGS)} (or leave it unset)")
         _check(p, self.num_samples >= 1, f"sample.num_samples must be >= 1, got {self.num_samples}")
         _check(p, self.batch_size >= 1, f"sample.batch_size must be >= 1, got {self.batch_size}")
         _check(p, self.guidance >= 0, f"sample.guidance must be >= 0 (0 = plain conditional sampling), got {self.guidance}")
@@ -154,6 +157,20 @@ class SampleConfig:
                f"sample.guidance_sweep must hold weights >= 0, got {self.guidance_sweep}")
         _check(p, all(n >= 1 for n in self.nfe_sweep), f"sample.nfe_sweep must hold step counts >= 1, got {self.nfe_sweep}")
         _raise_if(p)
+
+    def override(self, **changes: Any) -> SampleConfig:
+        """These settings with `changes` (None values ignored). Another sampler drops the configured steps
+        and spacing unless they are given too: they were chosen for the configured sampler (DDIM's 50
+        steps are no DDPM setting), so the new one takes its own defaults."""
+        changes = {key: value for key, value in changes.items() if value is not None}
+        if changes.get("sampler", self.sampler) != self.sampler:
+            changes = {"steps": None, "spacing": None, **changes}
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self, timesteps: int) -> SampleConfig:
+        """These settings with unset steps and spacing filled in for a model of `timesteps` steps."""
+        return dataclasses.replace(self, steps=self.steps or default_steps(self.sampler, timesteps),
+                                   spacing=self.spacing or default_spacing(self.sampler))
 
 
 @dataclass(frozen=True)
@@ -177,7 +194,7 @@ class Config:
         _check(p, self.model.num_classes in (None, spec.num_classes),
                f"model.num_classes={self.model.num_classes} but {spec.name} has {spec.num_classes} classes; "
                f"set {spec.num_classes} for a class-conditional model or leave it unset for an unconditional one")
-        _check(p, self.sample.sampler == "ddpm" or self.sample.steps <= self.diffusion.timesteps,
+        _check(p, (self.sample.steps or 0) <= self.diffusion.timesteps,
                f"sample.steps={self.sample.steps} exceeds diffusion.timesteps={self.diffusion.timesteps}")
         _check(p, all(n <= self.diffusion.timesteps for n in self.sample.nfe_sweep),
                f"sample.nfe_sweep={self.sample.nfe_sweep} exceeds diffusion.timesteps={self.diffusion.timesteps}")

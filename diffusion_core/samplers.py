@@ -1,13 +1,16 @@
-"""Samplers: DDPM ancestral sampling (Ho et al. 2020, Alg. 2) and DDIM (Song et al. 2021, eq. 12).
+"""Samplers: ancestral DDPM (Ho et al. 2020, Alg. 2), DDIM (Song et al. 2021, eq. 12) and DPM-Solver++(2M)
+in ODE and SDE form (Lu et al. 2022), each on a grid of `steps` timesteps (`sampling_timesteps`).
 
 `model` is any callable (x_t [B,C,H,W], t LongTensor[B] in [0, T)) -> ε̂ with x_t's shape.
-Randomness comes only from `generator` (the initial noise too), so a seed gives the same images.
+Randomness comes only from `generator`, drawn in a fixed order: x_T first (unless it is given), then one
+standard-normal tensor of x's shape per step that adds noise. So a seed gives the same images, and a
+test can redraw the exact noise a sampler used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -17,16 +20,14 @@ from .guidance import check_class_labels, guided
 from .runtime import tune_cpu_runtime
 from .schedule import NoiseSchedule
 
+if TYPE_CHECKING:
+    from .config import SampleConfig
+
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Spacing = Literal["linear", "log_snr"]
 SPACINGS = ("linear", "log_snr")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
-
-
-def default_spacing(sampler: str, configured: str = "linear") -> str:
-    """The timestep spacing to use when none is asked for: log-SNR for the DPM-Solver++ samplers (evenly
-    spaced in t, their 2nd-order steps overshoot the spread by 29 % at 20 steps), `configured` for DDIM."""
-    return "log_snr" if sampler.startswith("dpm++") else configured
+DEFAULT_STEPS = 50  # network evaluations of every sampler but "ddpm" when none are asked for
 
 
 def _initial_noise(shape, generator, device, dtype) -> torch.Tensor:
@@ -47,44 +48,28 @@ def _resolve_start(shape, x_T, generator, device, dtype) -> torch.Tensor:
     return _initial_noise(shape, generator, device or "cpu", dtype)
 
 
-@torch.no_grad()
-def ddpm_sample(
-    model: EpsModel,
-    schedule: NoiseSchedule,
-    shape: tuple[int, ...],
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_T: torch.Tensor | None = None,
-    clip_x0: bool = True,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Ancestral sampling over all T steps: x_{t-1} ~ N(μ̃(x_t, x̂0), β̃_t), x̂0 from ε̂ (eq. 15).
+def default_steps(sampler: str, timesteps: int) -> int:
+    """Network evaluations when none are asked for: all T for "ddpm" (Ho et al.'s chain), DEFAULT_STEPS else."""
+    return timesteps if sampler == "ddpm" else DEFAULT_STEPS
 
-    With `clip_x0`, x̂0 is clipped to [-1, 1] before forming the posterior mean. The last step
-    (t = 1 in the paper, index 0) adds no noise since β̃ = 0 there, so the output is x̂0.
-    """
-    x = _resolve_start(shape, x_T, generator, device, dtype)
-    for i in tqdm(range(schedule.timesteps - 1, -1, -1), desc="DDPM", disable=not progress, leave=False):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        x0 = predict_x0(schedule, x, t, model(x, t))
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-        mean = schedule.gather("posterior_mean_coef_x0", t, x) * x0 + schedule.gather("posterior_mean_coef_xt", t, x) * x
-        if i > 0:
-            x = mean + schedule.gather("posterior_variance", t, x).sqrt() * _noise_like(x, generator)
-        else:
-            x = mean
-    return x.clamp(-1.0, 1.0) if clip_x0 else x
+
+def default_spacing(sampler: str) -> str:
+    """Timestep spacing when none is asked for: log-SNR for the DPM-Solver++ samplers (Lu et al. 2022 solve in
+    λ, so even steps in λ are their natural grid), linear in t for DDPM and DDIM (as Ho et al. and Song et al.)."""
+    return "log_snr" if sampler.startswith("dpm++") else "linear"
 
 
 def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "linear") -> list[int]:
-    """The `steps` timesteps (descending, from T-1) a few-step sampler visits; the step after the
-    last one is 'ᾱ = 1' (clean data). One list serves both t and prev_t, so they always agree.
+    """The `steps` distinct timesteps (descending, T−1 first, 0 last) a sampler visits; the step after the
+    last one goes to ᾱ = 1 (clean data). One list serves both t and the next t, so they always agree.
 
-    linear: evenly spaced in t.  log_snr: evenly spaced in log(ᾱ/(1−ᾱ)), which puts more steps
-    where the signal appears (Lu et al. 2022 use log-SNR spacing for DPM-Solver).
+    linear: evenly spaced in t.
+    log_snr: evenly spaced in λ = log(ᾱ/(1−ᾱ)) (as DPM-Solver, Lu et al. 2022) over the schedule's usable
+    range, from `schedule.usable_log_snr_min` (below it only the cosine schedule's β clip lowers λ, by ~7
+    in one index) to λ at index 0; the first step is always T−1, where sampling starts.
+    A target whose nearest index is taken moves to the next free index below it (near index 0, where
+    there is no room below, the steps before it move up instead), so a collision shifts steps by one
+    index where it happens and never moves one to the noisy top of the chain.
     """
     T = schedule.timesteps
     if not isinstance(steps, int) or not 1 <= steps <= T:
@@ -92,17 +77,18 @@ def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     if spacing == "linear":
-        grid = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
+        targets = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
     else:
         log_snr = schedule.log_snr
-        targets = torch.linspace(float(log_snr[-1]), float(log_snr[0]), steps, dtype=torch.float64)
-        # log-SNR decreases with t; take the nearest index for each target
-        grid = torch.argmin((log_snr[None, :] - targets[:, None]).abs(), dim=1)
-    timesteps = sorted(set(grid.tolist()), reverse=True)
-    if len(timesteps) != steps:  # collisions after rounding: fill with the unused steps nearest to T-1
-        unused = [t for t in range(T - 1, -1, -1) if t not in set(timesteps)]
-        timesteps = sorted(timesteps + unused[: steps - len(timesteps)], reverse=True)
-    return timesteps
+        wanted = torch.linspace(schedule.usable_log_snr_min, float(log_snr[0]), steps, dtype=torch.float64)
+        targets = torch.argmin((log_snr[None, :] - wanted[:, None]).abs(), dim=1)  # nearest index per target
+        targets[0] = T - 1
+    grid: list[int] = []
+    for k, target in enumerate(targets.tolist()):
+        highest = grid[-1] - 1 if grid else T - 1  # strictly below the previous step
+        lowest = steps - 1 - k  # leaves one index for each step still to come
+        grid.append(min(max(target, lowest), highest))
+    return grid
 
 
 @torch.no_grad()
@@ -111,7 +97,7 @@ def ddim_sample(
     schedule: NoiseSchedule,
     shape: tuple[int, ...],
     *,
-    steps: int = 50,
+    steps: int = DEFAULT_STEPS,
     eta: float = 0.0,
     spacing: Spacing = "linear",
     generator: torch.Generator | None = None,
@@ -121,21 +107,21 @@ def ddim_sample(
     clip_x0: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12) on a sub-sequence of `steps` timesteps.
+    """DDIM (Song et al. 2021, eq. 12) on the `steps` timesteps of `sampling_timesteps`, t → t':
 
-    x_prev = √ᾱ_prev · x̂0 + √(1 − ᾱ_prev − σ²) · ε̂ + σ·z,
-    σ = η · √((1 − ᾱ_prev)/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_prev)  (eq. 16).
-    η = 0 is deterministic; η = 1 matches DDPM's posterior variance. The final step goes to
-    ᾱ_prev = 1, so the result is x̂0 with no noise left. If x̂0 is clipped, ε̂ is recomputed from
-    the clipped x̂0 so the update stays consistent.
+    x_t' = √ᾱ_t' · x̂0 + √(1 − ᾱ_t' − σ²) · ε̂ + σ·z,
+    σ = η · √((1 − ᾱ_t')/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_t')  (eq. 16).
+    η = 0 is deterministic; η = 1 is ancestral sampling (σ² = β̃ of the chain through the grid, see
+    `ddpm_sample`). The final step goes to ᾱ_t' = 1, so the result is x̂0 with no noise added. If x̂0 is
+    clipped, ε̂ is recomputed from the clipped x̂0 so the update stays consistent.
     """
     if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
+        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = ancestral like DDPM), got {eta!r}")
     timesteps = sampling_timesteps(schedule, steps, spacing)
     x = _resolve_start(shape, x_T, generator, device, dtype)
     alpha_bars = schedule.table("alpha_bars", x.device)
-    prevs = timesteps[1:] + [-1]
-    for i, i_prev in tqdm(list(zip(timesteps, prevs)), desc=f"DDIM-{steps}", disable=not progress, leave=False):
+    nexts = timesteps[1:] + [-1]
+    for i, i_next in tqdm(list(zip(timesteps, nexts)), desc=f"DDIM-{steps}", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         eps = model(x, t)
         x0 = predict_x0(schedule, x, t, eps)
@@ -143,13 +129,24 @@ def ddim_sample(
             x0 = x0.clamp(-1.0, 1.0)
             eps = eps_from_x0(schedule, x, t, x0)
         ab = alpha_bars[i]
-        ab_prev = alpha_bars[i_prev] if i_prev >= 0 else torch.ones_like(ab)
-        sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
-        direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
-        x = ab_prev.sqrt().to(x.dtype) * x0 + direction.to(x.dtype) * eps
-        if i_prev >= 0 and eta > 0:
+        ab_next = alpha_bars[i_next] if i_next >= 0 else torch.ones_like(ab)
+        sigma = eta * ((1 - ab_next) / (1 - ab)).sqrt() * (1 - ab / ab_next).sqrt()
+        direction = (1 - ab_next - sigma**2).clamp(min=0).sqrt()
+        x = ab_next.sqrt().to(x.dtype) * x0 + direction.to(x.dtype) * eps
+        if i_next >= 0 and eta > 0:
             x = x + sigma.to(x.dtype) * _noise_like(x, generator)
     return x.clamp(-1.0, 1.0) if clip_x0 else x
+
+
+def ddpm_sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, steps: int | None = None,
+                spacing: Spacing = "linear", **kwargs) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020, Alg. 2): x_t' ~ q(x_t' | x_t, x̂0) = N(μ̃, β̃) on the grid of
+    `steps` timesteps (default all T; fewer is the respaced chain with β_t = 1 − ᾱ_t/ᾱ_t', Nichol & Dhariwal
+    2021, §4). Its posterior mean and variance are exactly DDIM's update with η = 1 (Song et al. 2021,
+    eq. 16), so this is `ddim_sample(eta=1)`; tests check it against Ho et al.'s eqs. 6–7.
+    """
+    return ddim_sample(model, schedule, shape, steps=steps or schedule.timesteps, eta=1.0, spacing=spacing,
+                       **kwargs)
 
 
 @torch.no_grad()
@@ -158,7 +155,7 @@ def dpm_solver_sample(
     schedule: NoiseSchedule,
     shape: tuple[int, ...],
     *,
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     spacing: Spacing = "log_snr",
     stochastic: bool = False,
     generator: torch.Generator | None = None,
@@ -173,22 +170,23 @@ def dpm_solver_sample(
 
     With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ) and h = λ_next − λ:
         x_next = (σ_next/σ)·x − α_next·(e^{−h} − 1)·D,
-        D = x̂0 on the first step, else (1 + 1/(2r))·x̂0 − 1/(2r)·x̂0_prev with r = h_prev/h.
+        D = (1 + 1/(2r))·x̂0 − 1/(2r)·x̂0_prev with r = h_prev/h  (2nd order), or D = x̂0 (1st order).
     `stochastic`: SDE-DPM-Solver++(2M) (same paper, §5 / App. B), which solves the reverse SDE
     instead, injecting fresh noise z each step like DDPM does:
         x_next = (σ_next/σ)·e^{−h}·x + α_next·(1 − e^{−2h})·D + σ_next·√(1 − e^{−2h})·z.
-    The final step goes to ᾱ = 1 (σ = 0), where the update is exactly x = x̂0; the step before it is
-    first order when there are fewer than 15 steps (Lu et al.'s "lower order final").
-    Log-SNR spacing (the default) is what makes 10–20 steps accurate.
+    A step is 1st order when it is the first; when r < 1/2, since D extrapolates x̂0 with weight 1/(2r)
+    and a step more than twice as long as the one before would amplify x̂0's change (at 20 steps even in
+    t the step into index 0 has r ≈ 0.23, weight ≈ 2.2: 2nd order there overshoots the spread by 29 %);
+    and into index 0 when there are fewer than 15 steps (Lu et al. 2022's "lower order final").
+    The final step goes to ᾱ = 1 (σ = 0), where the update is exactly x = x̂0.
     """
     timesteps = sampling_timesteps(schedule, steps, spacing)
     x = _resolve_start(shape, x_T, generator, device, dtype)
     alpha_bars = schedule.table("alpha_bars", x.device)
     half_log_snr = 0.5 * schedule.table("log_snr", x.device)  # λ = log(α/σ) = ½·log(ᾱ/(1−ᾱ))
     x0_prev, h_prev = None, None
-    prevs = timesteps[1:] + [-1]
-    for k, (i, i_next) in enumerate(tqdm(list(zip(timesteps, prevs)), desc=f"DPM++2M-{steps}",
-                                         disable=not progress, leave=False)):
+    nexts = timesteps[1:] + [-1]
+    for i, i_next in tqdm(list(zip(timesteps, nexts)), desc=f"DPM++2M-{steps}", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         x0 = predict_x0(schedule, x, t, model(x, t))
         if clip_x0:
@@ -198,11 +196,10 @@ def dpm_solver_sample(
             break
         ab, ab_next = alpha_bars[i], alpha_bars[i_next]
         h = half_log_snr[i_next] - half_log_snr[i]
-        lower_order = x0_prev is None or (steps < 15 and k == len(timesteps) - 2)
-        if lower_order:
+        r = None if h_prev is None else h_prev / h
+        if r is None or r < 0.5 or (steps < 15 and i_next == 0):
             d = x0
         else:
-            r = h_prev / h
             d = (1 + 1 / (2 * r)).to(x.dtype) * x0 - (1 / (2 * r)).to(x.dtype) * x0_prev
         ratio = ((1 - ab_next) / (1 - ab)).sqrt()
         if stochastic:
@@ -216,12 +213,12 @@ def dpm_solver_sample(
 
 
 def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, sampler: str = "ddim",
-           steps: int = 50, eta: float = 0.0, spacing: Spacing = "linear",
+           steps: int | None = None, eta: float = 0.0, spacing: Spacing | None = None,
            class_labels: torch.Tensor | None = None, guidance: float = 0.0, **kwargs) -> torch.Tensor:
-    """Dispatch by sampler name: "ddpm" (all T steps; `steps`, `eta`, `spacing` unused), "ddim",
-    "dpm++2m" or its stochastic variant "dpm++2m-sde" (`eta` unused). With `class_labels` [B] (a
-    class-conditional model), every sampler runs
-    on the classifier-free-guided ε̂ with weight `guidance` (see diffusion_core.guidance)."""
+    """Dispatch by sampler name: "ddpm" (ancestral), "ddim" (with `eta`), "dpm++2m" or its stochastic
+    variant "dpm++2m-sde". `steps` and `spacing` left as None take `default_steps` and `default_spacing`.
+    With `class_labels` [B] (a class-conditional model), every sampler runs on the classifier-free-guided
+    ε̂ with weight `guidance` (see diffusion_core.guidance)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if class_labels is None:
@@ -230,37 +227,39 @@ def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
         if len(class_labels) != shape[0]:
             raise ValueError(f"{len(class_labels)} class labels for {shape[0]} images")
         model = guided(model, class_labels, guidance)  # checks the labels against the model
+    grid = dict(steps=steps or default_steps(sampler, schedule.timesteps), spacing=spacing or default_spacing(sampler))
     if sampler == "ddpm":
-        return ddpm_sample(model, schedule, shape, **kwargs)
+        return ddpm_sample(model, schedule, shape, **grid, **kwargs)
     if sampler == "ddim":
-        return ddim_sample(model, schedule, shape, steps=steps, eta=eta, spacing=spacing, **kwargs)
-    return dpm_solver_sample(model, schedule, shape, steps=steps, spacing=spacing,
-                             stochastic=sampler == "dpm++2m-sde", **kwargs)
+        return ddim_sample(model, schedule, shape, eta=eta, **grid, **kwargs)
+    return dpm_solver_sample(model, schedule, shape, stochastic=sampler == "dpm++2m-sde", **grid, **kwargs)
 
 
-def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tuple[int, ...], num_samples: int, *,
-                     batch_size: int, seed: int, device: torch.device | str, progress: bool = True,
-                     class_labels: torch.Tensor | None = None, **sampler_kwargs):
-    """Yield uint8 image batches [b, C, H, W] on the CPU until `num_samples` are made.
+def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tuple[int, ...], settings: SampleConfig,
+                     *, device: torch.device | str, progress: bool = True, class_labels: torch.Tensor | None = None):
+    """Yield uint8 image batches [b, C, H, W] on the CPU until `settings.num_samples` are made, drawn with
+    `settings` (sampler, steps, eta, spacing, clip_x0, guidance; batch_size images per call).
 
-    Batch k is seeded by (seed, k), so memory stays bounded by one batch whatever N is, and the
+    Batch k is seeded by (settings.seed, k), so memory stays bounded by one batch whatever N is, and the
     first images of a longer run equal those of a shorter one. `class_labels` [num_samples] (for a
-    conditional model) are sliced per batch; the guidance weight travels in `sampler_kwargs`.
+    conditional model) are sliced per batch.
     """
     from .images import to_uint8
 
+    num_samples, batch_size = settings.num_samples, settings.batch_size
     if class_labels is not None and len(class_labels) != num_samples:
         raise ValueError(f"{len(class_labels)} class labels for {num_samples} samples")
-    check_class_labels(model, class_labels, sampler_kwargs.get("guidance", 0.0))
+    check_class_labels(model, class_labels, settings.guidance)
     tune_cpu_runtime()
     made = 0
     bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
     for k in range((num_samples + batch_size - 1) // batch_size):
         b = min(batch_size, num_samples - made)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + k)
         labels = None if class_labels is None else class_labels[made:made + b]
-        x = sample(model, schedule, (b, *image_shape), generator=generator, device=device, class_labels=labels,
-                   **sampler_kwargs)
+        x = sample(model, schedule, (b, *image_shape), sampler=settings.sampler, steps=settings.steps,
+                   eta=settings.eta, spacing=settings.spacing, clip_x0=settings.clip_x0, class_labels=labels,
+                   guidance=settings.guidance, generator=generator, device=device)
         made += b
         bar.update(b)
         yield to_uint8(x).cpu()

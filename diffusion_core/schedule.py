@@ -1,7 +1,7 @@
 """Noise schedules for the discrete-time forward process.
 
 Index convention: the paper's t = 1..T is stored at index t - 1, so every table has length T and
-`alpha_bars[0]` is ᾱ_1 (the least noisy step). ᾱ_0 = 1 (clean data) is `alpha_bars_prev[0]`.
+`alpha_bars[0]` is ᾱ_1 (the least noisy step). ᾱ_0 = 1 (clean data) is where every sampler's last step goes.
 
 All tables are computed in float64 on the CPU; `table(name, like)` hands out a copy on another
 device (cached, so a sampling loop never re-uploads them).
@@ -60,20 +60,14 @@ class NoiseSchedule:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alpha_bars = torch.cumprod(self.alphas, dim=0)
-        self.alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars[:-1]])
         self.sqrt_alpha_bars = self.alpha_bars.sqrt()
         self.sqrt_one_minus_alpha_bars = (1.0 - self.alpha_bars).sqrt()
-        # Posterior q(x_{t-1} | x_t, x_0) = N(coef_x0 · x_0 + coef_xt · x_t, β̃_t) (Ho et al. eqs. 6-7).
-        # At index 0, ᾱ_prev = 1 so β̃ = 0 exactly: no division by zero because 1 - ᾱ_1 = β_1 > 0.
-        self.posterior_variance = betas * (1.0 - self.alpha_bars_prev) / (1.0 - self.alpha_bars)
-        self.posterior_mean_coef_x0 = betas * self.alpha_bars_prev.sqrt() / (1.0 - self.alpha_bars)
-        self.posterior_mean_coef_xt = (1.0 - self.alpha_bars_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bars)
-        # log β̃ with the t = 1 entry (which is log 0) replaced by the t = 2 entry, as in Ho et al.'s code.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
-        ) if timesteps > 1 else torch.log(betas)
         # Signal-to-noise ratio ᾱ / (1 - ᾱ), in log form (used for log-SNR step spacing).
         self.log_snr = torch.log(self.alpha_bars) - torch.log1p(-self.alpha_bars)
+        # The lowest log-SNR the schedule's own formula reaches: where the cosine schedule clips β at
+        # max_beta (its last index, at T = 1000), λ drops by ~7 in one step, an artefact of the clip.
+        unclipped = torch.nonzero(betas < max_beta).flatten() if kind == "cosine" else torch.arange(timesteps)
+        self.usable_log_snr_min = float(self.log_snr[int(unclipped.max()) if len(unclipped) else timesteps - 1])
         self._device_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def __repr__(self) -> str:

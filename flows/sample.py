@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 from safetensors.torch import save_file
 
-from diffusion_core.config import Config
+from diffusion_core.config import Config, SampleConfig
 from diffusion_core.data import get_spec
 from diffusion_core.distributed import DistContext, resolve_device
 from diffusion_core.evaluation.evaluator import sampler_tag
@@ -41,40 +41,53 @@ GRID_MAX = 64
 
 @dataclass(frozen=True)
 class SamplerSetting:
-    sampler: str
-    steps: int
-    eta: float
-    spacing: str
-    guidance: float | None = None  # classifier-free guidance weight; None for an unconditional model
+    """One way the pipeline samples a model: the sampling settings (steps and spacing resolved) and
+    whether the model is class-conditional (which puts the guidance weight into the tag)."""
+
+    settings: SampleConfig
+    conditional: bool
+
+    @property
+    def guidance(self) -> float | None:
+        return self.settings.guidance if self.conditional else None
 
     @property
     def tag(self) -> str:
         """The name used in artifact names and evaluation metric keys, e.g. `ddim50`, `ddim50_w3`."""
-        return sampler_tag(self.sampler, self.steps, self.guidance)
+        return sampler_tag(self.settings.sampler, self.settings.steps, self.guidance)
 
     @property
     def protocol(self) -> str:
         """Everything that changes the samples' distribution, e.g. `ddim50-eta0-linear`."""
-        return self.tag if self.sampler == "ddpm" else f"{self.tag}-eta{self.eta:g}-{self.spacing}"
+        s = self.settings
+        if s.sampler == "ddim":
+            return f"{self.tag}-eta{s.eta:g}-{s.spacing}"
+        return f"{self.tag}-{s.spacing}"
+
+
+def _setting(config: Config, **changes) -> SamplerSetting:
+    """The config's sample settings with `changes`; no guidance for an unconditional model."""
+    if not config.conditional:
+        changes["guidance"] = 0.0
+    settings = dataclasses.replace(config.sample, **changes).resolved(config.diffusion.timesteps)
+    return SamplerSetting(settings, config.conditional)
 
 
 def primary_setting(config: Config) -> SamplerSetting:
-    """DDIM as the config sets it: the setting whose FID decides the champion."""
-    s = config.sample
-    return SamplerSetting("ddim", s.steps, s.eta, s.spacing, s.guidance if config.conditional else None)
+    """DDIM with the config's steps, η and spacing: the setting whose FID decides the champion."""
+    return _setting(config, sampler="ddim")
 
 
 def sampler_settings(config: Config) -> list[SamplerSetting]:
-    """DDPM, the primary DDIM setting, for a conditional model DDIM at each guidance_sweep weight, and
-    DDIM and DPM-Solver++(2M) in ODE and SDE form (log-SNR spacing) at each nfe_sweep step count."""
-    primary = primary_setting(config)
-    settings = [SamplerSetting("ddpm", config.diffusion.timesteps, 1.0, "linear", primary.guidance), primary]
+    """DDPM (all T steps), the primary DDIM setting, for a conditional model DDIM at each guidance_sweep
+    weight, and DDIM and DPM-Solver++(2M) in ODE and SDE form (default spacing) at each nfe_sweep step count."""
+    settings = [_setting(config, sampler="ddpm", steps=None, spacing=None), primary_setting(config)]
     if config.conditional:
-        settings += [dataclasses.replace(primary, guidance=w) for w in config.sample.guidance_sweep]
+        settings += [_setting(config, sampler="ddim", guidance=w) for w in config.sample.guidance_sweep]
     for steps in config.sample.nfe_sweep:
-        settings += [dataclasses.replace(primary, steps=steps),
-                     SamplerSetting("dpm++2m", steps, 0.0, "log_snr", primary.guidance),
-                     SamplerSetting("dpm++2m-sde", steps, 0.0, "log_snr", primary.guidance)]
+        settings += [_setting(config, sampler="ddim", steps=steps),
+                     _setting(config, sampler="dpm++2m", steps=steps, spacing=None),
+                     _setting(config, sampler="dpm++2m-sde", steps=steps, spacing=None)]
     by_tag: dict[str, SamplerSetting] = {}
     for setting in settings:  # one setting per tag: the first one listed wins
         by_tag.setdefault(setting.tag, setting)
@@ -98,9 +111,7 @@ def sample_images(run_id: str, model_uri: str) -> None:
             start = time.perf_counter()
             images = torch.cat(list(generate_batches(
                 model.denoiser, model.denoiser.schedule, (spec.channels, spec.image_size, spec.image_size),
-                s.num_samples, batch_size=s.batch_size, seed=s.seed, device=device, progress=False,
-                sampler=setting.sampler, steps=setting.steps, eta=setting.eta, spacing=setting.spacing,
-                clip_x0=s.clip_x0, class_labels=labels, guidance=setting.guidance or 0.0)))
+                setting.settings, device=device, progress=False, class_labels=labels)))
             speeds[f"sampling_images_per_s_{setting.tag}"] = len(images) / (time.perf_counter() - start)
             tensors = {"images": images} if labels is None else {"images": images, "labels": labels}
             save_file(tensors, str(Path(tmp) / f"{setting.tag}.safetensors"),

@@ -35,26 +35,32 @@ def test_ddpm_sampling_from_cli(smoke_run, tmp_path):
     assert load_file(str(tensor))["images"].shape == (2, 1, 28, 28)
 
 
-def test_dpm_solver_sampling_defaults_to_log_snr_steps(smoke_run, tmp_path):
-    """Without --spacing, both DPM-Solver++ forms take log-SNR steps (the smoke config says linear)."""
+def test_sampler_asked_for_takes_its_own_default_steps_and_spacing(smoke_run, tmp_path):
+    """The smoke config samples DDIM with 10 steps even in t; --sampler dpm++2m-sde without --spacing takes
+    log-SNR steps (its default, the same rule as the library's), and --sampler ddpm all T steps."""
     from safetensors import safe_open
 
     from diffusion_core.checkpoint import load_model
+    from diffusion_core.config import SampleConfig
     from diffusion_core.samplers import generate_batches
 
+    model = load_model(smoke_run)
+    assert (model.config.sample.sampler, model.config.sample.steps) == ("ddim", 10)
     tensor = tmp_path / "sde.safetensors"
     result = run_cli("sample", "--model", str(smoke_run), "--sampler", "dpm++2m-sde", "--steps", "4", "-n", "3",
                      "--seed", "2", "--tensor-out", str(tensor), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     with safe_open(str(tensor), "pt") as f:
         assert (f.metadata()["sampler"], f.metadata()["spacing"]) == ("dpm++2m-sde", "log_snr")
-    model = load_model(smoke_run)
-    assert model.config.sample.spacing == "linear"
-    expected = torch.cat(list(generate_batches(
-        model.denoiser, model.denoiser.schedule, (1, 28, 28), 3, batch_size=model.config.sample.batch_size, seed=2,
-        device="cpu", progress=False, sampler="dpm++2m-sde", steps=4, spacing="log_snr",
-        clip_x0=model.config.sample.clip_x0)))
+    settings = SampleConfig(sampler="dpm++2m-sde", steps=4, spacing="log_snr", num_samples=3, seed=2)
+    expected = torch.cat(list(generate_batches(model.denoiser, model.denoiser.schedule, (1, 28, 28), settings,
+                                               device="cpu", progress=False)))
     assert (load_file(str(tensor))["images"] == expected).all()
+    ddpm = tmp_path / "ddpm.safetensors"
+    assert run_cli("sample", "--model", str(smoke_run), "--sampler", "ddpm", "-n", "1", "--tensor-out", str(ddpm),
+                   "--device", "cpu").returncode == 0
+    with safe_open(str(ddpm), "pt") as f:
+        assert (f.metadata()["steps"], f.metadata()["spacing"]) == ("100", "linear")
 
 
 def test_bad_input_gives_clear_errors(smoke_run, tmp_path):

@@ -99,6 +99,24 @@ def test_fid_of_a_set_against_itself_is_zero(lenet, real):
     assert m["precision"] == 1.0 and m["recall"] == 1.0
 
 
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # dead ReLU units: zero-variance features
+def test_fid_is_the_frechet_distance_of_the_classifiers_fc1_features(lenet, real):
+    """FID against an independent computation: the classifier's own `fc1` activations (the layer the lenet
+    extractor names), Gaussians fitted in float64, and scipy's matrix square root in
+    |μ1 − μ2|² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^½) (Heusel et al. 2017). Fails for another layer or another distance."""
+    import numpy as np
+    from scipy import linalg
+
+    train, test = real
+    net = load_classifier(lenet.weights_path)
+    with torch.no_grad():
+        a, b = (net.features(images)["fc1"].double().numpy() for images in (train, test))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = (((a.mean(0) - b.mean(0)) ** 2).sum()
+                + np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real))
+    assert metrics(train, test, lenet)["fid"] == pytest.approx(expected, rel=1e-3)
+
+
 def test_real_images_score_far_better_than_noise(lenet, real):
     train, test = real
     noise = torch.randint(0, 256, train.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)

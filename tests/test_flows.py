@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from diffusion_core import load_config, prepare_dataset
+from diffusion_core.config import SampleConfig
 from diffusion_core.launch import write_resolved_config
 from diffusion_core.samplers import generate_batches
 from flows.registry import CHALLENGER, CHAMPION, Score, load_registered_model, select_champion
@@ -95,8 +96,8 @@ def test_train_eval_tracks_registers_and_crowns_the_first_model(pipeline, mnist_
     assert run.data.tags["champion.decision"] == "promoted"
 
     model = load_registered_model("models:/ddpm-mnist@champion")
-    (images,) = generate_batches(model.denoiser, model.denoiser.schedule, (1, 28, 28), 2, batch_size=2, seed=0,
-                                 device="cpu", progress=False, sampler="ddim", steps=2)
+    (images,) = generate_batches(model.denoiser, model.denoiser.schedule, (1, 28, 28),
+                                 SampleConfig(steps=2, num_samples=2, batch_size=2), device="cpu", progress=False)
     assert images.shape == (2, 1, 28, 28) and images.dtype == torch.uint8
 
 

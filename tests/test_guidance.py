@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffusion_core import NoiseSchedule
+from diffusion_core.config import SampleConfig
 from diffusion_core.guidance import balanced_labels, drop_labels, guided, parse_classes
 from diffusion_core.samplers import ddim_sample, generate_batches, sample
 from diffusion_core.unet import UNet, UNetConfig
@@ -148,8 +149,8 @@ def test_requests_that_do_not_fit_the_model_fail_before_sampling(linear):
     unconditional = UNet(UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=()))
     shape = (1, 28, 28)
     with pytest.raises(ValueError, match="unconditional"):
-        next(generate_batches(unconditional, linear, shape, 2, batch_size=2, seed=0, device="cpu", progress=False,
-                              class_labels=torch.tensor([1, 2]), guidance=1.0))
+        next(generate_batches(unconditional, linear, shape, SampleConfig(num_samples=2, batch_size=2, guidance=1.0),
+                              device="cpu", progress=False, class_labels=torch.tensor([1, 2])))
     with pytest.raises(ValueError, match="unconditional"):
         unconditional(torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long), class_labels=torch.tensor([1]))
     model = MixtureEps(linear)

@@ -1,16 +1,20 @@
-"""Samplers against the exact optimum for Gaussian data x0 ~ N(μ, s²I).
+"""Sampler behaviour beyond the exact propagation of tests/test_sampler_oracle.py: point masses, seeds,
+bad arguments, and the one rule for default steps and spacing.
 
-Then x_t ~ N(√ᾱ·μ, ᾱs² + 1 − ᾱ) and the optimal noise prediction is exactly
+Data x0 ~ N(μ, s²I): x_t ~ N(√ᾱ·μ, ᾱs² + 1 − ᾱ) and the optimal noise prediction is exactly
 ε̂*(x_t, t) = E[ε | x_t] = √(1−ᾱ) · (x_t − √ᾱ·μ) / (ᾱ·s² + 1 − ᾱ).
 """
+
+import dataclasses
 
 import pytest
 import torch
 
-from diffusion_core import NoiseSchedule, ddim_sample, ddpm_sample, dpm_solver_sample, sampling_timesteps
+from diffusion_core import NoiseSchedule, ddim_sample, dpm_solver_sample, sample
+from diffusion_core.config import ConfigError, SampleConfig
+from diffusion_core.samplers import DEFAULT_STEPS, sampling_timesteps
 
 MU, S = 0.2, 0.25
-SHAPE = (4096, 1, 4, 4)  # 65,536 independent draws
 
 
 def optimal_eps(schedule, mu=MU, s=S):
@@ -20,57 +24,9 @@ def optimal_eps(schedule, mu=MU, s=S):
     return model
 
 
-def stats(x):
-    return x.mean().item(), x.std().item()
-
-
 @pytest.fixture(scope="module")
 def linear():
     return NoiseSchedule(1000, "linear")
-
-
-def test_ddpm_reproduces_data_distribution(linear):
-    x = ddpm_sample(optimal_eps(linear), linear, SHAPE, generator=torch.Generator().manual_seed(0),
-                    dtype=torch.float64, clip_x0=False)
-    mean, std = stats(x)
-    assert mean == pytest.approx(MU, abs=0.01)
-    assert std == pytest.approx(S, rel=0.03)
-
-
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_all_steps_reproduces_data_distribution(linear, eta):
-    x = ddim_sample(optimal_eps(linear), linear, SHAPE, steps=1000, eta=eta,
-                    generator=torch.Generator().manual_seed(1), dtype=torch.float64, clip_x0=False)
-    mean, std = stats(x)
-    assert mean == pytest.approx(MU, abs=0.01)
-    assert std == pytest.approx(S, rel=0.03)
-
-
-# Golden spread ratios of DDIM (η = 0) with the linear schedule. DDIM is then an affine map of x_T, so
-# the ratio is computed exactly from two starting points (0 and 1); measured with this implementation.
-GOLDEN_SPREAD = {"linear": {50: 0.900515, 20: 0.759518, 10: 0.551424},
-                 "cosine": {50: 0.947631, 20: 0.870419, 10: 0.742502}}
-
-
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
-@pytest.mark.parametrize("steps", [50, 20, 10])
-def test_ddim_few_steps_golden_spread(kind, steps):
-    schedule = NoiseSchedule(1000, kind)
-    x_T = torch.tensor([0.0, 1.0], dtype=torch.float64).reshape(2, 1, 1, 1)
-    out = ddim_sample(optimal_eps(schedule), schedule, (2, 1, 1, 1), steps=steps, x_T=x_T,
-                      dtype=torch.float64, clip_x0=False)
-    ratio = (out[1] - out[0]).item() / S
-    assert ratio == pytest.approx(GOLDEN_SPREAD[kind][steps], abs=1e-5)
-    assert ratio < 1.0  # discretisation only ever shrinks the spread here
-    assert out[0].item() == pytest.approx(MU, abs=1e-3)  # the mean holds (x_T = 0 is the mean noise)
-
-
-def test_ddim_50_steps_statistics(linear):
-    x = ddim_sample(optimal_eps(linear), linear, SHAPE, steps=50, generator=torch.Generator().manual_seed(2),
-                    dtype=torch.float64, clip_x0=False)
-    mean, std = stats(x)
-    assert mean == pytest.approx(MU, abs=0.01)
-    assert std / S == pytest.approx(GOLDEN_SPREAD["linear"][50], abs=0.02)
 
 
 @pytest.mark.parametrize("steps", [1000, 50, 7, 1])
@@ -79,8 +35,8 @@ def test_ddim_single_point_returns_the_point(linear, steps):
     stops short of ᾱ = 1, or if x is reset when η = 0)."""
     point = 0.3
     x = ddim_sample(optimal_eps(linear, point, 0.0), linear, (8, 1, 3, 3), steps=steps, eta=0.0,
-                    generator=torch.Generator().manual_seed(3), clip_x0=False)
-    assert torch.allclose(x, torch.full_like(x, point), atol=1e-5)
+                    generator=torch.Generator().manual_seed(3), dtype=torch.float64, clip_x0=False)
+    assert torch.allclose(x, torch.full_like(x, point), atol=1e-9)
 
 
 def test_same_seed_same_images(linear):
@@ -90,14 +46,6 @@ def test_same_seed_same_images(linear):
     c = ddim_sample(model, linear, (4, 1, 2, 2), steps=10, eta=0.5, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= -1 and a.max() <= 1
-
-
-def test_timesteps_one_list_for_t_and_prev(linear):
-    ts = sampling_timesteps(linear, 50)
-    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0 and ts == sorted(set(ts), reverse=True)
-    assert sampling_timesteps(linear, 1000) == list(range(999, -1, -1))
-    logsnr = sampling_timesteps(linear, 20, "log_snr")
-    assert len(logsnr) == 20 and logsnr[0] == 999 and logsnr[-1] == 0
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -112,48 +60,6 @@ def test_ddim_bad_arguments(linear, kwargs, match):
         ddim_sample(optimal_eps(linear), linear, (1, 1, 2, 2), **kwargs)
 
 
-def affine_spread_and_mean(sampler, schedule, **kwargs):
-    """For Gaussian data a deterministic sampler is affine in x_T: run it from 0 and 1 to get it exactly."""
-    x_T = torch.tensor([0.0, 1.0], dtype=torch.float64).reshape(2, 1, 1, 1)
-    out = sampler(optimal_eps(schedule), schedule, (2, 1, 1, 1), x_T=x_T, dtype=torch.float64, clip_x0=False, **kwargs)
-    return (out[1] - out[0]).item() / S, out[0].item()
-
-
-@pytest.mark.parametrize("steps, tolerance", [(20, 0.03), (10, 0.05), (50, 0.01)])
-def test_dpm_solver_keeps_the_spread_with_log_snr_steps(linear, steps, tolerance):
-    ratio, mean = affine_spread_and_mean(dpm_solver_sample, linear, steps=steps, spacing="log_snr")
-    assert abs(ratio - 1) <= tolerance, ratio
-    assert mean == pytest.approx(MU, abs=1e-3)
-    ddim_ratio, _ = affine_spread_and_mean(ddim_sample, linear, steps=steps, spacing="log_snr")
-    assert abs(ratio - 1) < abs(ddim_ratio - 1)  # the 2nd-order solver beats DDIM at equal evaluations
-
-
-def test_dpm_solver_overshoots_with_linear_spacing(linear):
-    """Step placement matters: evenly spaced in t, 2nd-order multistep overshoots by ~29 % at 20 steps."""
-    ratio, _ = affine_spread_and_mean(dpm_solver_sample, linear, steps=20, spacing="linear")
-    assert ratio == pytest.approx(1.288677, abs=1e-4)
-
-
-def test_dpm_solver_single_point_and_sampled_statistics(linear):
-    x = dpm_solver_sample(optimal_eps(linear, 0.3, 0.0), linear, (8, 1, 3, 3), steps=10,
-                          generator=torch.Generator().manual_seed(3), clip_x0=False)
-    assert torch.allclose(x, torch.full_like(x, 0.3), atol=1e-5)
-    x = dpm_solver_sample(optimal_eps(linear), linear, SHAPE, steps=20, generator=torch.Generator().manual_seed(4),
-                          dtype=torch.float64, clip_x0=False)
-    assert x.mean().item() == pytest.approx(MU, abs=0.01) and x.std().item() == pytest.approx(S, rel=0.04)
-
-
-@pytest.mark.parametrize("steps, tolerance", [(20, 0.05), (50, 0.015), (100, 0.01)])
-def test_sde_dpm_solver_reproduces_the_data_distribution(linear, steps, tolerance):
-    """SDE-DPM-Solver++(2M) injects noise every step, so its output is not affine in x_T alone: check
-    the sampled spread (65,536 draws: ~0.3 % standard error) against the true one."""
-    x = dpm_solver_sample(optimal_eps(linear), linear, SHAPE, steps=steps, stochastic=True,
-                          generator=torch.Generator().manual_seed(5), dtype=torch.float64, clip_x0=False)
-    mean, std = stats(x)
-    assert mean == pytest.approx(MU, abs=0.01)
-    assert abs(std / S - 1) <= tolerance, std / S
-
-
 def test_sde_dpm_solver_uses_the_noise(linear):
     """Same x_T, other noise → other images; a point mass stays a point (the noise is all removed)."""
     x_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -164,3 +70,48 @@ def test_sde_dpm_solver_uses_the_noise(linear):
     point = dpm_solver_sample(optimal_eps(linear, 0.3, 0.0), linear, (8, 1, 3, 3), steps=10, stochastic=True,
                               generator=torch.Generator().manual_seed(3), clip_x0=False)
     assert torch.allclose(point, torch.full_like(point, 0.3), atol=1e-5)
+
+
+class CountingModel:
+    """The optimal ε̂, recording the timesteps it is called at."""
+
+    def __init__(self, schedule):
+        self.eps, self.timesteps = optimal_eps(schedule), []
+
+    def __call__(self, x, t):
+        self.timesteps.append(int(t[0]))
+        return self.eps(x, t)
+
+
+@pytest.mark.parametrize("sampler, steps, spacing", [
+    ("ddpm", 1000, "linear"), ("ddim", DEFAULT_STEPS, "linear"),
+    ("dpm++2m", DEFAULT_STEPS, "log_snr"), ("dpm++2m-sde", DEFAULT_STEPS, "log_snr"),
+])
+def test_library_and_settings_share_the_defaults(linear, sampler, steps, spacing):
+    """sample() without steps or spacing visits the grid that SampleConfig.resolved names: all T for DDPM,
+    log-SNR spacing for both DPM-Solver++ forms."""
+    model = CountingModel(linear)
+    sample(model, linear, (2, 1, 1, 1), sampler=sampler, generator=torch.Generator().manual_seed(0))
+    assert model.timesteps == sampling_timesteps(linear, steps, spacing)
+    resolved = SampleConfig(sampler=sampler).resolved(linear.timesteps)
+    assert (resolved.steps, resolved.spacing) == (steps, spacing)
+
+
+def test_ddpm_takes_fewer_steps_when_asked(linear):
+    model = CountingModel(linear)
+    sample(model, linear, (2, 1, 1, 1), sampler="ddpm", steps=25, spacing="log_snr",
+           generator=torch.Generator().manual_seed(0))
+    assert model.timesteps == sampling_timesteps(linear, 25, "log_snr")
+
+
+def test_settings_override_keeps_steps_and_spacing_with_their_sampler():
+    configured = SampleConfig(sampler="ddim", steps=20, spacing="log_snr", eta=0.5)
+    assert configured.override(steps=None, seed=3) == dataclasses.replace(configured, seed=3)
+    assert configured.override(sampler="ddim", steps=10).steps == 10
+    other = configured.override(sampler="ddpm")  # DDIM's 20 log-SNR steps were not chosen for DDPM
+    assert (other.steps, other.spacing, other.eta) == (None, None, 0.5)
+    assert configured.override(sampler="dpm++2m", steps=8).resolved(1000).steps == 8
+    with pytest.raises(ConfigError, match=r"sample.spacing='even' is unknown"):
+        configured.override(spacing="even")
+    with pytest.raises(ConfigError, match=r"sample.steps must be >= 1"):
+        SampleConfig(steps=0)

@@ -35,22 +35,6 @@ def test_cosine_matches_defining_formula():
     assert s.betas[-1].item() == pytest.approx(0.999)  # the clip is active at the very end
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
-def test_posterior_identities(kind):
-    s = NoiseSchedule(1000, kind)
-    ab, abp = s.alpha_bars, s.alpha_bars_prev
-    # β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t, zero (not NaN) at the first step
-    assert s.posterior_variance[0].item() == 0.0
-    assert torch.isfinite(s.posterior_log_variance_clipped).all()
-    assert torch.allclose(s.posterior_variance, (1 - abp) / (1 - ab) * s.betas)
-    # Gaussian-product identity: 1/β̃ = α_t/β_t + 1/(1 − ᾱ_{t−1})
-    inv = s.alphas[1:] / s.betas[1:] + 1 / (1 - abp[1:])
-    assert torch.allclose(1 / s.posterior_variance[1:], inv, rtol=1e-9)
-    # the posterior mean coefficients sum to the right thing on x0 = x_t = 1 for a noiseless chain:
-    # coef_x0 · √ᾱ_t + coef_xt reproduces √ᾱ_{t−1} (the mean of x_{t−1} given x0 = 1 in expectation)
-    assert torch.allclose(s.posterior_mean_coef_x0 + s.posterior_mean_coef_xt * ab.sqrt(), abp.sqrt(), rtol=1e-9)
-
-
 @pytest.mark.parametrize("kwargs, match", [
     (dict(kind="quadratic"), "unknown schedule kind"),
     (dict(timesteps=0), "positive integer"),

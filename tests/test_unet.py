@@ -24,13 +24,39 @@ def test_output_depends_on_time_and_input():
     assert (a - model(x + 0.1, torch.tensor([10]))).abs().max() > 1e-3 * a.abs().max()
 
 
-def test_output_layer_gets_gradient():
-    model = UNet(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), attention_heads=2)
-    out = model(torch.randn(2, 1, 28, 28), torch.tensor([1, 2]))
-    (out - torch.randn_like(out)).square().mean().backward()
-    # the zero-initialised output conv is the only layer with a gradient on the very first step
-    assert model.conv_out.weight.grad.abs().sum() > 0
-    assert count_parameters(model) > 0
+def test_every_parameter_reaches_the_output():
+    """With every weight random (zero-initialised layers would block the gradient), one backward pass gives
+    every parameter a gradient: a layer that is built but skipped, or a branch cut off, fails here."""
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=2, attention_levels=(1,), attention_heads=2,
+                 dropout=0.0, num_classes=10)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    model(torch.randn(2, 1, 28, 28), torch.tensor([1, 500]), torch.tensor([3, 10])).square().mean().backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert unused == []
+
+
+def test_parameter_count_follows_the_layout():
+    """The documented layout of the smallest U-Net (one level, one block, mid attention), counted by hand:
+    conv k×k from a to b channels has a·b·k² + b parameters, GroupNorm and the like 2 per channel."""
+    c, e = 8, 32  # channels, embedding width (4c)
+
+    def conv(a, b, k=3):
+        return a * b * k * k + b
+
+    def res_block(a, b):  # norm1, conv1, embedding → (scale, shift), norm2, conv2, 1×1 skip when a ≠ b
+        return 2 * a + conv(a, b) + (e * 2 * b + 2 * b) + 2 * b + conv(b, b) + (conv(a, b, 1) if a != b else 0)
+
+    attention = 2 * c + conv(c, 3 * c, 1) + conv(c, c, 1)
+    expected = ((c * e + e) + (e * e + e)  # time MLP
+                + conv(1, c)  # conv_in
+                + res_block(c, c)  # down: one block
+                + res_block(c, c) + attention + res_block(c, c)  # middle
+                + 2 * res_block(2 * c, c)  # up: two blocks, each with a skip concatenated
+                + 2 * c + conv(c, 1))  # norm_out, conv_out
+    model = UNet(base_channels=c, channel_mults=(1,), num_res_blocks=1, attention_levels=())
+    assert count_parameters(model) == expected
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -9,7 +9,7 @@ import os
 from ..cli import _add_config_args
 from ..config import ENV_OVERRIDES, SAMPLERS, DataConfig, load_config
 from ..data import SPLITS
-from ..samplers import SPACINGS, default_spacing
+from ..samplers import SPACINGS
 from .extractors import EXTRACTORS
 
 
@@ -41,7 +41,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         loaded = load_model(args.model, device)
         data = _data_config(loaded.config.data, args)
         metrics.update(evaluate(loaded, data=data, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                spacing=args.spacing or default_spacing(args.sampler), guidance=args.guidance, **common))
+                                spacing=args.spacing, guidance=args.guidance, **common))
     else:
         data = _data_config(load_config(args.preset).data, args)
     if args.floors:
@@ -72,7 +72,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="FID/KID/precision/recall of a model's samples against real data")
     p.add_argument("--model", help="exported model folder, run folder or training checkpoint")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always uses all T)")
+    p.add_argument("--steps", type=int, help="network evaluations (default: all T for ddpm, 50 for the others)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
     p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: log_snr for dpm++2m(-sde), else linear)")
     p.add_argument("--guidance", type=float, help="class-conditional models: guidance weight w "

@@ -105,27 +105,24 @@ def _generate(loaded: LoadedModel, settings: SampleConfig, image_shape: tuple[in
               progress: bool, class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """(uint8 samples [N, C, H, W] on the CPU, images per second); the denoiser is moved to `device`."""
     start = time.perf_counter()
-    images = torch.cat(list(generate_batches(
-        loaded.denoiser.to(device), loaded.denoiser.schedule, image_shape, settings.num_samples,
-        batch_size=settings.batch_size, seed=settings.seed, device=device, progress=progress,
-        sampler=settings.sampler, steps=settings.steps, eta=settings.eta, spacing=settings.spacing,
-        clip_x0=settings.clip_x0, class_labels=class_labels, guidance=settings.guidance)))
+    images = torch.cat(list(generate_batches(loaded.denoiser.to(device), loaded.denoiser.schedule, image_shape,
+                                             settings, device=device, progress=progress, class_labels=class_labels)))
     return images, settings.num_samples / (time.perf_counter() - start)
 
 
 def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = None, extractor: str = "lenet",
-             num_samples: int = 1000, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-             spacing: str = "linear", clip_x0: bool = True, seed: int = 0, batch_size: int = 256,
+             num_samples: int = 1000, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
+             spacing: str | None = None, clip_x0: bool = True, seed: int = 0, batch_size: int = 256,
              device: torch.device | str = "auto", split: str = "test", inception_weights: str | Path | None = None,
              tag: str = "samples", labels: torch.Tensor | None = None, guidance: float | None = None,
              out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Metrics of a model's samples (or of given uint8 images [N, C, H, W]) against the real `split`.
 
     For a model, `num_samples` images are drawn with `sampler`/`steps`/`eta`/`spacing` (batch k seeded
-    by (seed, k)), on `device` (the denoiser is moved there); `data` defaults to the model's data
-    config. For a tensor, `data` is required and `tag` names it in the keys. Extractor weights and
-    the dataset are checked before any sampling. With `out`, the dict is also saved as JSON
-    (atomically).
+    by (seed, k); unset steps and spacing take the sampler's defaults, see SampleConfig), on `device`
+    (the denoiser is moved there); `data` defaults to the model's data config. For a tensor, `data` is
+    required and `tag` names it in the keys. Extractor weights and the dataset are checked before any
+    sampling. With `out`, the dict is also saved as JSON (atomically).
 
     Class-conditional: a conditional model is sampled with balanced class labels (0, 1, …, K−1, 0, …)
     and guidance weight `guidance` (default: its config's sample.guidance), and the tag gets `_w<w>`;
@@ -138,14 +135,14 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
             raise ValueError("guidance was given but this model is unconditional (trained without classes)")
         if source.config.conditional and guidance is None:
             guidance = source.config.sample.guidance
+        schedule = source.denoiser.schedule
         settings = SampleConfig(sampler=sampler, steps=steps, eta=eta, spacing=spacing, num_samples=num_samples,
                                 batch_size=batch_size, clip_x0=clip_x0, seed=seed,
-                                guidance=guidance or 0.0)  # validates them
-        schedule = source.denoiser.schedule
-        if sampler != "ddpm" and steps > schedule.timesteps:
-            raise ValueError(f"steps={steps} exceeds the model's {schedule.timesteps} timesteps")
+                                guidance=guidance or 0.0).resolved(schedule.timesteps)  # validates them
+        if settings.steps > schedule.timesteps:
+            raise ValueError(f"steps={settings.steps} exceeds the model's {schedule.timesteps} timesteps")
         data = data or source.config.data
-        tag = sampler_tag(sampler, schedule.timesteps if sampler == "ddpm" else steps, guidance)
+        tag = sampler_tag(sampler, settings.steps, guidance)
         if source.config.conditional:
             labels = balanced_labels(num_samples, source.config.model.num_classes)
     elif isinstance(source, torch.Tensor):
@@ -165,7 +162,7 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
     result = {**_context(setup, num_samples), "reference_split": split}
     if isinstance(source, LoadedModel):
         images, images_per_s = _generate(source, settings, image_shape, device, progress, labels)
-        result.update(sampler=sampler, steps=schedule.timesteps if sampler == "ddpm" else steps, eta=eta, seed=seed,
+        result.update(sampler=sampler, steps=settings.steps, eta=eta, spacing=settings.spacing, seed=seed,
                       sampling_images_per_s=images_per_s)
         if guidance is not None:
             result["guidance"] = guidance
