@@ -63,6 +63,10 @@ ARMS: dict[str, tuple[str, dict]] = {
                   {"train.lr_decay": "cosine", "train.batch_size": 128, "train.lr": 1.4e-3}),
     "no-attention": ("cosine-lr + no self-attention at 7×7 (the middle block keeps its own)",
                      {"train.lr_decay": "cosine", "model.attention_levels": []}),
+    "cosine-schedule": ("cosine-lr + the cosine noise schedule (Nichol & Dhariwal 2021) for training and sampling",
+                        {"train.lr_decay": "cosine", "diffusion.schedule": "cosine"}),
+    "fast-net": ("cosine-lr + one residual block per level and no attention at 7×7 (middle block keeps its own)",
+                 {"train.lr_decay": "cosine", "model.num_res_blocks": 1, "model.attention_levels": []}),
 }
 
 
@@ -76,9 +80,10 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def training_images_per_s(config, warmup: int = 3, steps: int = 6, repeats: int = 5) -> float:
+def training_images_per_s(config, clock=time.perf_counter, warmup: int = 3, steps: int = 6,
+                          repeats: int = 5) -> float:
     """Images/s of full training steps (forward, backward, AdamW) of the config's network and batch:
-    the best of `repeats` timings, since anything else running on the machine only slows a timing down."""
+    the best of `repeats` timings by `clock`, since anything else running only slows a timing down."""
     tune_cpu_runtime()
     torch.manual_seed(0)
     denoiser = build_denoiser(config)
@@ -97,33 +102,60 @@ def training_images_per_s(config, warmup: int = 3, steps: int = 6, repeats: int 
         step()
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(steps):
             step()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return steps * len(x0) / best
 
 
+def one_thread_cpu_images_per_s(config) -> float:
+    """Training images per CPU-second on one thread, timed by the thread's own CPU clock: a figure that
+    other processes on the machine barely move (they take turns on the core, not this thread's time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return training_images_per_s(config, clock=time.thread_time)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def calibration(config, out_dir: Path) -> tuple[float, float]:
-    """(training images/s, fp32 matmul GFLOP/s) of a network and batch size, measured once and kept in
-    `<out-dir>/calibration.json`: arms that differ only in what a step computes with the same tensors
-    (noise levels, weighting, learning rate, EMA) share one figure, and arms trained later or side by
-    side use the idle machine's figures."""
+    """(training images/s on the idle machine, fp32 matmul GFLOP/s) of a network and batch size, kept in
+    `<out-dir>/calibration.json` under that network and batch: arms that differ only in what a step
+    computes with the same tensors (noise levels, weighting, learning rate, EMA) share one figure, and
+    arms trained later or side by side use the idle machine's figures.
+
+    The idle figure is measured (wall clock, all threads) when the table has none. For another network
+    measured while the machine is busy, pass `--estimate-from-cpu-time`: its figure is then its
+    one-thread CPU-time rate times the wall/CPU ratio of a network with both figures in the table."""
     key = json.dumps({"model": config.to_dict()["model"], "batch_size": config.train.batch_size}, sort_keys=True)
     path = out_dir / "calibration.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in table:
-        peak = matmul_gflops()
-        table[key] = {"images_per_s": training_images_per_s(config), "matmul_gflops": peak,
-                      "threads": torch.get_num_threads()}
+    entry = table.setdefault(key, {})
+    if "images_per_s" not in entry:
+        entry["matmul_gflops"] = matmul_gflops()
+        reference = next((e for e in table.values() if "images_per_s" in e and "cpu_images_per_s" in e), None)
+        if ESTIMATE_FROM_CPU_TIME and reference is not None:
+            entry["cpu_images_per_s"] = one_thread_cpu_images_per_s(config)
+            entry["images_per_s"] = entry["cpu_images_per_s"] * reference["images_per_s"] / reference["cpu_images_per_s"]
+            entry["estimated_from_cpu_time"] = True
+        else:
+            entry.update(images_per_s=training_images_per_s(config), threads=torch.get_num_threads())
         save_metrics(path, table)
-    return table[key]["images_per_s"], table[key]["matmul_gflops"]
+    if "cpu_images_per_s" not in entry:
+        entry["cpu_images_per_s"] = one_thread_cpu_images_per_s(config)
+        save_metrics(path, table)
+    return entry["images_per_s"], entry["matmul_gflops"]
+
+
+ESTIMATE_FROM_CPU_TIME = False  # set by --estimate-from-cpu-time
 
 
 def score(model_dir: Path, args, floors: dict) -> dict:
     """The arm's metrics at sampling seeds 0 and 1, with FID's seed spread and the floor at this N."""
     loaded = load_model(model_dir)
-    spacing = default_spacing(args.sampler, loaded.config.sample.spacing)
+    spacing = default_spacing(args.sampler)
     tag = sampler_tag(args.sampler, args.steps)
     runs = [evaluate(loaded, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
                      spacing=spacing, seed=seed, progress=False) for seed in (0, 1)]
@@ -229,10 +261,14 @@ def main() -> None:
     parser.add_argument("--plot", help="time-to-quality PNG")
     parser.add_argument("--plot-arms", nargs="+", default=None, help="arms drawn in the plot (default: all)")
     parser.add_argument("--list", action="store_true", help="list the arms")
+    parser.add_argument("--estimate-from-cpu-time", action="store_true",
+                        help="calibrate a new network on a busy machine from its one-thread CPU time (see calibration())")
     parser.add_argument("--calibrate-only", action="store_true",
                         help="only measure each arm's training images/s (run on an idle machine, before the arms)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
+    global ESTIMATE_FROM_CPU_TIME
+    ESTIMATE_FROM_CPU_TIME = args.estimate_from_cpu_time
     if args.list:
         for name, (description, overrides) in ARMS.items():
             print(f"{name:16s} {description}\n{'':16s} {overrides}")
