@@ -53,10 +53,10 @@ def evaluate_samples(run_id: str, extractor: str = "lenet") -> None:
         result_file = Path(tmp) / RESULT_ARTIFACT
         result_file.write_text(json.dumps({**context, **metrics}, indent=2, sort_keys=True))
         upload_artifacts(client, run_id, result_file)
-        ddim = primary_setting(config)
-        ddim_tag = sampler_tag(ddim.settings.sampler, ddim.settings.steps)
-        for png in (plot_guidance_sweep(metrics, extractor, ddim_tag, Path(tmp) / GUIDANCE_PLOT),
-                    plot_fid_vs_nfe(metrics, extractor, Path(tmp) / NFE_PLOT, ddim.guidance)):
+        primary = primary_setting(config)
+        primary_tag = sampler_tag(primary.settings.sampler, primary.settings.steps)
+        for png in (plot_guidance_sweep(metrics, extractor, primary_tag, Path(tmp) / GUIDANCE_PLOT),
+                    plot_fid_vs_nfe(metrics, extractor, Path(tmp) / NFE_PLOT, primary.guidance)):
             if png is not None:
                 upload_artifacts(client, run_id, png)
     log_metrics(client, run_id, metrics)

@@ -66,13 +66,13 @@ def _log_setup(client: MlflowClient, run_id: str, config: Config, work_dir: Path
 
 
 def _score(client: MlflowClient, run_id: str, config: Config, extractor: str) -> Score:
-    """The run's DDIM FID (at the config's guidance, for a conditional model) and its protocol."""
+    """The run's FID with the primary sampler (at the config's guidance, for a conditional model) and its protocol."""
     run = client.get_run(run_id)
-    ddim = primary_setting(config)
+    primary = primary_setting(config)
     params = run.data.params
-    return Score(run.data.metrics[f"fid_{extractor}_{ddim.tag}"],
+    return Score(run.data.metrics[f"fid_{extractor}_{primary.tag}"],
                  {"extractor_id": params["eval.extractor_id"], "num_samples": params["eval.num_samples"],
-                  "sampler": ddim.protocol, "dataset_sha256": params["eval.dataset_sha256"]})
+                  "sampler": primary.protocol, "dataset_sha256": params["eval.dataset_sha256"]})
 
 
 @flow(name="train-eval")
@@ -80,8 +80,9 @@ def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = Non
                num_samples: int | None = None, ddim_steps: int | None = None, ddim_eta: float | None = None,
                extractor: str = "lenet") -> str:
     """Train `preset` + `overrides` ({"train.steps": 500, …}) on `nproc_per_node` ranks, register, sample
-    and evaluate it with `num_samples` images per sampler (DDIM with `ddim_steps`, η=`ddim_eta`; unset:
-    the config's sample.*), and make it the champion if its DDIM FID beats the current one.
+    and evaluate it with `num_samples` images per sampler (the config's sample.sampler with `ddim_steps`
+    steps and η=`ddim_eta`, names kept from when the primary sampler was always DDIM; unset: the config's
+    sample.*), and make it the champion if its FID with that sampler beats the current one.
     Returns the MLflow run id."""
     sampling = {"sample.num_samples": num_samples, "sample.steps": ddim_steps, "sample.eta": ddim_eta}
     config = load_config(preset, {**(overrides or {}), **{k: v for k, v in sampling.items() if v is not None}})
