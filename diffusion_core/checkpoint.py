@@ -68,11 +68,12 @@ class TrainingState:
     ema_updates: int
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]
+    dataset_sha256: str | None  # None in checkpoints written before it was recorded
 
 
 def save_training_checkpoint(path: str | Path, *, step: int, config: Config, model: torch.nn.Module,
                              ema_model: torch.nn.Module, ema_updates: int, optimizer: torch.optim.Optimizer,
-                             rng: dict[str, torch.Tensor]) -> Path:
+                             rng: dict[str, torch.Tensor], dataset_sha256: str) -> Path:
     opt_state = optimizer.state_dict()
     tensors = {
         **_state_dict_tensors("model.", model.state_dict()),
@@ -86,6 +87,7 @@ def save_training_checkpoint(path: str | Path, *, step: int, config: Config, mod
         "step": str(step),
         "ema_updates": str(ema_updates),
         "config": json.dumps(config.to_dict()),
+        "dataset_sha256": dataset_sha256,
         "optimizer_param_groups": json.dumps(opt_state["param_groups"]),
     }
     with atomic_path(path) as tmp:
@@ -111,6 +113,7 @@ def load_training_checkpoint(path: str | Path) -> TrainingState:
         ema_updates=int(meta["ema_updates"]),
         optimizer={"state": state, "param_groups": json.loads(meta["optimizer_param_groups"])},
         rng=_take(tensors, "rng."),
+        dataset_sha256=meta.get("dataset_sha256"),
     )
 
 

@@ -59,6 +59,26 @@ def test_resume_with_other_settings_is_refused(smoke_run, smoke_overrides):
         train(config, smoke_run, progress=False)
 
 
+def test_resume_on_another_dataset_version_is_refused(smoke_run, smoke_overrides, data_dir, tmp_path):
+    """The same dataset name with one pixel changed is another version: resuming names both sha256s."""
+    from safetensors.torch import save_file
+
+    from diffusion_core.data import canonical_path, content_sha256, get_spec, read_metadata
+
+    original = canonical_path(get_spec("mnist"), data_dir)
+    tensors = load_file(str(original))
+    tensors["train.images"][0, 0, 0, 0] ^= 1
+    other_sha = content_sha256(tensors)
+    other_dir = tmp_path / "data"
+    other_dir.mkdir()
+    save_file(tensors, str(canonical_path(get_spec("mnist"), other_dir)),
+              metadata={**read_metadata(original), "sha256": other_sha})
+    trained_on = json.loads((smoke_run / "model" / "config.json").read_text())["dataset_sha256"]
+    config = load_config("smoke", {**smoke_overrides, "data.data_dir": str(other_dir), "train.steps": 30})
+    with pytest.raises(ConfigError, match=f"{trained_on}.*{other_sha}"):
+        train(config, smoke_run, progress=False)
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(smoke_overrides, tmp_path, monkeypatch):
     """A fault injected into the loss from the 8th step on: training stops at the next report with
     the step named, and the checkpoint of step 5 stays as it was and loadable."""
