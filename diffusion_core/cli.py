@@ -1,6 +1,6 @@
 """`diffusion` command line: prepare, train, sample (and evaluate, where installed).
 
-Settings come from a preset file (`--preset`, see configs/) plus `--set section.field=value`
+Settings come from a preset file (`--preset`, see diffusion_core/presets/) plus `--set section.field=value`
 overrides; `diffusion train --preset mnist-cpu --set train.steps=500` for instance.
 """
 
@@ -18,7 +18,7 @@ from .samplers import SAMPLERS, SPACINGS
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "mnist-cpu") -> None:
-    parser.add_argument("--preset", default=default_preset, help="preset name in configs/ or a .toml path")
+    parser.add_argument("--preset", default=default_preset, help="preset name (diffusion_core/presets/) or a .toml path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting (repeatable), e.g. --set train.steps=100")
 

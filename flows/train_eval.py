@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m flows.train_eval`: the whole pipeline from one command, with or without servers."""
     parser = argparse.ArgumentParser(prog="python -m flows.train_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="mnist-cpu", help="preset name in configs/ or a .toml path")
+    parser.add_argument("--preset", default="mnist-cpu", help="preset name (diffusion_core/presets/) or a .toml path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting (repeatable), e.g. --set train.steps=100")
     parser.add_argument("--nproc-per-node", default="1", help="training processes (an integer or 'auto')")

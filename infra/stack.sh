@@ -139,9 +139,17 @@ status() {
   return $ok
 }
 
+# What the stack needs besides the project: curl for the health checks, moto for the S3 endpoint.
+requirements() {
+  command -v curl >/dev/null || { echo "infra/stack.sh needs curl (e.g. apt-get install curl)" >&2; return 1; }
+  "$PYTHON" -c "import moto.server" 2>/dev/null \
+    || { echo "$PYTHON lacks moto[server]: pip install -e '.[stack]'" >&2; return 1; }
+}
+
 mkdir -p "$STACK_DIR/pids" "$STACK_DIR/logs"
 case "${1:-}" in
   up)
+    requirements
     for name in "${SERVICES[@]}"; do start "$name"; done
     echo "stack up. Client settings:"; client_env ;;
   down)
