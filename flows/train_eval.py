@@ -33,6 +33,7 @@ from diffusion_core.distributed import DistContext, resolve_device
 from diffusion_core.launch import resolve_nproc, write_resolved_config
 
 from .evaluate import evaluate_samples
+from .parameters import check_run_parameters
 from .prepare import prepare_dataset_flow
 from .register import register_checkpoint
 from .registry import Score, select_champion
@@ -82,7 +83,9 @@ def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = Non
     """Train `preset` + `overrides` ({"train.steps": 500, …}) on `nproc_per_node` ranks, register, sample
     and evaluate it with `num_samples` images per sampler (DDIM with `ddim_steps`, η=`ddim_eta`; unset:
     the config's sample.*), and make it the champion if its DDIM FID beats the current one.
+    Parameters are checked against what a run may ask for (flows.parameters) before any work.
     Returns the MLflow run id."""
+    preset = check_run_parameters(preset, overrides or {}, nproc_per_node, num_samples)
     sampling = {"sample.num_samples": num_samples, "sample.steps": ddim_steps, "sample.eta": ddim_eta}
     config = load_config(preset, {**(overrides or {}), **{k: v for k, v in sampling.items() if v is not None}})
     work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
