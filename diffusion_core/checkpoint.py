@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_text, temporary_name
 from .config import Config, config_from_dict
 from .denoiser import Denoiser
 from .schedule import NoiseSchedule
@@ -122,12 +121,13 @@ def export_model(directory: str | Path, model: torch.nn.Module, config: Config,
     """Write `model.safetensors` + `config.json` into `directory`, replacing it as a whole."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    staging = temporary_name(directory)
+    staging.mkdir()
     try:
-        save_file(_state_dict_tensors("", model.state_dict()), str(staging / WEIGHTS_FILE),
-                  metadata={"format": MODEL_FORMAT})
+        with atomic_path(staging / WEIGHTS_FILE) as tmp:
+            save_file(_state_dict_tensors("", model.state_dict()), str(tmp), metadata={"format": MODEL_FORMAT})
         document = {"format": MODEL_FORMAT, "config": config.to_dict(), **(extra or {})}
-        (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2))
+        atomic_write_text(staging / CONFIG_FILE, json.dumps(document, indent=2))
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")

@@ -149,3 +149,25 @@ def test_label_dropout_is_honoured(smoke_overrides, tmp_path, label_dropout):
     trained = load_training_checkpoint(tmp_path / "checkpoints" / "last.safetensors").model["class_embedding.weight"]
     changed = (trained - initial).abs().amax(dim=1) > 0  # per row: 10 classes, then "no class"
     assert changed.tolist() == ([False] * 10 + [True] if label_dropout == 1.0 else [True] * 10 + [False])
+
+
+def test_written_files_have_normal_permissions(smoke_overrides, tmp_path):
+    """What a run writes for others to read (model, config, checkpoint, metrics, plots) gets the usual
+    0666/0777 less the umask, not a temporary file's private 0600/0700."""
+    import os
+    import stat
+
+    from diffusion_core.launch import write_resolved_config
+
+    previous = os.umask(0o022)
+    try:
+        config = load_config("smoke", {**smoke_overrides, "train.steps": 5})
+        train(config, tmp_path / "run", progress=False)
+        write_resolved_config(config, tmp_path / "run")
+    finally:
+        os.umask(previous)
+    written = [p for p in (tmp_path / "run").rglob("*")]
+    assert {p.name for p in written} >= {"model", "model.safetensors", "config.json", "last.safetensors",
+                                          "metrics.jsonl", "loss_curve.png"}
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path

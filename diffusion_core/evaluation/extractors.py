@@ -22,6 +22,7 @@ import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+from ..config import ConfigError
 from ..data import PreparedDataset
 from .classifier import LeNet, load_classifier
 from .classifier_store import ensure_classifier
@@ -107,7 +108,7 @@ def canonical_name(name: str, dataset: str) -> str:
     """'lenet' | 'lenet-<dataset>' → 'lenet'; 'inception' | 'inception-v3-compat' → 'inception'."""
     aliases = {"lenet": "lenet", f"lenet-{dataset}": "lenet", "inception": "inception", INCEPTION_NAME: "inception"}
     if name not in aliases:
-        raise ValueError(f"unknown feature extractor {name!r}; choose lenet (lenet-{dataset}) or inception "
+        raise ConfigError(f"unknown feature extractor {name!r}; choose lenet (lenet-{dataset}) or inception "
                          f"({INCEPTION_NAME})")
     return aliases[name]
 

@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
+from ..data import DataError
+
 WEIGHTS_ENV = "DIFFUSION_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = Path(urlparse(URL_INCEPTION_V3).path).name  # weights-inception-2015-12-05-6726825d.pth
 PUBLISHED_SHA256_PREFIX = WEIGHTS_FILE.rsplit("-", 1)[1].split(".")[0]  # 6726825d
@@ -53,14 +55,14 @@ def resolve_inception_weights(path: str | Path | None = None) -> tuple[Path, boo
     if explicit:
         explicit = Path(explicit).expanduser()
         if not explicit.is_file():
-            raise RuntimeError(f"Inception weights file {explicit} (from --inception-weights or {WEIGHTS_ENV}) "
+            raise DataError(f"Inception weights file {explicit} (from --inception-weights or {WEIGHTS_ENV}) "
                                "does not exist")
         return explicit, False
     cached = hub_cache_path()
     if cached.is_file():
         return cached, True
     if not _reachable(URL_INCEPTION_V3):
-        raise RuntimeError(
+        raise DataError(
             f"the Inception-v3 feature extractor needs {WEIGHTS_FILE}, which is not in torch-fidelity's "
             f"cache {cached.parent} ($TORCH_HOME/hub/checkpoints/), and {urlparse(URL_INCEPTION_V3).hostname} "
             f"cannot be reached to download it. Fetch {URL_INCEPTION_V3} on a machine with internet, then copy it "
@@ -78,12 +80,12 @@ def load_inception_weights(path: Path, verify: bool) -> tuple[dict[str, torch.Te
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if verify and not digest.startswith(PUBLISHED_SHA256_PREFIX):
-        raise RuntimeError(f"{path} has sha256 {digest}, not the published {PUBLISHED_SHA256_PREFIX}…: it is not "
+        raise DataError(f"{path} has sha256 {digest}, not the published {PUBLISHED_SHA256_PREFIX}…: it is not "
                            f"torch-fidelity's {WEIGHTS_FILE}; delete it (it is downloaded again when online)")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean "not a plain state dict"
-        raise RuntimeError(f"{path} is not a plain PyTorch state dict of tensors ({exc})") from exc
+        raise DataError(f"{path} is not a plain PyTorch state dict of tensors ({exc})") from exc
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise RuntimeError(f"{path} is not a state dict of tensors")
+        raise DataError(f"{path} is not a state dict of tensors")
     return state, digest

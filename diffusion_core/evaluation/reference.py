@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path
-from ..data import PreparedDataset
+from ..data import DataError, PreparedDataset
 from .extractors import Extractor
 
 CACHE_DIR = "reference_stats"
@@ -45,10 +45,10 @@ class ReferenceSet:
             with safe_open(str(self.cache_file), "pt") as f:
                 metadata, features = f.metadata(), f.get_tensor("features")
         except (SafetensorError, OSError, KeyError) as exc:
-            raise RuntimeError(f"{self.cache_file} is not a safetensors file of reference features ({exc}); "
+            raise DataError(f"{self.cache_file} is not a safetensors file of reference features ({exc}); "
                                "delete it to recompute the reference") from exc
         if metadata != self.metadata or features.dim() != 2 or len(features) != len(self.images):
-            raise RuntimeError(f"{self.cache_file} holds other reference features ({metadata}, shape "
+            raise DataError(f"{self.cache_file} holds other reference features ({metadata}, shape "
                                f"{tuple(features.shape)}) than {self.metadata} of {len(self.images)} images; "
                                "delete it to recompute the reference")
         return features
