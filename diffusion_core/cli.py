@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         from .launch import launch_training
 
         sys.exit(launch_training(config, run_dir, args.nproc_per_node, resume=not args.no_resume))
-    with mlflow_metrics_from_environ() as on_metrics:  # an orchestrator's MLflow run (MLFLOW_RUN_ID), if any
+    with mlflow_metrics_from_environ(run_dir) as on_metrics:  # an orchestrator's MLflow run (MLFLOW_RUN_ID), if any
         result = train(config, run_dir, resume=not args.no_resume, on_metrics=on_metrics)
     print(f"trained to step {result.step}: loss {result.final_loss:.4f}, {result.images_per_s:.0f} images/s; "
           f"model in {run_dir / 'model'}")
