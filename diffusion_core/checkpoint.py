@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_text, temporary_name
 from .config import Config, config_from_dict
 from .denoiser import Denoiser
 from .schedule import NoiseSchedule
@@ -68,11 +67,12 @@ class TrainingState:
     ema_updates: int
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]
+    dataset_sha256: str | None  # None in checkpoints written before it was recorded
 
 
 def save_training_checkpoint(path: str | Path, *, step: int, config: Config, model: torch.nn.Module,
                              ema_model: torch.nn.Module, ema_updates: int, optimizer: torch.optim.Optimizer,
-                             rng: dict[str, torch.Tensor]) -> Path:
+                             rng: dict[str, torch.Tensor], dataset_sha256: str) -> Path:
     opt_state = optimizer.state_dict()
     tensors = {
         **_state_dict_tensors("model.", model.state_dict()),
@@ -86,6 +86,7 @@ def save_training_checkpoint(path: str | Path, *, step: int, config: Config, mod
         "step": str(step),
         "ema_updates": str(ema_updates),
         "config": json.dumps(config.to_dict()),
+        "dataset_sha256": dataset_sha256,
         "optimizer_param_groups": json.dumps(opt_state["param_groups"]),
     }
     with atomic_path(path) as tmp:
@@ -111,6 +112,7 @@ def load_training_checkpoint(path: str | Path) -> TrainingState:
         ema_updates=int(meta["ema_updates"]),
         optimizer={"state": state, "param_groups": json.loads(meta["optimizer_param_groups"])},
         rng=_take(tensors, "rng."),
+        dataset_sha256=meta.get("dataset_sha256"),
     )
 
 
@@ -119,12 +121,13 @@ def export_model(directory: str | Path, model: torch.nn.Module, config: Config,
     """Write `model.safetensors` + `config.json` into `directory`, replacing it as a whole."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    staging = temporary_name(directory)
+    staging.mkdir()
     try:
-        save_file(_state_dict_tensors("", model.state_dict()), str(staging / WEIGHTS_FILE),
-                  metadata={"format": MODEL_FORMAT})
+        with atomic_path(staging / WEIGHTS_FILE) as tmp:
+            save_file(_state_dict_tensors("", model.state_dict()), str(tmp), metadata={"format": MODEL_FORMAT})
         document = {"format": MODEL_FORMAT, "config": config.to_dict(), **(extra or {})}
-        (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2))
+        atomic_write_text(staging / CONFIG_FILE, json.dumps(document, indent=2))
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")

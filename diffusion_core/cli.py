@@ -1,7 +1,11 @@
-"""`diffusion` command line: prepare, train, sample (and evaluate, where installed).
+"""`diffusion` command line: prepare, train, sample, evaluate.
 
-Settings come from a preset file (`--preset`, see configs/) plus `--set section.field=value`
+Settings come from a preset file (`--preset`, see diffusion_core/presets/) plus `--set section.field=value`
 overrides; `diffusion train --preset mnist-cpu --set train.steps=500` for instance.
+
+Errors in what was asked for (settings, data, checkpoints, a diverged run) end the command with a
+one-line message naming the problem (exit 2 for a setting, 1 otherwise); anything else is a bug and
+keeps its full traceback.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
+from .data import DataError
 from .guidance import parse_classes
 from .samplers import SAMPLERS, SPACINGS
+from .train import TrainingDiverged
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "mnist-cpu") -> None:
-    parser.add_argument("--preset", default=default_preset, help="preset name in configs/ or a .toml path")
+    parser.add_argument("--preset", default=default_preset, help="preset name (diffusion_core/presets/) or a .toml path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting (repeatable), e.g. --set train.steps=100")
 
@@ -41,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         from .launch import launch_training
 
         sys.exit(launch_training(config, run_dir, args.nproc_per_node, resume=not args.no_resume))
-    with mlflow_metrics_from_environ() as on_metrics:  # an orchestrator's MLflow run (MLFLOW_RUN_ID), if any
+    with mlflow_metrics_from_environ(run_dir) as on_metrics:  # an orchestrator's MLflow run (MLFLOW_RUN_ID), if any
         result = train(config, run_dir, resume=not args.no_resume, on_metrics=on_metrics)
     print(f"trained to step {result.step}: loss {result.final_loss:.4f}, {result.images_per_s:.0f} images/s; "
           f"model in {run_dir / 'model'}")
@@ -92,7 +99,10 @@ def _class_request(args: argparse.Namespace, config, num_samples: int) -> torch.
     if not config.conditional:
         raise ConfigError("this model is unconditional (trained without classes), so --class cannot be used; "
                           "train one with model.num_classes set (e.g. --preset mnist-cpu-cond)")
-    classes = parse_classes(args.classes, config.model.num_classes)
+    try:
+        classes = parse_classes(args.classes, config.model.num_classes)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if num_samples % len(classes):
         raise ConfigError(f"-n {num_samples} must be a multiple of the {len(classes)} classes asked for")
     return torch.tensor(classes).repeat_interleave(num_samples // len(classes))
@@ -142,21 +152,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     try:
         from .evaluation.cli import add_evaluate_parser
-    except ImportError:  # the evaluation extra (torch-fidelity) is not installed
-        pass
+    except ImportError as exc:
+        if (exc.name or "").startswith("diffusion_core"):
+            raise  # our own import is broken: a bug, not a missing dependency
+        _add_unavailable(sub, ("evaluate", "evaluate-extractor"), exc)
     else:
         add_evaluate_parser(sub)
     return parser
+
+
+def _add_unavailable(sub, commands: tuple[str, ...], exc: ImportError) -> None:
+    """Commands whose dependency failed to import stay listed, and say what is missing when run."""
+    def unavailable(args: argparse.Namespace) -> None:
+        raise DataError(f"diffusion {args.command} needs the module {exc.name!r}, which cannot be imported ({exc}); "
+                        "reinstall the project's dependencies: pip install -e . (torch-fidelity==0.4.0)")
+
+    for command in commands:
+        # no option prefix, so every argument (--model …) is taken as it comes and the message is what is shown
+        p = sub.add_parser(command, help=f"unavailable: {exc.name} cannot be imported", add_help=False,
+                           prefix_chars="\0")
+        p.add_argument("rest", nargs="*")
+        p.set_defaults(func=unavailable)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except RuntimeError as exc:  # DataError, CheckpointError, TrainingDiverged
+    except (DataError, CheckpointError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
 

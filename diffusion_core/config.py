@@ -1,5 +1,6 @@
-"""Typed configuration: the one source of defaults. Presets in `configs/*.toml` override these
-defaults; `section.field=value` overrides (CLI `--set`, flow parameters) override presets.
+"""Typed configuration: the one source of defaults. Presets in `diffusion_core/presets/*.toml`
+(package data) override these defaults; `section.field=value` overrides (CLI `--set`, flow
+parameters) override presets.
 
 Every value is validated when the config is built; an error names the field and what it accepts.
 Unknown keys are errors, never silently ignored.
@@ -23,7 +24,7 @@ from .samplers import SAMPLERS, SPACINGS, default_spacing, default_steps
 from .schedule import SCHEDULE_KINDS
 from .unet import UNetConfig
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"  # shipped in the package (pyproject package-data)
 # Environment variables that override a config field (documented in .env.example).
 ENV_OVERRIDES = {"DIFFUSION_DATA_SOURCE": "data.source", "DIFFUSION_DATA_DIR": "data.data_dir"}
 

@@ -31,7 +31,8 @@ SPLITS = ("train", "test")
 
 
 class DataError(RuntimeError):
-    """A dataset could not be found, fetched or verified. The message says what to do."""
+    """A dataset, or a file read with it (extractor weights, cached reference features), could not be
+    found, fetched or verified. The message says what to do."""
 
 
 @dataclass(frozen=True)

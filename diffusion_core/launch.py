@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_text
-from .config import Config
+from .config import Config, ConfigError
 
 # Environment for every rank (allocator and thread tuning happen in-process: diffusion_core.runtime).
 RANK_ENV = {"PYTHONUNBUFFERED": "1"}
@@ -32,7 +32,7 @@ def resolve_nproc(nproc_per_node: int | str) -> int:
     except (TypeError, ValueError):
         n = 0
     if n < 1:
-        raise ValueError(f"nproc_per_node must be a positive integer or 'auto', got {nproc_per_node!r}")
+        raise ConfigError(f"nproc_per_node must be a positive integer or 'auto', got {nproc_per_node!r}")
     return n
 
 
@@ -48,7 +48,7 @@ def torchrun_command(config_file: Path, run_dir: Path, nproc_per_node: int | str
         cmd.append("--standalone")
     else:
         if not rdzv_endpoint:
-            raise ValueError("several nodes need rdzv_endpoint=host:port of the first node")
+            raise ConfigError("several nodes need rdzv_endpoint=host:port of the first node")
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
     if log_dir is not None:

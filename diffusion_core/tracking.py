@@ -1,60 +1,155 @@
 """MLflow metrics from inside the training process, for runs started by an orchestrator.
 
 The orchestrator creates the MLflow run and passes its id in MLFLOW_RUN_ID (and the server in
-MLFLOW_TRACKING_URI). Rank 0 then logs every training report (loss, lr, images_per_s, …) by step,
-buffered and sent in batches so that a slow tracking server never stalls the training loop.
-mlflow is imported only when a run id is set.
+MLFLOW_TRACKING_URI). Rank 0 then logs every training report (loss, lr, images_per_s, …) by step.
+Metrics never stop training: a report goes into a bounded queue (never waiting), and a background
+thread sends what has accumulated about once a second. When the server is down or slow, training
+goes on, the thread warns once and retries with backoff; reports that do not fit in the queue or
+its pending list are read back from metrics.jsonl (which train() writes first) when it returns.
+Steps the run already holds in MLflow (reported before a crash, again after the resume) are not
+sent twice. At the end the thread gets `close_timeout_s` to deliver the rest; whatever is still
+unsent is named in a warning and stays in metrics.jsonl. mlflow is imported only when a run id is set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from .train import MetricsCallback
 
 RUN_ID_ENV = "MLFLOW_RUN_ID"
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
+QUEUE_SIZE = 1000  # reports waiting for the thread
+MAX_PENDING = 10_000  # reports the thread holds while the server is away; beyond, metrics.jsonl is the backlog
+SEND_EVERY_S = 1.0
+MAX_BACKOFF_S = 30.0
+log = logging.getLogger(__name__)
 
 
-class BatchedMlflowMetrics:
-    """A train() `on_metrics` callback that buffers metrics and sends them every `flush_every_s` seconds."""
+class AsyncMlflowMetrics:
+    """A train() `on_metrics` callback that never blocks or raises: see the module docstring."""
 
-    def __init__(self, run_id: str, flush_every_s: float = 10.0) -> None:
+    def __init__(self, run_id: str, metrics_file: Path, close_timeout_s: float = 60.0) -> None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # this thread retries; mlflow's own
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")     # backoff would hold a batch for minutes
         from mlflow import MlflowClient
 
-        self.run_id, self.flush_every_s = run_id, flush_every_s
+        self.run_id, self.metrics_file, self.close_timeout_s = run_id, metrics_file, close_timeout_s
         self._client = MlflowClient()
-        self._pending: list = []
-        self._last_flush = time.monotonic()
+        self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
+        self._pending: dict[int, dict[str, float]] = {}
+        self._logged: set[int] | None = None  # steps the run holds in MLflow (read at the first contact)
+        self._backlog = False  # some reports were dropped here: read metrics.jsonl again
+        self._down_since: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+        self._thread.start()
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        try:
+            self._queue.put_nowait((step, dict(metrics)))
+        except queue.Full:
+            self._backlog = True
+
+    def close(self) -> None:
+        """Give the thread close_timeout_s to deliver what is left; never raises."""
+        self._stop.set()
+        self._thread.join(self.close_timeout_s)
+        if self._thread.is_alive() or self._pending or self._backlog:
+            log.warning("MLflow run %s: %d training report(s) could not be sent; they are kept in %s",
+                        self.run_id, len(self._pending) + self._queue.qsize(), self.metrics_file)
+
+    def _run(self) -> None:
+        backoff = SEND_EVERY_S
+        while True:
+            stopping = self._stop.wait(backoff)
+            self._drain()
+            try:
+                self._send()
+                backoff = SEND_EVERY_S
+            except Exception as exc:  # any failure of the server or the network: keep training, retry later
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.warning("MLflow is unreachable (%s); training goes on, metrics are kept in %s and sent "
+                                "when it is back", exc, self.metrics_file)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                if stopping:
+                    return self._last_tries()
+                continue
+            if stopping:
+                return
+
+    def _last_tries(self) -> None:
+        """After the run ended with the server away: keep trying (every second) until close() gives up."""
+        while True:
+            time.sleep(SEND_EVERY_S)
+            with contextlib.suppress(Exception):
+                self._send()
+                return
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                step, metrics = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if len(self._pending) < MAX_PENDING:
+                self._pending[step] = metrics
+            else:
+                self._backlog = True
+
+    def _send(self) -> None:
         from mlflow.entities import Metric
 
+        if self._logged is None:
+            self._logged = {m.step for m in self._client.get_metric_history(self.run_id, "loss")}
+        if self._backlog:
+            self._backlog = False
+            self._pending.update(self._read_file())
+        for step in [s for s in self._pending if s in self._logged]:
+            del self._pending[step]
+        steps = sorted(self._pending)
         now_ms = int(time.time() * 1000)
-        self._pending += [Metric(key, float(value), now_ms, step) for key, value in metrics.items()]
-        if time.monotonic() - self._last_flush >= self.flush_every_s:
-            self.flush()
+        per_request = MAX_BATCH // max([len(m) for m in self._pending.values()] + [1])
+        for start in range(0, len(steps), per_request):
+            chunk = steps[start:start + per_request]
+            self._client.log_batch(self.run_id, metrics=[Metric(key, float(value), now_ms, step) for step in chunk
+                                                         for key, value in self._pending[step].items()])
+            self._logged.update(chunk)
+            for step in chunk:
+                del self._pending[step]
+        if self._down_since is not None:
+            log.warning("MLflow is back after %.0f s; the reports since were sent",
+                        time.monotonic() - self._down_since)
+            self._down_since = None
 
-    def flush(self) -> None:
-        for start in range(0, len(self._pending), MAX_BATCH):
-            self._client.log_batch(self.run_id, metrics=self._pending[start:start + MAX_BATCH])
-        self._pending.clear()
-        self._last_flush = time.monotonic()
+    def _read_file(self) -> dict[int, dict[str, float]]:
+        rows = {}
+        for line in self.metrics_file.read_text().splitlines() if self.metrics_file.is_file() else []:
+            with contextlib.suppress(ValueError):  # a line being written right now
+                row = json.loads(line)
+                rows[row.pop("step")] = row
+        return rows
 
 
 @contextlib.contextmanager
-def mlflow_metrics_from_environ() -> Iterator[MetricsCallback | None]:
-    """On rank 0 with MLFLOW_RUN_ID set: a batched MLflow callback, flushed on exit (also after an
-    error, so the metrics up to a failure are kept). Otherwise None."""
+def mlflow_metrics_from_environ(run_dir: Path) -> Iterator[MetricsCallback | None]:
+    """On rank 0 with MLFLOW_RUN_ID set: the asynchronous MLflow callback for the run in `run_dir`,
+    closed on exit (also after an error, which it never hides). Otherwise None."""
     run_id = os.environ.get(RUN_ID_ENV)
     if not run_id or int(os.environ.get("RANK", "0")) != 0:
         yield None
         return
-    callback = BatchedMlflowMetrics(run_id)
+    callback = AsyncMlflowMetrics(run_id, Path(run_dir) / "metrics.jsonl")
     try:
         yield callback
     finally:
-        callback.flush()
+        callback.close()

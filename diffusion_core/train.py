@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_text
 from .checkpoint import build_denoiser, export_model, load_training_checkpoint, save_training_checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .data import prepare_dataset
@@ -152,6 +153,10 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
     if resume and checkpoint_path.is_file():
         state = load_training_checkpoint(checkpoint_path)
         _check_resumable(state.config, config)
+        if state.dataset_sha256 not in (None, dataset.sha256):
+            raise ConfigError(f"the checkpoint in {run_dir} was trained on dataset version {state.dataset_sha256}, "
+                              f"but {config.data.data_dir} holds version {dataset.sha256}; resume with the same "
+                              "data, or use a new run folder")
         denoiser.net.load_state_dict(state.model)
         ema.model.load_state_dict(state.ema)
         ema.num_updates = state.ema_updates
@@ -169,6 +174,7 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)  # reports past the checkpoint are redone
         if start_step == 0:
             save_forward_process_grid(schedule, to_model_space(images_u8[:4].cpu()), run_dir / "forward_process.png")
 
@@ -234,7 +240,7 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
                 if on_metrics is not None:
                     on_metrics(done, metrics)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _save(run_dir, done, config, denoiser, ema, optimizer, noise_rng, ctx)
+                _save(run_dir, done, config, denoiser, ema, optimizer, noise_rng, ctx, dataset.sha256)
     bar.close()
 
     if ctx.is_main:
@@ -256,7 +262,8 @@ class TrainingObjective(torch.nn.Module):
         return self.denoiser.loss(x0, t, noise, **cond)
 
 
-def _save(run_dir: Path, step: int, config: Config, denoiser, ema: EMA, optimizer, noise_rng, ctx: DistContext) -> None:
+def _save(run_dir: Path, step: int, config: Config, denoiser, ema: EMA, optimizer, noise_rng, ctx: DistContext,
+          dataset_sha256: str) -> None:
     rng = {"noise": noise_rng.get_state(), f"torch_rank{ctx.rank}": torch.get_rng_state()}
     if ctx.enabled:  # every rank's dropout stream, so each resumes its own
         gathered: list = [None] * ctx.world_size
@@ -264,7 +271,18 @@ def _save(run_dir: Path, step: int, config: Config, denoiser, ema: EMA, optimize
         rng.update({f"torch_rank{r}": s for r, s in enumerate(gathered)})
     if ctx.is_main:
         save_training_checkpoint(run_dir / CHECKPOINT, step=step, config=config, model=denoiser.net,
-                                 ema_model=ema.model, ema_updates=ema.num_updates, optimizer=optimizer, rng=rng)
+                                 ema_model=ema.model, ema_updates=ema.num_updates, optimizer=optimizer, rng=rng,
+                                 dataset_sha256=dataset_sha256)
+
+
+def truncate_metrics(metrics_file: Path, step: int) -> None:
+    """Keep only the reports up to `step` (atomically), so a resumed run writes each step once."""
+    if not metrics_file.is_file():
+        return
+    lines = [line for line in metrics_file.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        atomic_write_text(metrics_file, "".join(f"{line}\n" for line in kept))
 
 
 def plot_loss_curve(metrics_file: Path, png: Path) -> Path | None:

@@ -1,6 +1,6 @@
 """train: torchrun in its own process group, its rank-tagged output in the Prefect log, its files in MLflow.
 
-The ranks log loss, lr and images/s by step to the MLflow run themselves (rank 0, batched: see
+The ranks log loss, lr and images/s by step to the MLflow run themselves (rank 0, asynchronously: see
 diffusion_core.tracking); this flow passes the run id and the tracking URI in their environment.
 If the flow run is cancelled (Prefect turns the runner's SIGTERM into an exception here), the whole
 process group is terminated, so no rank outlives it. A non-zero exit fails the flow with the tail

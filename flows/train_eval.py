@@ -33,6 +33,7 @@ from diffusion_core.distributed import DistContext, resolve_device
 from diffusion_core.launch import resolve_nproc, write_resolved_config
 
 from .evaluate import evaluate_samples
+from .parameters import check_run_parameters
 from .prepare import prepare_dataset_flow
 from .register import register_checkpoint
 from .registry import Score, select_champion
@@ -83,7 +84,9 @@ def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = Non
     and evaluate it with `num_samples` images per sampler (the config's sample.sampler with `ddim_steps`
     steps and η=`ddim_eta`, names kept from when the primary sampler was always DDIM; unset: the config's
     sample.*), and make it the champion if its FID with that sampler beats the current one.
+    Parameters are checked against what a run may ask for (flows.parameters) before any work.
     Returns the MLflow run id."""
+    preset = check_run_parameters(preset, overrides or {}, nproc_per_node, num_samples)
     sampling = {"sample.num_samples": num_samples, "sample.steps": ddim_steps, "sample.eta": ddim_eta}
     config = load_config(preset, {**(overrides or {}), **{k: v for k, v in sampling.items() if v is not None}})
     work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m flows.train_eval`: the whole pipeline from one command, with or without servers."""
     parser = argparse.ArgumentParser(prog="python -m flows.train_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="mnist-cpu", help="preset name in configs/ or a .toml path")
+    parser.add_argument("--preset", default="mnist-cpu", help="preset name (diffusion_core/presets/) or a .toml path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting (repeatable), e.g. --set train.steps=100")
     parser.add_argument("--nproc-per-node", default="1", help="training processes (an integer or 'auto')")

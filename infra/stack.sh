@@ -31,8 +31,12 @@ TIMEOUT="${STACK_TIMEOUT:-180}"
 PYTHON="${PYTHON:-python3}"  # the environment with the project installed (pip install -e .)
 SERVICES=(s3 mlflow prefect serve)  # start order; stopped in reverse
 
-export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-stack-local}"
-export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-stack-local-secret}"
+# The S3 credentials go only to the processes that use them (see command_of); every service starts
+# without them, whatever this shell or the settings file exported.
+AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-stack-local}"
+AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-stack-local-secret}"
+NO_SECRETS=(-u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN)
+S3_CREDENTIALS=("AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY")
 export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 export MLFLOW_S3_ENDPOINT_URL="http://$HOST:$S3_PORT"
 export MLFLOW_TRACKING_URI="http://$HOST:$MLFLOW_PORT"
@@ -47,18 +51,22 @@ export MLFLOW_S3_ENDPOINT_URL=$MLFLOW_S3_ENDPOINT_URL
 EOF
 }
 
-# The command that runs a service in the foreground (from the repository), into the array CMD.
+# The command that runs a service in the foreground (from the repository), into the array CMD. Only
+# the MLflow server (it proxies artifacts to S3) gets the S3 credentials, and the serve process only
+# when the dataset itself is on S3 (DIFFUSION_DATA_SOURCE=s3://…: its runs download it).
 command_of() {
+  local serve_credentials=()
+  [[ "${DIFFUSION_DATA_SOURCE:-}" == s3://* ]] && serve_credentials=("${S3_CREDENTIALS[@]}")
   case "$1" in
-    s3) CMD=("$PYTHON" infra/s3_server.py --host "$HOST" --port "$S3_PORT" --state-dir "$STACK_DIR/s3"
-             --bucket "$BUCKET") ;;
-    mlflow) CMD=(env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$PYTHON" -m mlflow server
-                 --host "$HOST" --port "$MLFLOW_PORT" --workers 1 --backend-store-uri "sqlite:///$STACK_DIR/mlflow.db"
+    s3) CMD=(env "${NO_SECRETS[@]}" "$PYTHON" infra/s3_server.py --host "$HOST" --port "$S3_PORT"
+             --state-dir "$STACK_DIR/s3" --bucket "$BUCKET") ;;
+    mlflow) CMD=(env "${NO_SECRETS[@]}" "${S3_CREDENTIALS[@]}" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+                 "$PYTHON" -m mlflow server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 --backend-store-uri "sqlite:///$STACK_DIR/mlflow.db"
                  --artifacts-destination "$ARTIFACTS_DESTINATION") ;;
-    prefect) CMD=(env "PREFECT_HOME=$STACK_DIR/prefect" "$PYTHON" -m prefect server start
+    prefect) CMD=(env "${NO_SECRETS[@]}" "PREFECT_HOME=$STACK_DIR/prefect" "$PYTHON" -m prefect server start
                   --host "$HOST" --port "$PREFECT_PORT") ;;
-    serve) CMD=(env "DIFFUSION_RUNS_DIR=${DIFFUSION_RUNS_DIR:-$STACK_DIR/runs}"
-                "DIFFUSION_DATA_DIR=${DIFFUSION_DATA_DIR:-$STACK_DIR/data}" "$PYTHON" -m flows.deploy) ;;
+    serve) CMD=(env "${NO_SECRETS[@]}" "${serve_credentials[@]}"
+                "DIFFUSION_RUNS_DIR=${DIFFUSION_RUNS_DIR:-$STACK_DIR/runs}" "DIFFUSION_DATA_DIR=${DIFFUSION_DATA_DIR:-$STACK_DIR/data}" "$PYTHON" -m flows.deploy) ;;
   esac
 }
 
@@ -139,9 +147,17 @@ status() {
   return $ok
 }
 
+# What the stack needs besides the project: curl for the health checks, moto for the S3 endpoint.
+requirements() {
+  command -v curl >/dev/null || { echo "infra/stack.sh needs curl (e.g. apt-get install curl)" >&2; return 1; }
+  "$PYTHON" -c "import moto.server" 2>/dev/null \
+    || { echo "$PYTHON lacks moto[server]: pip install -e '.[stack]'" >&2; return 1; }
+}
+
 mkdir -p "$STACK_DIR/pids" "$STACK_DIR/logs"
 case "${1:-}" in
   up)
+    requirements
     for name in "${SERVICES[@]}"; do start "$name"; done
     echo "stack up. Client settings:"; client_env ;;
   down)

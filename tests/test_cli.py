@@ -107,3 +107,32 @@ def test_train_and_prepare_from_cli(mnist_raw_source, tmp_path):
     trained = run_cli("train", *common, "--set", "train.steps=3", "--run-dir", str(tmp_path / "run"))
     assert trained.returncode == 0, trained.stderr
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only errors in what was asked for become one-line messages; an out-of-memory error or a bug's
+    ValueError reaches the user with its traceback."""
+    import importlib
+
+    import pytest
+
+    from diffusion_core.cli import main
+
+    for error in (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), ValueError("a bug")):
+        def fail(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(importlib.import_module("diffusion_core.train"), "train", fail)
+        with pytest.raises(type(error), match=str(error)):
+            main(["train", "--preset", "smoke", "--run-dir", str(tmp_path / "run")])
+
+
+def test_missing_dependency_keeps_evaluate_listed_and_names_it():
+    """Without torch-fidelity importable, `diffusion evaluate` still exists and says what is missing."""
+    program = ("import sys; sys.modules['torch_fidelity'] = None\n"  # what a missing package looks like to import
+               "from diffusion_core.cli import main; main(sys.argv[1:])")
+    listed = subprocess.run([sys.executable, "-c", program, "--help"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "evaluate" in listed.stdout
+    run = subprocess.run([sys.executable, "-c", program, "evaluate", "--model", "runs/x", "-n", "8"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "'torch_fidelity'" in run.stderr and "pip install" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr

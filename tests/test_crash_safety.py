@@ -1,5 +1,6 @@
 """Crash safety for real: SIGKILL mid-run, resume, and a kill in the middle of a checkpoint write."""
 
+import json
 import os
 import signal
 import subprocess
@@ -20,8 +21,14 @@ def saved_step(checkpoint) -> int:
         return int(f.metadata()["step"])
 
 
+def reported_steps(run_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_sigkill_then_resume_equals_uninterrupted(smoke_overrides, tmp_path):
-    overrides = {**smoke_overrides, "train.steps": 60, "train.checkpoint_every": 10, "train.log_every": 10,
+    """Killed after a report past its last checkpoint, then resumed: the same weights as an uninterrupted
+    run, and metrics.jsonl holds every report once (those past the checkpoint are not doubled)."""
+    overrides = {**smoke_overrides, "train.steps": 60, "train.checkpoint_every": 20, "train.log_every": 5,
                  "model.dropout": 0.1}
     killed = tmp_path / "killed"
     args = [sys.executable, "-m", "diffusion_core.cli", "train", "--preset", "smoke", "--run-dir", str(killed)]
@@ -31,14 +38,15 @@ def test_sigkill_then_resume_equals_uninterrupted(smoke_overrides, tmp_path):
     checkpoint = killed / "checkpoints" / "last.safetensors"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if checkpoint.exists() and saved_step(checkpoint) >= 20:
+        if checkpoint.exists() and saved_step(checkpoint) >= 20 and max(reported_steps(killed)) > saved_step(checkpoint):
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert proc.poll() is None, "training ended before it could be killed; raise train.steps"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     step_at_kill = load_training_checkpoint(checkpoint).step
     assert 20 <= step_at_kill < 60
+    assert max(reported_steps(killed)) > step_at_kill  # reports the resumed run will write again
 
     config = load_config("smoke", overrides)
     train(config, killed, progress=False)  # resumes from the last checkpoint
@@ -48,6 +56,7 @@ def test_sigkill_then_resume_equals_uninterrupted(smoke_overrides, tmp_path):
     assert a.step == b.step == 60
     assert all(torch.equal(a.model[k], b.model[k]) for k in b.model)
     assert all(torch.equal(a.ema[k], b.ema[k]) for k in b.ema)
+    assert reported_steps(killed) == reported_steps(tmp_path / "straight") == list(range(5, 61, 5))
 
 
 def test_kill_during_write_keeps_previous_file(tmp_path):

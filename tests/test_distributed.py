@@ -1,7 +1,12 @@
 """DDP under torchrun with 2 gloo processes on the CPU: the same math as one process."""
 
+import contextlib
 import dataclasses
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,6 +75,91 @@ def test_failing_rank_fails_the_launch_quickly(ddp_config, tmp_path):
     output = "\n".join(lines)
     assert "injected failure on rank 1" in output
     assert "rank" in output.lower()
+
+
+def _start_nodes(config_file: Path, tmp_path: Path) -> list[subprocess.Popen]:
+    """Two torchrun launchers, one process each, meeting by c10d rendezvous on 127.0.0.1 (as two machines
+    would at node 0's address); each in its own process group, its output in node<r>.log. Node 1 starts
+    once node 0 listens, so node 0 hosts the rendezvous store, as on two machines."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for rank in (0, 1):
+        cmd = torchrun_command(config_file, tmp_path / f"node{rank}", 1, nnodes=2, node_rank=rank,
+                               rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id=f"test-{port}")
+        with open(tmp_path / f"node{rank}.log", "wb") as log:
+            nodes.append(subprocess.Popen(cmd, env=rank_environment(1), stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        deadline = time.monotonic() + 120
+        while rank == 0 and not _listening(port):
+            assert time.monotonic() < deadline and nodes[0].poll() is None, _logs(tmp_path)
+            time.sleep(0.2)
+    return nodes
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _kill_node(node: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process below it (torchrun starts its workers in sessions of their own)."""
+    parents, family = {}, {node.pid}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # exited meanwhile
+            pass
+    while grown := {pid for pid, parent in parents.items() if parent in family} - family:
+        family |= grown
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    node.wait()
+
+
+def _stop(nodes: list[subprocess.Popen]) -> None:
+    for node in nodes:
+        if node.poll() is None:
+            _kill_node(node)
+
+
+def _logs(tmp_path: Path) -> str:
+    return "\n".join(log.read_text()[-2000:] for log in sorted(tmp_path.glob("node*.log")))
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_equal_one_process(ddp_config, tmp_path):
+    nodes = _start_nodes(write_resolved_config(ddp_config, tmp_path), tmp_path)
+    try:
+        codes = [node.wait(timeout=300) for node in nodes]
+    finally:
+        _stop(nodes)
+    assert codes == [0, 0], _logs(tmp_path)
+    train(ddp_config, tmp_path / "single", progress=False)
+    two_nodes, single = _ckpt(tmp_path / "node0"), _ckpt(tmp_path / "single")  # global rank 0 writes on node 0
+    assert two_nodes.step == single.step == 6
+    worst = max((two_nodes.model[k] - single.model[k]).abs().max().item() for k in single.model)
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.slow
+def test_a_dead_node_fails_the_other_within_a_minute(ddp_config, tmp_path):
+    long = dataclasses.replace(ddp_config, train=dataclasses.replace(ddp_config.train, steps=100_000))
+    nodes = _start_nodes(write_resolved_config(long, tmp_path), tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "node0" / "metrics.jsonl").is_file():  # both nodes are training together
+            assert time.monotonic() < deadline and nodes[0].poll() is None, _logs(tmp_path)
+            time.sleep(0.2)
+        _kill_node(nodes[1])
+        killed = time.monotonic()
+        code = nodes[0].wait(timeout=120)
+        assert code != 0 and time.monotonic() - killed < 60, _logs(tmp_path)
+        assert "RendezvousConnectionError" not in _logs(tmp_path)  # node 0's store outlived node 1: the training failed
+    finally:
+        _stop(nodes)
 
 
 def test_nproc_validation():

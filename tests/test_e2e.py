@@ -86,6 +86,30 @@ def stack(tmp_path_factory, mnist_raw_source, request):
         yield SimpleNamespace(env=env, s3=s3, mlflow=MlflowClient(env["MLFLOW_TRACKING_URI"]), root=root)
 
 
+def _group_environments(leader: int) -> list[dict[str, str]]:
+    """The environment of every process in the process group `leader` leads (a service and its children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == leader:  # field 5: the process group
+                items = (stat.parent / "environ").read_bytes().decode(errors="replace").split("\0")
+                found.append(dict(item.split("=", 1) for item in items if "=" in item))
+        except (OSError, IndexError):  # exited meanwhile
+            pass
+    return found
+
+
+def test_only_the_processes_that_use_s3_hold_its_secret(stack):
+    """Read from each service's processes: the MLflow server (it proxies artifacts) holds the S3 secret,
+    and the serve process because this stack's dataset is on S3; the S3 endpoint and Prefect do not."""
+    holds = {}
+    for pid_file in sorted((stack.root / "state" / "pids").glob("*.pid")):
+        environments = _group_environments(int(pid_file.read_text()))
+        assert environments, pid_file.stem
+        holds[pid_file.stem] = {any(SECRET in value for value in env.values()) for env in environments}
+    assert holds == {"s3": {False}, "mlflow": {True}, "prefect": {False}, "serve": {True}}
+
+
 def _run_deployment(stack, overrides: dict) -> str:
     """`prefect deployment run 'train-eval/adhoc' --watch`; assert it completed; return the MLflow run id."""
     cmd = [sys.executable, "-m", "prefect", "deployment", "run", "train-eval/adhoc", "--param", "preset=smoke",

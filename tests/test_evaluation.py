@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,8 +164,8 @@ def test_evaluate_reuses_the_cached_reference_statistics(smoke_run, data_dir, pr
     settings = dict(num_samples=64, sampler="ddim", steps=5, batch_size=32, progress=False)
     first = evaluate(loaded, **settings)
     key = f"mnist-{prepared.sha256[:12]}-test-{lenet.extractor_id}"
-    cached = sorted((data_dir / "reference_stats").glob(f"{key}-*.pt"))
-    assert len(cached) == 2  # the test split's features and their FID statistics
+    cached = sorted((data_dir / "reference_stats").glob(f"{key}.safetensors"))
+    assert len(cached) == 1  # the test split's features
     stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cached}  # a rewrite would change both
 
     second = evaluate(loaded, **settings, out=tmp_path / "metrics.json")
@@ -216,6 +217,72 @@ def test_cli_evaluate_without_model_or_floors_is_an_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["evaluate"])
     assert exc.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+# --- crafted files where the evaluation reads: refused (or never read), never run ----------------------------------
+
+class _RunsCode:
+    """Unpickling this creates `marker`: what a crafted cache or weights file would do with its code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _plant(path, marker):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"mu": _RunsCode(marker)}, path)
+
+
+@pytest.fixture()
+def private_data(prepared, tmp_path):
+    """A data folder of its own holding a copy of the canonical file, for tests that plant files in it."""
+    from diffusion_core.config import DataConfig
+    from diffusion_core.data import canonical_path
+
+    target = canonical_path(prepared.spec, tmp_path / "data")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(prepared.path, target)
+    return DataConfig(source="download", data_dir=str(tmp_path / "data"))
+
+
+def test_crafted_reference_cache_files_are_never_run(prepared, lenet, real, private_data, tmp_path, monkeypatch):
+    """torch-fidelity's cache names (its pickle cache, on by default) are never read; a crafted file at
+    the project's own cache name is refused, naming the file."""
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    stats = Path(private_data.data_dir) / "reference_stats"
+    key = f"mnist-{prepared.sha256[:12]}-test-{lenet.extractor_id}"
+    fidelity_names = [f"{key}-lenet-mnist-features-fc1.pt", f"{key}-lenet-mnist-stat-fid-fc1.pt"]
+    for name in fidelity_names:
+        _plant(stats / name, marker)
+        _plant(tmp_path / "torch" / "fidelity_cache" / name, marker)
+    images = real[0][:64]
+    first = evaluate(images, data=private_data, progress=False)
+    assert not marker.exists()
+    assert first == evaluate(images, data=private_data, progress=False)  # from the project's own cache now
+    own = stats / f"{key}.safetensors"
+    _plant(own, marker)
+    with pytest.raises(RuntimeError, match=f"{own}.*delete it"):
+        evaluate(images, data=private_data, progress=False)
+    assert not marker.exists()
+
+
+def test_crafted_inception_weights_are_refused_without_running(prepared, private_data, tmp_path, offline,
+                                                               monkeypatch):
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("DIFFUSION_INCEPTION_WEIGHTS", raising=False)
+    explicit = tmp_path / INCEPTION_FILE
+    _plant(explicit, marker)
+    with pytest.raises(RuntimeError, match="not a plain PyTorch state dict"):
+        resolve_extractor("inception", prepared, private_data.data_dir, inception_weights=explicit)
+    _plant(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILE, marker)  # the hub cache: hash checked first
+    with pytest.raises(RuntimeError, match="not the published 6726825d"):
+        resolve_extractor("inception", prepared, private_data.data_dir)
+    assert not marker.exists()
 
 
 # --- the Inception path -------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from diffusion_core import load_config, prepare_dataset
+from diffusion_core import ConfigError, load_config, prepare_dataset
 from diffusion_core.config import SampleConfig
 from diffusion_core.launch import write_resolved_config
 from diffusion_core.samplers import generate_batches
@@ -179,6 +179,19 @@ def test_s3_outage_at_upload_fails_cleanly_and_registers_nothing(pipeline, s3_st
     assert failed.info.status == "FAILED"
     assert [str(v.version) for v in client.search_model_versions("name='ddpm-mnist'")] == ["1"]  # nothing registered
     assert client.get_registered_model("ddpm-mnist").aliases == {CHALLENGER: 1, CHAMPION: 1}
+
+
+def test_a_run_may_not_point_the_worker_at_other_data(pipeline, tmp_path):
+    """Flow parameters arrive from whoever reaches the Prefect API: a data path is refused before any
+    work (no MLflow run, nothing read from it), naming the key."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("diffusion-mnist")
+    before = len(client.search_runs([experiment.experiment_id])) if experiment else 0
+    with pytest.raises(ConfigError, match=r"overrides\['data.data_dir'\] refused"):
+        train_eval(preset="smoke", overrides={**FAST, "data.data_dir": str(tmp_path)})
+    experiment = client.get_experiment_by_name("diffusion-mnist")
+    assert (len(client.search_runs([experiment.experiment_id])) if experiment else 0) == before
+    assert not any(tmp_path.iterdir())
 
 
 def test_failed_training_fails_the_flow_with_the_log_tail(pipeline):

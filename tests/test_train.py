@@ -89,6 +89,26 @@ def test_resume_with_other_settings_is_refused(smoke_run, smoke_overrides):
         train(config, smoke_run, progress=False)
 
 
+def test_resume_on_another_dataset_version_is_refused(smoke_run, smoke_overrides, data_dir, tmp_path):
+    """The same dataset name with one pixel changed is another version: resuming names both sha256s."""
+    from safetensors.torch import save_file
+
+    from diffusion_core.data import canonical_path, content_sha256, get_spec, read_metadata
+
+    original = canonical_path(get_spec("mnist"), data_dir)
+    tensors = load_file(str(original))
+    tensors["train.images"][0, 0, 0, 0] ^= 1
+    other_sha = content_sha256(tensors)
+    other_dir = tmp_path / "data"
+    other_dir.mkdir()
+    save_file(tensors, str(canonical_path(get_spec("mnist"), other_dir)),
+              metadata={**read_metadata(original), "sha256": other_sha})
+    trained_on = json.loads((smoke_run / "model" / "config.json").read_text())["dataset_sha256"]
+    config = load_config("smoke", {**smoke_overrides, "data.data_dir": str(other_dir), "train.steps": 30})
+    with pytest.raises(ConfigError, match=f"{trained_on}.*{other_sha}"):
+        train(config, smoke_run, progress=False)
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(smoke_overrides, tmp_path, monkeypatch):
     """A fault injected into the loss from the 8th step on: training stops at the next report with
     the step named, and the checkpoint of step 5 stays as it was and loadable."""
@@ -159,3 +179,25 @@ def test_label_dropout_is_honoured(smoke_overrides, tmp_path, label_dropout):
     trained = load_training_checkpoint(tmp_path / "checkpoints" / "last.safetensors").model["class_embedding.weight"]
     changed = (trained - initial).abs().amax(dim=1) > 0  # per row: 10 classes, then "no class"
     assert changed.tolist() == ([False] * 10 + [True] if label_dropout == 1.0 else [True] * 10 + [False])
+
+
+def test_written_files_have_normal_permissions(smoke_overrides, tmp_path):
+    """What a run writes for others to read (model, config, checkpoint, metrics, plots) gets the usual
+    0666/0777 less the umask, not a temporary file's private 0600/0700."""
+    import os
+    import stat
+
+    from diffusion_core.launch import write_resolved_config
+
+    previous = os.umask(0o022)
+    try:
+        config = load_config("smoke", {**smoke_overrides, "train.steps": 5})
+        train(config, tmp_path / "run", progress=False)
+        write_resolved_config(config, tmp_path / "run")
+    finally:
+        os.umask(previous)
+    written = [p for p in (tmp_path / "run").rglob("*")]
+    assert {p.name for p in written} >= {"model", "model.safetensors", "config.json", "last.safetensors",
+                                          "metrics.jsonl", "loss_curve.png"}
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path

@@ -25,7 +25,8 @@ from typing import Any
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path, atomic_write_text
-from ..data import PreparedDataset, file_digest
+from ..config import ConfigError
+from ..data import DataError, PreparedDataset, file_digest
 from .classifier import accuracy, train_classifier
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -49,7 +50,7 @@ def file_sha256(path: Path) -> str:
 def check_lenet_dataset(prepared: PreparedDataset) -> None:
     spec = prepared.spec
     if spec.channels != 1 or spec.image_size != 28:
-        raise ValueError(f"the lenet extractor is for 28×28 grayscale datasets, not {spec.name} "
+        raise ConfigError(f"the lenet extractor is for 28×28 grayscale datasets, not {spec.name} "
                          f"({spec.channels}×{spec.image_size}×{spec.image_size}); use the inception extractor")
 
 
@@ -64,7 +65,7 @@ def shipped_path(dataset: str) -> Path:
 def _read_meta(weights_path: Path) -> dict[str, Any]:
     meta_path = weights_path.with_suffix(".json")
     if not meta_path.is_file():
-        raise RuntimeError(f"{weights_path} has no metadata file {meta_path.name}; delete the weights to retrain them")
+        raise DataError(f"{weights_path} has no metadata file {meta_path.name}; delete the weights to retrain them")
     return json.loads(meta_path.read_text())
 
 
@@ -73,10 +74,10 @@ def load_verified(weights_path: Path, dataset_sha256: str) -> ClassifierRecord:
     meta = _read_meta(weights_path)
     actual = file_sha256(weights_path)
     if actual != meta["weights_sha256"]:
-        raise RuntimeError(f"{weights_path} has sha256 {actual} but its metadata records {meta['weights_sha256']}: "
+        raise DataError(f"{weights_path} has sha256 {actual} but its metadata records {meta['weights_sha256']}: "
                            "the file was changed or corrupted. Restore it, or delete both files to retrain.")
     if meta["dataset_sha256"] != dataset_sha256:
-        raise RuntimeError(f"{weights_path} was trained on dataset version {meta['dataset_sha256'][:12]}, "
+        raise DataError(f"{weights_path} was trained on dataset version {meta['dataset_sha256'][:12]}, "
                            f"not on {dataset_sha256[:12]}")
     return ClassifierRecord(weights_path, meta)
 

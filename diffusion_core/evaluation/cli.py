@@ -7,7 +7,7 @@ import dataclasses
 import os
 
 from ..cli import _add_config_args
-from ..config import ENV_OVERRIDES, SAMPLERS, DataConfig, load_config
+from ..config import ENV_OVERRIDES, SAMPLERS, ConfigError, DataConfig, load_config
 from ..data import SPLITS
 from ..samplers import SPACINGS
 from .extractors import EXTRACTORS
@@ -32,7 +32,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluator import compute_floors, evaluate, format_table, save_metrics
 
     if not args.model and not args.floors:
-        raise ValueError("give --model PATH to evaluate a model, and/or --floors for the real-data and noise floors")
+        raise ConfigError("give --model PATH to evaluate a model, and/or --floors for the real-data and noise floors")
     device = resolve_device(args.device, DistContext())
     common = dict(extractor=args.extractor, num_samples=args.num_samples, split=args.split, seed=args.seed,
                   batch_size=args.batch_size, device=device, inception_weights=args.inception_weights)

@@ -21,7 +21,7 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..checkpoint import LoadedModel
-from ..config import DataConfig, SampleConfig
+from ..config import ConfigError, DataConfig, SampleConfig
 from ..data import PreparedDataset, prepare_dataset
 from ..distributed import DistContext, resolve_device
 from ..guidance import balanced_labels
@@ -132,7 +132,7 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
     device = resolve_device(str(device), DistContext())
     if isinstance(source, LoadedModel):
         if guidance is not None and not source.config.conditional:
-            raise ValueError("guidance was given but this model is unconditional (trained without classes)")
+            raise ConfigError("guidance was given but this model is unconditional (trained without classes)")
         if source.config.conditional and guidance is None:
             guidance = source.config.sample.guidance
         schedule = source.denoiser.schedule
@@ -140,24 +140,24 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
                                 batch_size=batch_size, clip_x0=clip_x0, seed=seed,
                                 guidance=guidance or 0.0).resolved(schedule.timesteps)  # validates them
         if settings.steps > schedule.timesteps:
-            raise ValueError(f"steps={settings.steps} exceeds the model's {schedule.timesteps} timesteps")
+            raise ConfigError(f"steps={settings.steps} exceeds the model's {schedule.timesteps} timesteps")
         data = data or source.config.data
         tag = sampler_tag(sampler, settings.steps, guidance)
         if source.config.conditional:
             labels = balanced_labels(num_samples, source.config.model.num_classes)
     elif isinstance(source, torch.Tensor):
         if data is None:
-            raise ValueError("evaluating a tensor of images needs data= (the dataset to compare with)")
+            raise ConfigError("evaluating a tensor of images needs data= (the dataset to compare with)")
         num_samples = len(source)
         if labels is not None and tuple(labels.shape) != (num_samples,):
-            raise ValueError(f"labels must have shape [{num_samples}] (one per image), got {tuple(labels.shape)}")
+            raise ConfigError(f"labels must have shape [{num_samples}] (one per image), got {tuple(labels.shape)}")
     else:
-        raise ValueError(f"evaluate() takes a LoadedModel or a uint8 image tensor, not {type(source).__name__}")
+        raise ConfigError(f"evaluate() takes a LoadedModel or a uint8 image tensor, not {type(source).__name__}")
     setup = _setup(data, extractor, split, inception_weights, progress)
     spec = setup.prepared.spec
     image_shape = (spec.channels, spec.image_size, spec.image_size)
     if isinstance(source, torch.Tensor) and (source.dtype != torch.uint8 or tuple(source.shape[1:]) != image_shape):
-        raise ValueError(f"{spec.name} samples must be uint8 [N, {', '.join(map(str, image_shape))}], "
+        raise ConfigError(f"{spec.name} samples must be uint8 [N, {', '.join(map(str, image_shape))}], "
                          f"got {source.dtype} {tuple(source.shape)}")
     result = {**_context(setup, num_samples), "reference_split": split}
     if isinstance(source, LoadedModel):
@@ -184,7 +184,7 @@ def compute_floors(data: DataConfig, *, extractor: str = "lenet", num_samples: i
     setup = _setup(data, extractor, split, inception_weights, progress)
     train_images, _ = setup.prepared.load("train")
     if num_samples > len(train_images):
-        raise ValueError(f"num_samples={num_samples} exceeds the {len(train_images)} train images")
+        raise ConfigError(f"num_samples={num_samples} exceeds the {len(train_images)} train images")
     generator = torch.Generator().manual_seed(seed)
     real = train_images[torch.randperm(len(train_images), generator=generator)[:num_samples]]
     noise = torch.randint(0, 256, (num_samples, *real.shape[1:]), generator=generator, dtype=torch.uint8)

@@ -1,4 +1,4 @@
-"""FID, KID and precision/recall between two image sets, computed by torch-fidelity.
+"""FID, KID and precision/recall between two image sets, computed with torch-fidelity's formulas.
 
   - FID (Heusel et al. 2017): Fréchet distance between Gaussians fitted to the two feature sets,
     |μ1 − μ2|² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^½).
@@ -8,8 +8,8 @@
     real manifold (k-NN balls), and of real samples inside the generated one.
 The values scale with the feature space: compare numbers only between equal extractor_ids (LeNet's
 KID is in the units of its features, not the ×10⁻³ of Inception). Images go in as uint8 [N, C, H, W]
-tensors. `save_cpu_ram=True` keeps torch-fidelity from starting DataLoader worker processes; it runs
-on CUDA when `cuda` is true.
+tensors. Features are extracted here (in-process, no DataLoader workers) and fed to torch-fidelity's
+metric functions; its file cache (torch.load of pickles) is never involved. Runs on CUDA when `cuda`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ from __future__ import annotations
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.utils import get_featuresdict_from_dataset
 
-from .extractors import Extractor
+from .extractors import Extractor, feature_network
 from .reference import ReferenceSet
 
 KID_MAX_SUBSET = 1000
@@ -53,21 +57,25 @@ def compute_metrics(images: torch.Tensor, reference: torch.Tensor | ReferenceSet
     smaller = min(len(images), len(real))
     if smaller <= PRC_NEIGHBORHOOD:
         raise ValueError(f"need more than {PRC_NEIGHBORHOOD} images per set for precision/recall, got {smaller}")
-    cache = {"cache": False}
-    if isinstance(reference, ReferenceSet):
-        cache = {"cache": True, "cache_root": str(reference.cache_root), "input2_cache_name": reference.cache_name}
-    raw = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(images, extractor.rgb), input2=UInt8Images(real, extractor.rgb),
-        fid=True, kid=True, prc=True,
-        feature_extractor=extractor.fidelity_name, feature_extractor_weights_path=str(extractor.weights_path),
-        kid_subset_size=min(KID_MAX_SUBSET, smaller), prc_neighborhood=PRC_NEIGHBORHOOD,
-        batch_size=batch_size, cuda=torch.cuda.is_available() if cuda is None else cuda,
-        save_cpu_ram=True, rng_seed=seed, verbose=progress, **cache,
-    )
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    net = feature_network(extractor, cuda)
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        data = UInt8Images(x, extractor.rgb)
+        return get_featuresdict_from_dataset(data, net, batch_size, cuda, True, progress)[extractor.layer]
+
+    generated = features(images)
+    real_features = reference.features(features) if isinstance(reference, ReferenceSet) else features(real)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(generated), fid_features_to_statistics(real_features),
+                                   progress)
+    kid = kid_features_to_metric(generated, real_features, kid_subset_size=min(KID_MAX_SUBSET, smaller),
+                                 rng_seed=seed, verbose=progress)
+    prc = prc_features_to_metric(generated, real_features, prc_neighborhood=PRC_NEIGHBORHOOD, save_cpu_ram=True,
+                                 verbose=progress)
     return {
-        "fid": raw[torch_fidelity.KEY_METRIC_FID],
-        "kid": raw[torch_fidelity.KEY_METRIC_KID_MEAN],
-        "kid_std": raw[torch_fidelity.KEY_METRIC_KID_STD],
-        "precision": raw[torch_fidelity.KEY_METRIC_PRECISION],
-        "recall": raw[torch_fidelity.KEY_METRIC_RECALL],
+        "fid": fid[torch_fidelity.KEY_METRIC_FID],
+        "kid": kid[torch_fidelity.KEY_METRIC_KID_MEAN],
+        "kid_std": kid[torch_fidelity.KEY_METRIC_KID_STD],
+        "precision": prc[torch_fidelity.KEY_METRIC_PRECISION],
+        "recall": prc[torch_fidelity.KEY_METRIC_RECALL],
     }
