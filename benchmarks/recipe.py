@@ -65,6 +65,8 @@ ARMS: dict[str, tuple[str, dict]] = {
                      {"train.lr_decay": "cosine", "model.attention_levels": []}),
     "cosine-schedule": ("cosine-lr + the cosine noise schedule (Nichol & Dhariwal 2021) for training and sampling",
                         {"train.lr_decay": "cosine", "diffusion.schedule": "cosine"}),
+    "recipe": ("the new mnist-cpu recipe: cosine-lr + Min-SNR-5 + one residual block per level",
+               {"train.lr_decay": "cosine", "train.loss_weighting": "min_snr", "model.num_res_blocks": 1}),
     "fast-net": ("cosine-lr + one residual block per level and no attention at 7×7 (middle block keeps its own)",
                  {"train.lr_decay": "cosine", "model.num_res_blocks": 1, "model.attention_levels": []}),
 }
