@@ -1,7 +1,7 @@
 """Training-recipe ablation at equal wall-clock budget: train each arm for the same minutes of this
 machine, then score every arm the same way.
 
-    python benchmarks/recipe.py --arms baseline cosine-lr --minutes 5 [--preset mnist-cpu] \
+    python benchmarks/recipe.py --arms baseline cosine-lr --minutes 5 [--preset mnist-cpu-v1] \
         [--sampler dpm++2m-sde --steps 20] [-n 1000] [--out-dir runs/recipe] [--plot docs/time-to-quality.png]
     python benchmarks/recipe.py --list                       # the arms and what each changes
     python benchmarks/recipe.py --report runs/recipe --plot docs/time-to-quality.png   # table + plot only
@@ -44,8 +44,8 @@ from diffusion_core.samplers import default_spacing
 # name → (what it changes, overrides on the preset). Each arm is one change, or the running winner
 # plus one change, so its row reads as the effect of that change.
 ARMS: dict[str, tuple[str, dict]] = {
-    "baseline": ("the mnist-cpu recipe before this ablation: LR 1e-3 constant after 200 warm-up steps, "
-                 "t uniform, ε target, EMA 0.995", {}),
+    "baseline": ("the mnist-cpu recipe before this ablation (preset mnist-cpu-v1): LR 1e-3 constant after "
+                 "200 warm-up steps, t uniform, ε target, EMA 0.995", {}),
     "cosine-lr": ("learning rate decays to 0 along half a cosine by the end of the run",
                   {"train.lr_decay": "cosine"}),
     "cosine-lr-2e-3": ("cosine-lr with peak LR 2e-3", {"train.lr_decay": "cosine", "train.lr": 2e-3}),
@@ -65,7 +65,7 @@ ARMS: dict[str, tuple[str, dict]] = {
                      {"train.lr_decay": "cosine", "model.attention_levels": []}),
     "cosine-schedule": ("cosine-lr + the cosine noise schedule (Nichol & Dhariwal 2021) for training and sampling",
                         {"train.lr_decay": "cosine", "diffusion.schedule": "cosine"}),
-    "recipe": ("the new mnist-cpu recipe: cosine-lr + Min-SNR-5 + one residual block per level",
+    "recipe": ("the new mnist-cpu preset's recipe: cosine-lr + Min-SNR-5 + one residual block per level",
                {"train.lr_decay": "cosine", "train.loss_weighting": "min_snr", "model.num_res_blocks": 1}),
     "fast-net": ("cosine-lr + one residual block per level and no attention at 7×7 (middle block keeps its own)",
                  {"train.lr_decay": "cosine", "model.num_res_blocks": 1, "model.attention_levels": []}),
@@ -253,7 +253,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="*", default=[], choices=sorted(ARMS))
     parser.add_argument("--minutes", type=float, nargs="+", default=[5.0], help="training budget(s) per arm")
-    parser.add_argument("--preset", default="mnist-cpu", help="the preset every arm starts from")
+    parser.add_argument("--preset", default="mnist-cpu-v1", help="the preset every arm starts from (the recipe before the ablation)")
     parser.add_argument("--set", action="append", default=[], help="section.field=value for every arm")
     parser.add_argument("--sampler", default="dpm++2m-sde")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (network evaluations per image)")
