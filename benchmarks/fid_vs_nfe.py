@@ -3,7 +3,7 @@ DPM-Solver++(2M) and its SDE form, and optionally DDPM (all T steps), on one tra
 seed and N.
 
     python benchmarks/fid_vs_nfe.py --model runs/mnist-cpu -n 500 --nfe 10 20 50 100 [--ddpm] \
-        [--samplers ddim dpm++2m dpm++2m-sde] [--merge earlier.json ...] [--out-json fid_vs_nfe.json] \
+        [--samplers ddpm ddim dpm++2m dpm++2m-sde] [--merge earlier.json ...] [--out-json fid_vs_nfe.json] \
         [--plot docs/fid_vs_nfe.png]
 
 Every sampler runs with its default timestep spacing (samplers.default_spacing: even in t for DDIM
@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("-n", "--num-samples", type=int, default=500)
     parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100], help="network evaluations per image")
     parser.add_argument("--samplers", nargs="+", default=["ddim", "dpm++2m", "dpm++2m-sde"],
-                        choices=["ddim", "dpm++2m", "dpm++2m-sde"])
+                        choices=["ddpm", "ddim", "dpm++2m", "dpm++2m-sde"],
+                        help="ddpm here is ancestral sampling on the respaced chain of --nfe steps")
     parser.add_argument("--ddpm", action="store_true", help="also DDPM with all T steps (T evaluations per image)")
     parser.add_argument("--merge", nargs="*", default=[], help="metrics JSON files from `diffusion evaluate --out`")
     parser.add_argument("--seed", type=int, default=0)
