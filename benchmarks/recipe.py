@@ -130,14 +130,14 @@ def one_thread_cpu_images_per_s(config) -> float:
         torch.set_num_threads(threads)
 
 
-def calibration(config, out_dir: Path) -> tuple[float, float]:
+def calibration(config, out_dir: Path, estimate_from_cpu_time: bool = False) -> tuple[float, float]:
     """(training images/s on the idle machine, fp32 matmul GFLOP/s) of a network and batch size, kept in
     `<out-dir>/calibration.json` under that network and batch: arms that differ only in what a step
     computes with the same tensors (noise levels, weighting, learning rate, EMA) share one figure, and
     arms trained later or side by side use the idle machine's figures.
 
     The idle figure is measured (wall clock, all threads) when the table has none. For another network
-    measured while the machine is busy, pass `--estimate-from-cpu-time`: its figure is then its
+    measured while the machine is busy, pass `estimate_from_cpu_time` (`--estimate-from-cpu-time`): its figure is then its
     one-thread CPU-time rate times the wall/CPU ratio of a network with both figures in the table."""
     key = json.dumps({"model": config.to_dict()["model"], "batch_size": config.train.batch_size}, sort_keys=True)
     path = out_dir / "calibration.json"
@@ -146,7 +146,7 @@ def calibration(config, out_dir: Path) -> tuple[float, float]:
     if "images_per_s" not in entry:
         entry["matmul_gflops"] = matmul_gflops()
         reference = next((e for e in table.values() if "images_per_s" in e and "cpu_images_per_s" in e), None)
-        if ESTIMATE_FROM_CPU_TIME and reference is not None:
+        if estimate_from_cpu_time and reference is not None:
             entry["cpu_images_per_s"] = one_thread_cpu_images_per_s(config)
             entry["images_per_s"] = entry["cpu_images_per_s"] * reference["images_per_s"] / reference["cpu_images_per_s"]
             entry["estimated_from_cpu_time"] = True
@@ -157,9 +157,6 @@ def calibration(config, out_dir: Path) -> tuple[float, float]:
         entry["cpu_images_per_s"] = one_thread_cpu_images_per_s(config)
         save_metrics(path, table)
     return entry["images_per_s"], entry["matmul_gflops"]
-
-
-ESTIMATE_FROM_CPU_TIME = False  # set by --estimate-from-cpu-time
 
 
 def score(model_dir: Path, args, floors: dict) -> dict:
@@ -183,7 +180,7 @@ def run_arm(name: str, args, floors: dict) -> list[dict]:
     description, overrides = ARMS[name]
     overrides = {**overrides, **dict(parse_override(o) for o in args.set)}
     config = load_config(args.preset, overrides)
-    rate, peak = calibration(config, Path(args.out_dir))
+    rate, peak = calibration(config, Path(args.out_dir), args.estimate_from_cpu_time)
     print(f"[{name}] {rate:.1f} training images/s (fp32 matmul peak {peak:.0f} GFLOP/s): {description}",
           flush=True)
     budgets = sorted(args.minutes)
@@ -282,8 +279,6 @@ def main() -> None:
                         help="only measure each arm's training images/s (run on an idle machine, before the arms)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
-    global ESTIMATE_FROM_CPU_TIME
-    ESTIMATE_FROM_CPU_TIME = args.estimate_from_cpu_time
     if args.list:
         for name, (description, overrides) in ARMS.items():
             print(f"{name:16s} {description}\n{'':16s} {overrides}")
@@ -303,7 +298,7 @@ def main() -> None:
         for name in args.arms:
             if args.calibrate_only:
                 calibration(load_config(args.preset, {**ARMS[name][1], **dict(parse_override(o) for o in args.set)}),
-                            Path(args.out_dir))
+                            Path(args.out_dir), args.estimate_from_cpu_time)
             else:
                 run_arm(name, args, floors)
         if args.calibrate_only:
