@@ -54,16 +54,14 @@ class TrainResult:
     dataset_sha256: str
 
 
-def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int | None = None,
-                  decay: str = "none") -> float:
+def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int = 0, decay: str = "none") -> float:
     """Linear warm-up from peak/warmup to peak over `warmup_steps`; then constant (`decay` "none"),
-    or half a cosine from peak down to 0 at `total_steps` ("cosine", Loshchilov & Hutter 2017)."""
+    or half a cosine from peak down to 0 at `total_steps` ("cosine", Loshchilov & Hutter 2017).
+    `decay` is one of config.LR_DECAYS, checked when the config is built."""
     if warmup_steps > 0 and step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if decay == "none":
         return peak
-    if decay != "cosine":
-        raise ValueError(f"unknown learning-rate decay {decay!r}; choose none or cosine")
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
