@@ -38,6 +38,7 @@ from diffusion_core.config import parse_override
 from diffusion_core.checkpoint import build_denoiser
 from diffusion_core.data import get_spec
 from diffusion_core.evaluation.evaluator import compute_floors, evaluate, sampler_tag, save_metrics
+from diffusion_core.figures import new_figure, save_png
 from diffusion_core.runtime import tune_cpu_runtime
 from diffusion_core.samplers import default_spacing
 
@@ -225,13 +226,9 @@ def table(results: list[dict]) -> str:
 
 def plot(results: list[dict], png: Path, arms: list[str]) -> None:
     """FID × floor and confident share against training minutes, one line per arm."""
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_fid, ax_conf) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    fig, (ax_fid, ax_conf) = new_figure(2, width_in=10, height_in=3.8)
     for arm in arms:
         rows = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["minutes"])
         if not rows:
@@ -253,10 +250,7 @@ def plot(results: list[dict], png: Path, arms: list[str]) -> None:
     for ax in (ax_fid, ax_conf):
         ax.grid(alpha=0.3)
     fig.legend(*ax_conf.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
-    plt.close(fig)
+    save_png(fig, png, rect=(0, 0.08, 1, 1))
 
 
 def main() -> None:

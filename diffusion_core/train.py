@@ -31,6 +31,7 @@ from .config import Config, ConfigError, config_from_dict
 from .data import prepare_dataset
 from .distributed import DistContext, destroy_process_group, init_process_group, resolve_device
 from .ema import EMA
+from .figures import new_figure, save_png
 from .forward import save_forward_process_grid
 from .guidance import drop_labels
 from .images import to_model_space
@@ -287,19 +288,12 @@ def plot_loss_curve(metrics_file: Path, png: Path) -> Path | None:
     """Loss (log scale) against step from metrics.jsonl."""
     if not metrics_file.is_file():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if math.isfinite(r["loss"])]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = new_figure()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="training loss")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    save_png(fig, png)
     return png
 

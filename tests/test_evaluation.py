@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -349,3 +350,33 @@ def test_plots_read_the_metric_keys(tmp_path):
     assert guidance_sweep(guided, "lenet", "ddim50") == [(0.0, {"fid": 60.0, "class_consistency": 0.7}),
                                                          (3.0, {"fid": 80.0, "class_consistency": 0.9})]
     assert plot_guidance_sweep(guided, "lenet", "ddim50", tmp_path / "sweep.png").is_file()
+
+
+PLOTS_OFF_THE_MAIN_THREAD = """
+import json, sys, threading
+from pathlib import Path
+from diffusion_core.evaluation.plots import plot_fid_vs_nfe
+from diffusion_core.train import plot_loss_curve
+out = Path(sys.argv[1])
+(out / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1 / i}) + "\\n" for i in range(1, 9)))
+def draw():
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
+    plot_fid_vs_nfe({"fid_lenet_ddim10": 9.0, "fid_lenet_ddim20": 7.0}, "lenet", out / "nfe.png")
+thread = threading.Thread(target=draw)
+thread.start(); thread.join()
+print(json.dumps(sorted(m for m in sys.modules if m == "IPython" or m.startswith("matplotlib.pyplot"))))
+"""
+
+
+def test_plots_touch_no_global_gui_state_from_any_thread(tmp_path):
+    """Training plots while MLflow's metrics thread runs. pyplot's first figure resolves a backend and,
+    with IPython importable, imports it: two such imports racing failed real runs. The plots must use
+    bare Figures: drawn from a worker thread, neither pyplot nor IPython is ever loaded."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PLOTS_OFF_THE_MAIN_THREAD, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "MPLBACKEND": ""})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "nfe.png").stat().st_size > 1000

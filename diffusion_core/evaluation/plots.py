@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_bytes
+from ..figures import new_figure, save_png
 from .evaluator import guidance_suffix
 
 _GUIDED_TAG = re.compile(r"^fid_(?P<extractor>[a-z0-9]+)_(?P<sampler>[a-z0-9]+)_w(?P<w>[0-9.e+-]+)$")
@@ -52,33 +51,14 @@ def plot_fid_vs_nfe(metrics: dict[str, Any], extractor: str, png: str | Path,
     curves = fid_by_nfe(metrics, extractor, guidance)
     if not any(len(points) > 1 for points in curves.values()):
         return None
-    fig, ax = _figure(1)
+    fig, ax = new_figure(1)
     for sampler, points in curves.items():
         ax.plot([n for n, _ in points], [f for _, f in points], "o-", label=SAMPLER_LABELS.get(sampler, sampler))
     ax.set(xscale="log", yscale="log", xlabel="network evaluations per image", ylabel=f"FID ({extractor} features)",
            title=f"FID against sampling cost{'' if guidance is None else f' (guidance {guidance:g})'}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    return _save(fig, png)
-
-
-def _figure(columns: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, columns, figsize=(4.5 * columns if columns > 1 else 6, 3.5), dpi=100)
-
-
-def _save(fig, png: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(png, buffer.getvalue())
+    return save_png(fig, png)
 
 
 def plot_guidance_sweep(metrics: dict[str, Any], extractor: str, sampler_tag: str, png: str | Path) -> Path | None:
@@ -88,7 +68,7 @@ def plot_guidance_sweep(metrics: dict[str, Any], extractor: str, sampler_tag: st
     if len(rows) < 2:
         return None
     weights = [w for w, _ in rows]
-    fig, (left, right) = _figure(2)
+    fig, (left, right) = new_figure(2)
     left.plot(weights, [v["fid"] for _, v in rows], "o-", label="all classes")
     if all("fid_classmean" in v for _, v in rows):
         left.plot(weights, [v["fid_classmean"] for _, v in rows], "s--", label="mean over classes")
@@ -101,4 +81,4 @@ def plot_guidance_sweep(metrics: dict[str, Any], extractor: str, sampler_tag: st
               title="class consistency")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    return _save(fig, png)
+    return save_png(fig, png)
