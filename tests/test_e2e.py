@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +23,7 @@ import pytest
 from mlflow import MlflowClient
 
 from diffusion_core import load_config
+from flows.tracking import git_commit
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +36,14 @@ COMMON = {"diffusion.timesteps": 20, "sample.steps": 5, "train.lr": 3e-3}
 GOOD, WORSE = {**COMMON, "train.steps": 40}, {**COMMON, "train.steps": 1}
 NUM_SAMPLES = 32
 RUN_TIMEOUT_S = 600
+POOL = "e2e-pool"
+# infra/README.md's registration of a deployment on a work pool, with the local checkout (argv[1]) as the source.
+DEPLOY_TO_POOL = """
+import sys
+from prefect import flow
+flow.from_source(sys.argv[1], "flows/train_eval.py:train_eval").deploy(
+    name="pool", work_pool_name=sys.argv[2], parameters={"preset": "smoke"})
+"""
 
 
 def _free_port() -> int:
@@ -86,16 +97,28 @@ def stack(tmp_path_factory, mnist_raw_source, request):
         yield SimpleNamespace(env=env, s3=s3, mlflow=MlflowClient(env["MLFLOW_TRACKING_URI"]), root=root)
 
 
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, process group) of every process, from /proc/<pid>/stat (fields 4 and 5)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name: state, ppid, pgrp, …
+            table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
+        except (OSError, IndexError, ValueError):  # exited meanwhile
+            pass
+    return table
+
+
 def _group_environments(leader: int) -> list[dict[str, str]]:
     """The environment of every process in the process group `leader` leads (a service and its children)."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == leader:  # field 5: the process group
-                items = (stat.parent / "environ").read_bytes().decode(errors="replace").split("\0")
+    for pid, (_, group) in _processes().items():
+        if group == leader:
+            try:
+                items = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
                 found.append(dict(item.split("=", 1) for item in items if "=" in item))
-        except (OSError, IndexError):  # exited meanwhile
-            pass
+            except OSError:  # exited meanwhile
+                pass
     return found
 
 
@@ -110,12 +133,17 @@ def test_only_the_processes_that_use_s3_hold_its_secret(stack):
     assert holds == {"s3": {False}, "mlflow": {True}, "prefect": {False}, "serve": {True}}
 
 
-def _run_deployment(stack, overrides: dict) -> str:
-    """`prefect deployment run 'train-eval/adhoc' --watch`; assert it completed; return the MLflow run id."""
-    cmd = [sys.executable, "-m", "prefect", "deployment", "run", "train-eval/adhoc", "--param", "preset=smoke",
-           "--param", f"overrides={json.dumps(overrides)}", "--param", f"num_samples={NUM_SAMPLES}",
-           "--watch", "--watch-timeout", str(RUN_TIMEOUT_S)]
-    done = subprocess.run(cmd, env=stack.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 60)
+def _prefect(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The Prefect CLI (`prefect ARGS…`) with `env`, as a user's shell runs it."""
+    return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _run_deployment(stack, overrides: dict, deployment: str = "train-eval/adhoc") -> str:
+    """`prefect deployment run DEPLOYMENT --watch`; assert it completed; return the MLflow run id."""
+    done = _prefect(stack.env, "deployment", "run", deployment, "--param", "preset=smoke",
+                    "--param", f"overrides={json.dumps(overrides)}", "--param", f"num_samples={NUM_SAMPLES}",
+                    "--watch", "--watch-timeout", str(RUN_TIMEOUT_S), timeout=RUN_TIMEOUT_S + 60)
     assert done.returncode == 0 and "Completed" in done.stdout, done.stdout + done.stderr
     flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", done.stdout).group(1)
     (run,) = stack.mlflow.search_runs(
@@ -183,6 +211,75 @@ def test_two_concurrent_worse_runs_keep_apart_and_do_not_take_champion(stack, fi
         for tags in (version.tags, info.data.tags):
             assert tags["champion.decision"] == "kept"
             assert (float(tags["champion.candidate_fid"]), float(tags["champion.previous_fid"])) == (second_fid, first_fid)
+
+
+def _prefect_api(stack, path: str) -> dict:
+    with urllib.request.urlopen(stack.env["PREFECT_API_URL"] + path, timeout=30) as response:
+        return json.load(response)
+
+
+def _kill_groups_below(leader: int) -> None:
+    """SIGKILL the process group `leader` leads and the group of every process below it: a process worker
+    starts each flow run in a session of its own, and the flow run starts torchrun in another."""
+    table = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    below, todo = set(), [leader] + [pid for pid, (_, group) in table.items() if group == leader]
+    while todo:
+        pid = todo.pop()
+        if pid not in below:
+            below.add(pid)
+            todo += children.get(pid, [])
+    for group in ({leader} | {table[pid][1] for pid in below if pid in table}) - {os.getpgrp()}:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def pool_worker(stack, request):
+    """A process work pool on the stack's Prefect server and a worker polling it (infra/README.md), as another
+    machine runs it: its own process group (it and every group below it killed whatever happens), its own
+    runs and data folders, the stack's client settings, S3 credentials and DIFFUSION_DATA_SOURCE."""
+    created = _prefect(stack.env, "work-pool", "create", POOL, "--type", "process", timeout=300)
+    assert created.returncode == 0, created.stdout + created.stderr
+    root = (stack.root / "worker").resolve()
+    root.mkdir()
+    env = {**stack.env, "DIFFUSION_RUNS_DIR": str(root / "runs"), "DIFFUSION_DATA_DIR": str(root / "data"),
+           "PREFECT_HOME": str(root / "prefect")}
+    log = root / "worker.log"
+    with log.open("ab") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL], env=env,
+                                  cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    request.addfinalizer(lambda: (_kill_groups_below(worker.pid), worker.wait(timeout=30)))
+    deadline = time.monotonic() + 300
+    while _prefect_api(stack, f"/work_pools/{POOL}")["status"] != "READY":  # a worker has sent a heartbeat
+        assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    return SimpleNamespace(log=log, root=root)
+
+
+def test_deployment_on_a_work_pool_runs_on_its_worker_and_registers_a_version(stack, pool_worker):
+    """infra/README.md's work-pool route: a deployment of the local checkout on a process pool, run with
+    `prefect deployment run … --watch`, is executed by the pool's worker in the worker's environment,
+    records the checkout's commit and registers a model version that points at its MLflow run."""
+    deployed = subprocess.run([sys.executable, "-c", DEPLOY_TO_POOL, str(REPO), POOL], env=stack.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    run_id = _run_deployment(stack, WORSE, deployment="train-eval/pool")
+    run = stack.mlflow.get_run(run_id)
+    flow_run_id = run.data.tags["prefect.flow_run_id"]
+    flow_run = _prefect_api(stack, f"/flow_runs/{flow_run_id}")
+    assert (flow_run["work_pool_name"], flow_run["state_type"]) == (POOL, "COMPLETED")
+    assert flow_run_id in pool_worker.log.read_text()  # the worker picked it up …
+    assert Path(run.data.tags["work_dir"]).parent == pool_worker.root / "runs"  # … and ran it in its environment
+    assert run.info.status == "FINISHED" and run.data.tags["prefect.deployment"] == "pool"
+    assert run.data.params["git_commit"] == git_commit()
+    version = stack.mlflow.get_model_version("ddpm-mnist", run.data.tags["model_version"])
+    assert version.run_id == run_id
 
 
 def test_no_credential_in_logs_files_params_or_the_bucket(stack, first_run):
