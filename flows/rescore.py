@@ -34,7 +34,7 @@ from .parameters import check_overrides, check_preset
 from .prepare import prepare_dataset_flow
 from .registry import CHAMPION, Score, champion_lock, record_score
 from .sample import sample_images
-from .tracking import run_config, set_tags
+from .tracking import ended_when_done, run_config, set_tags
 from .train_eval import RUNS_DIR_ENV, create_run, log_setup, primary_score
 
 PROTOCOL_SECTIONS = ("sample", "evaluation")  # what a re-score may change
@@ -77,7 +77,7 @@ def rescore(model: str, version: str | None = None, alias: str = CHAMPION, prese
     run_id = create_run(client, config, work_dir, f"rescore-{model}-v{version}")
     set_tags(client, run_id, {"rescore.of": f"{model}/{version}", "rescore.source_run": source_run})
     logger = get_run_logger()
-    try:
+    with ended_when_done(client, run_id):
         log_setup(client, run_id, config, work_dir, 1, extractor)
         prepare_dataset_flow(run_id)
         sample_images(run_id, f"models:/{model}/{version}", only_primary=True)
@@ -91,10 +91,6 @@ def rescore(model: str, version: str | None = None, alias: str = CHAMPION, prese
             client.set_model_version_tag(model, version, "eval.rescored_by", run_id)
         logger.info("%s version %s re-scored: FID %.4g ± %.2g (%s); before: %s", model, version, score.fid,
                     score.fid_std, score.protocol, previous.tags() if previous else "none")
-    except BaseException as exc:
-        client.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
     return run_id
 
 

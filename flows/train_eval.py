@@ -42,7 +42,8 @@ from .prepare import prepare_dataset_flow
 from .register import register_checkpoint
 from .registry import PromotionRule, Score, select_champion
 from .sample import primary_setting, sample_images
-from .tracking import ensure_experiment, git_commit, log_params, registered_model_name, set_tags, upload_artifacts
+from .tracking import (ended_when_done, ensure_experiment, git_commit, log_params, registered_model_name, set_tags,
+                       upload_artifacts)
 from .train import train_model
 
 RUNS_DIR_ENV = "DIFFUSION_RUNS_DIR"
@@ -90,7 +91,8 @@ def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = Non
     """Train `preset` + `overrides` ({"train.steps": 500, …}) on `nproc_per_node` ranks, register, sample
     and evaluate it with `num_samples` images per sampler (the config's sample.sampler with `ddim_steps`
     steps and η=`ddim_eta`, names kept from when the primary sampler was always DDIM; unset: the config's
-    sample.*), and make it the champion if its FID with that sampler beats the current one.
+    sample.*), and make it the champion if its FID with that sampler, on evaluation.num_samples images,
+    beats the current champion's by more than the promotion margin (flows.registry).
     Parameters are checked against what a run may ask for (flows.parameters) before any work.
     Returns the MLflow run id."""
     preset = check_run_parameters(preset, overrides or {}, nproc_per_node, num_samples)
@@ -101,7 +103,7 @@ def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = Non
     run_id = create_run(client, config, work_dir, config.name)
     logger = get_run_logger()
     logger.info("MLflow run %s, working folder %s", run_id, work_dir)
-    try:
+    with ended_when_done(client, run_id):
         log_setup(client, run_id, config, work_dir, nproc_per_node, extractor)
         prepare_dataset_flow(run_id)
         train_model(run_id, str(work_dir), nproc_per_node)
@@ -113,10 +115,6 @@ def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = Non
                                    PromotionRule.from_config(config.evaluation))
         set_tags(client, run_id, {"model_version": version, **decision.tags()})
         logger.info("%s version %s: %s (%s)", name, version, decision.tags()["champion.decision"], decision.reason)
-    except BaseException as exc:  # a cancelled flow run arrives as a BaseException
-        client.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
