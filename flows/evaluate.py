@@ -2,15 +2,16 @@
 
 Reads the uint8 sample tensors that `sample` logged (`samples/<tag>.safetensors`) and scores each
 against the real test split with diffusion_core.evaluation. Metrics are named
-`<metric>_<extractor>_<tag>` (e.g. `fid_lenet_ddim50`). The primary setting's scores (the sampler
-that decides the champion, on `evaluation.num_samples` images, with FID's bootstrap standard error)
-are also logged under the same headline keys on every run (`fid`, `fid_std`, `kid`, `kid_std`,
-`precision`, `recall`, `confident`, `class_entropy`; conditional: `class_consistency`), so runs
-share sortable columns in the MLflow UI whatever their sampler. What the headline depends on
-(extractor_id, num_samples, dataset_sha256, reference split, the primary protocol) becomes `eval.*` params; the whole result is also
-kept as the artifact `evaluation.json`. Sample tensors that carry `labels` (class-conditional models)
-also get class_consistency and per-class FIDs, and the guidance sweep is plotted as `guidance_sweep.png`;
-FID against network evaluations (DDPM, and DDIM / DPM-Solver++ at `sample.nfe_sweep`) as `fid_vs_nfe.png`.
+`<metric>_<extractor>_<tag>` (e.g. `fid_lenet_ddim50`). The primary setting's scores (the sampler that
+decides the champion, on `evaluation.num_samples` images, with FID's bootstrap standard error) are also
+logged under the same headline keys on every run (`fid`, `fid_std`, `kid`, `kid_std`, `precision`,
+`recall`, `confident`, `class_entropy`; conditional: `class_consistency`), so runs share sortable
+columns in the MLflow UI whatever their sampler. What the headline depends on (extractor_id,
+num_samples, dataset_sha256, reference split, the primary protocol) becomes `eval.*` params; the whole
+result is also kept as the artifact `evaluation.json`. Sample tensors that carry `labels` (class-
+conditional models) also get class_consistency and per-class FIDs, and the guidance sweep is plotted as
+`guidance_sweep.png`; FID against network evaluations (DDPM, and DDIM / DPM-Solver++ at
+`sample.nfe_sweep`) as `fid_vs_nfe.png`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """sample: images from a registered model with the config's own sampler (`sample.sampler`, its steps, η
 and spacing: the primary setting, whose FID decides the champion) and with DDPM (all T steps).
 
-The primary setting draws `evaluation.num_samples` images (the evaluation budget, 1,000 in the presets);
+The primary setting draws `evaluation.num_samples` images (the evaluation budget, 1,000 in mnist-cpu);
 every other setting draws `sample.num_samples` (the pictures and the side-by-side comparisons). The
-other sampling settings are the run's `sample.*` config (steps, eta, spacing, batch_size, clip_x0, seed). A class-conditional model is sampled with balanced class labels (0…K−1 in turn) at
-the config's guidance weight, and with the primary sampler also at every weight of `sample.guidance_sweep`. With
-`sample.nfe_sweep` set, DDIM and DPM-Solver++(2M) (ODE and SDE) also run at each of those step counts (FID against
-network evaluations).
-Per setting, tagged like the evaluation keys (`ddpm1000`, `ddim50`, conditional `ddim50_w3`), the
-run gets `samples/<tag>.safetensors` (all images, uint8 [N, C, H, W], and their `labels` when
-conditional), `samples/<tag>.png` (a grid of the first 64; conditional: one row per class) and the
-metric `sampling_images_per_s_<tag>`.
+other sampling settings are the run's `sample.*` config (steps, eta, spacing, batch_size, clip_x0,
+seed). A class-conditional model is sampled with balanced class labels (0…K−1 in turn) at the config's
+guidance weight, and with the primary sampler also at every weight of `sample.guidance_sweep`. With
+`sample.nfe_sweep` set, DDIM and DPM-Solver++(2M) (ODE and SDE) also run at each of those step counts
+(FID against network evaluations). Per setting, tagged like the evaluation keys (`ddpm1000`, `ddim50`,
+conditional `ddim50_w3`), the run gets `samples/<tag>.safetensors` (all images, uint8 [N, C, H, W], and
+their `labels` when conditional), `samples/<tag>.png` (a grid of the first 64; conditional: one row per
+class) and the metric `sampling_images_per_s_<tag>`.
 """
 
 from __future__ import annotations
