@@ -39,7 +39,7 @@ from diffusion_core.checkpoint import build_denoiser
 from diffusion_core.data import get_spec
 from diffusion_core.evaluation.evaluator import compute_floors, evaluate, sampler_tag, save_metrics
 from diffusion_core.figures import new_figure, save_png
-from diffusion_core.runtime import tune_cpu_runtime
+from diffusion_core.runtime import matmul_gflops, tune_cpu_runtime
 from diffusion_core.samplers import default_spacing
 
 # name → (what it changes, overrides on the preset). Each arm is one change, or the running winner
@@ -79,16 +79,6 @@ ARMS: dict[str, tuple[str, dict]] = {
 
 PLOT_LABELS = {"baseline": "previous recipe (mnist-cpu-v1)", "recipe": "cosine LR + Min-SNR + one block",
                "recipe-fast": "new recipe (mnist-cpu): also no 7×7 attention"}
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Dense fp32 matmul GFLOP/s now: the yardstick printed beside every wall-clock figure."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def training_images_per_s(config, clock=time.perf_counter, warmup: int = 3, steps: int = 6,

@@ -25,21 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion_core import load_config
 from diffusion_core.checkpoint import build_denoiser
 from diffusion_core.data import get_spec
-from diffusion_core.runtime import tune_allocator
+from diffusion_core.runtime import matmul_gflops, tune_allocator
 from diffusion_core.samplers import ddim_sample
 from diffusion_core.unet import count_parameters
-
-
-def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def _sync(device: torch.device) -> None:

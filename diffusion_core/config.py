@@ -175,6 +175,26 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """How the pipeline scores a model for the champion decision: its own sample budget, apart from the
+    picture grids (sample.num_samples), and the rule that turns two scores into a promotion."""
+
+    num_samples: int = 1000        # images of the primary sampler that are scored (N = 64 spreads more than most gains)
+    bootstrap: int = 100           # resamples of the generated images' features that give fid_std; 0 = no fid_std
+    promotion_sigmas: float = 2.0  # promote only if the FID drops by more than this many combined fid_std …
+    min_improvement: float = 0.0   # … and by at least this much (FID units)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.num_samples >= 10, f"evaluation.num_samples must be >= 10, got {self.num_samples}")
+        _check(p, self.bootstrap == 0 or self.bootstrap >= 10,
+               f"evaluation.bootstrap must be 0 (off) or >= 10 resamples, got {self.bootstrap}")
+        _check(p, self.promotion_sigmas >= 0, f"evaluation.promotion_sigmas must be >= 0, got {self.promotion_sigmas}")
+        _check(p, self.min_improvement >= 0, f"evaluation.min_improvement must be >= 0, got {self.min_improvement}")
+        _raise_if(p)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "default"                                   # run/preset name, used in run names
     model: UNetConfig = field(default_factory=UNetConfig)
@@ -182,6 +202,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         spec = DATASETS[self.data.dataset]

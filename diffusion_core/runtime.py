@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import time
 
 import torch
 
@@ -44,3 +45,20 @@ def tune_cpu_runtime() -> None:
     the last sampling steps produce them; x86 CPUs handle them on a slow path)."""
     tune_allocator()
     torch.set_flush_denormal(True)
+
+
+def matmul_gflops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
+                  repeats: int = 10) -> float:
+    """Dense n×n matmul GFLOP/s on `device` now: the yardstick printed beside every wall-clock figure
+    (this kind of machine's speed drifts by up to 2× between days)."""
+    device = torch.device(device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9

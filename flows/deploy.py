@@ -1,4 +1,4 @@
-"""Serve the train-eval deployments from this process (run it from the repository root):
+"""Serve the pipeline's deployments from this process (run it from the repository root):
 
     python -m flows.deploy
 
@@ -6,6 +6,9 @@
                        $DIFFUSION_NIGHTLY_TIMEZONE, default UTC) with the preset
                        $DIFFUSION_NIGHTLY_PRESET (default mnist-cpu)
   train-eval/adhoc     no schedule: `prefect deployment run 'train-eval/adhoc' --param preset=smoke`
+  rescore/champion     no schedule: re-score a registered model's champion under a new evaluation
+                       protocol (flows.rescore), e.g. `prefect deployment run 'rescore/champion'
+                       --param model=ddpm-mnist --param preset=mnist-cpu`
 
 Scheduled and triggered runs execute in subprocesses of this process, in its working folder, with
 its environment (PREFECT_API_URL, MLFLOW_TRACKING_URI, S3 settings: see .env.example). To run them
@@ -19,6 +22,7 @@ import os
 from prefect import serve
 from prefect.schedules import Cron
 
+from .rescore import rescore
 from .train_eval import train_eval
 
 
@@ -31,7 +35,8 @@ def main() -> None:
         tags=["nightly"],
     )
     adhoc = train_eval.to_deployment(name="adhoc", tags=["adhoc"])
-    serve(nightly, adhoc)
+    rescore_champion = rescore.to_deployment(name="champion", tags=["rescore"])
+    serve(nightly, adhoc, rescore_champion)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,16 @@
 
 Reads the uint8 sample tensors that `sample` logged (`samples/<tag>.safetensors`) and scores each
 against the real test split with diffusion_core.evaluation. Metrics are named
-`<metric>_<extractor>_<tag>` (e.g. `fid_lenet_ddim50`); what they depend on (extractor_id,
-num_samples, dataset_sha256, reference split) becomes `eval.*` params; the whole result is also
-kept as the artifact `evaluation.json`. Sample tensors that carry `labels` (class-conditional models)
-also get class_consistency and per-class FIDs, and the guidance sweep is plotted as `guidance_sweep.png`;
-FID against network evaluations (DDPM, and DDIM / DPM-Solver++ at `sample.nfe_sweep`) as `fid_vs_nfe.png`.
+`<metric>_<extractor>_<tag>` (e.g. `fid_lenet_ddim50`). The primary setting's scores (the sampler that
+decides the champion, on `evaluation.num_samples` images, with FID's bootstrap standard error) are also
+logged under the same headline keys on every run (`fid`, `fid_std`, `kid`, `kid_std`, `precision`,
+`recall`, `confident`, `class_entropy`; conditional: `class_consistency`), so runs share sortable
+columns in the MLflow UI whatever their sampler. What the headline depends on (extractor_id,
+num_samples, dataset_sha256, reference split, the primary protocol) becomes `eval.*` params; the whole
+result is also kept as the artifact `evaluation.json`. Sample tensors that carry `labels` (class-
+conditional models) also get class_consistency and per-class FIDs, and the guidance sweep is plotted as
+`guidance_sweep.png`; FID against network evaluations (DDPM, and DDIM / DPM-Solver++ at
+`sample.nfe_sweep`) as `fid_vs_nfe.png`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,16 @@ from .tracking import log_metrics, log_params, run_config, upload_artifacts
 RESULT_ARTIFACT = "evaluation.json"
 GUIDANCE_PLOT = "guidance_sweep.png"  # conditional models: FID and class consistency against w
 NFE_PLOT = "fid_vs_nfe.png"  # with sample.nfe_sweep: FID against network evaluations per sampler
+# Headline metric key → the evaluator's metric name (keyed `<name>_<extractor>_<primary tag>`).
+HEADLINE_METRICS = {"fid": "fid", "fid_std": "fid_std", "kid": "kid", "kid_std": "kid_std", "precision": "precision",
+                    "recall": "recall", "confident": "confident_fraction", "class_entropy": "class_entropy",
+                    "class_consistency": "class_consistency"}
+
+
+def headline_metrics(metrics: dict[str, float], extractor: str, primary_tag: str) -> dict[str, float]:
+    """The primary setting's scores under run-independent keys (those it has)."""
+    found = {key: metrics.get(f"{name}_{extractor}_{primary_tag}") for key, name in HEADLINE_METRICS.items()}
+    return {key: value for key, value in found.items() if value is not None}
 
 
 @flow(name="evaluate")
@@ -37,6 +52,7 @@ def evaluate_samples(run_id: str, extractor: str = "lenet") -> None:
     """Score every sample tensor of the run with `extractor` ("lenet" offline, or "inception")."""
     client = MlflowClient()
     config = run_config(client, run_id)
+    primary = primary_setting(config)
     metrics: dict[str, float] = {}
     context: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,20 +61,22 @@ def evaluate_samples(run_id: str, extractor: str = "lenet") -> None:
             tag = tensor_file.stem
             tensors = load_file(str(tensor_file))
             result = evaluate(tensors["images"], labels=tensors.get("labels"), data=config.data, extractor=extractor,
-                              tag=tag, device=config.train.device, progress=False)
+                              tag=tag, device=config.train.device, progress=False,
+                              bootstrap=config.evaluation.bootstrap if tag == primary.tag else 0)
             metrics.update({k: v for k, v in result.items() if f"_{tag}" in k})
-            context.update({k: v for k, v in result.items() if f"_{tag}" not in k})
-        if not metrics:
-            raise RuntimeError(f"run {run_id} has no sample tensors under {SAMPLES_ARTIFACT}/: run `sample` first")
+            if tag == primary.tag:
+                context = {k: v for k, v in result.items() if f"_{tag}" not in k}
+        if not context:
+            raise RuntimeError(f"run {run_id} has no {SAMPLES_ARTIFACT}/{primary.tag}.safetensors (the primary "
+                               "setting's samples): run `sample` first")
         result_file = Path(tmp) / RESULT_ARTIFACT
         result_file.write_text(json.dumps({**context, **metrics}, indent=2, sort_keys=True))
         upload_artifacts(client, run_id, result_file)
-        primary = primary_setting(config)
         primary_tag = sampler_tag(primary.settings.sampler, primary.settings.steps)
         for png in (plot_guidance_sweep(metrics, extractor, primary_tag, Path(tmp) / GUIDANCE_PLOT),
                     plot_fid_vs_nfe(metrics, extractor, Path(tmp) / NFE_PLOT, primary.guidance)):
             if png is not None:
                 upload_artifacts(client, run_id, png)
-    log_metrics(client, run_id, metrics)
-    log_params(client, run_id, {f"eval.{k}": v for k, v in context.items()})
+    log_metrics(client, run_id, {**metrics, **headline_metrics(metrics, extractor, primary.tag)})
+    log_params(client, run_id, {**{f"eval.{k}": v for k, v in context.items()}, "eval.primary": primary.protocol})
     get_run_logger().info("evaluation (%s):\n%s", context.get("extractor_id"), format_table(metrics))

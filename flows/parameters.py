@@ -1,8 +1,8 @@
 """What a train-eval run may be asked to do through its parameters.
 
 Whoever can reach the Prefect API can start a deployment run with any parameters, so they are an
-interface to the worker: a run may change training and sampling settings (model, diffusion, train,
-sample sections, and the dataset by name), within bounds where a value sizes the work. Paths, data
+interface to the worker: a run may change training, sampling and scoring settings (model, diffusion,
+train, sample, evaluation sections, and the dataset by name), within bounds where a value sizes the work. Paths, data
 sources and endpoints come from the worker's environment (DIFFUSION_DATA_SOURCE,
 DIFFUSION_DATA_DIR, …), never from a run. `preset` names a shipped preset, or a .toml file under
 the folder $DIFFUSION_PRESET_DIR names. Anything else is refused before any work, naming the key.
@@ -18,11 +18,12 @@ from typing import Any
 from diffusion_core.config import PRESET_DIR, ConfigError
 
 PRESET_DIR_ENV = "DIFFUSION_PRESET_DIR"
-OVERRIDABLE_SECTIONS = ("model", "diffusion", "train", "sample")
+OVERRIDABLE_SECTIONS = ("model", "diffusion", "train", "sample", "evaluation")
 OVERRIDABLE_KEYS = ("data.dataset", "name")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Integer settings that size the work: (smallest, largest) a run may ask for.
 BOUNDS = {"train.steps": (1, 1_000_000), "sample.num_samples": (1, 50_000), "sample.batch_size": (1, 4096),
+          "evaluation.num_samples": (10, 50_000), "evaluation.bootstrap": (0, 10_000),
           "num_samples": (1, 50_000), "nproc_per_node": (1, os.cpu_count() or 1)}
 MAX_SWEEP = 16  # entries of sample.guidance_sweep / sample.nfe_sweep
 
@@ -55,7 +56,8 @@ def check_overrides(overrides: dict[str, Any]) -> None:
     for key, value in overrides.items():
         section = key.split(".", 1)[0]
         if section not in OVERRIDABLE_SECTIONS and key not in OVERRIDABLE_KEYS:
-            raise _refuse(f"overrides[{key!r}]", "a run may set model.*, diffusion.*, train.*, sample.*, data.dataset "
+            raise _refuse(f"overrides[{key!r}]", "a run may set model.*, diffusion.*, train.*, sample.*, evaluation.*, "
+                          "data.dataset "
                           "and name; paths, data sources and endpoints come from the worker's environment "
                           "(DIFFUSION_DATA_SOURCE, DIFFUSION_DATA_DIR)")
         if key in BOUNDS:

@@ -2,17 +2,25 @@
 
 Every train-eval run registers its EMA model (safetensors + config.json, never a pickle) as a new
 version of `ddpm-<dataset>` with the alias `challenger`. After evaluation the version is tagged with
-its FID (`eval.fid`) and with everything that FID depends on (`eval.extractor_id`,
-`eval.num_samples`, `eval.sampler`, `eval.dataset_sha256`). `champion` moves to the new version only
-if the current champion was scored the same way and has a higher FID; the decision, its reason and
-both numbers are tagged on the version. Switching the evaluation protocol therefore needs a
-deliberate, manual `set_registered_model_alias`.
+its FID and that FID's standard error (`eval.fid`, `eval.fid_std`) and with everything the FID
+depends on (`eval.extractor_id`, `eval.num_samples`, `eval.sampler`, `eval.dataset_sha256`: the
+protocol). `champion` moves to the new version only if the current champion was scored with the same
+protocol and the new FID is lower by more than the rule's margin, max(k·√(σ_new² + σ_champion²),
+minimum improvement) (config `evaluation.promotion_sigmas`, `evaluation.min_improvement`): a gap
+inside the measurement's own noise keeps the champion. The decision, its rule, both scores and their
+standard errors are tagged on the version. The read-compare-move runs under a Prefect global
+concurrency limit of one slot per registered model (`champion-<name>`, created when missing), so two
+runs deciding at once take turns and the second compares against the first one's result. A protocol
+change is never compared across: re-score the champion under the new protocol first
+(`python -m flows.rescore`), a recorded step of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import mlflow
@@ -20,10 +28,12 @@ import torch
 from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import LoadedModel, load_model
+from diffusion_core.config import EvaluationConfig
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-FID_TAG = "eval.fid"
+FID_TAG, FID_STD_TAG = "eval.fid", "eval.fid_std"
 PROTOCOL_KEYS = ("extractor_id", "num_samples", "sampler", "dataset_sha256")
+LOCK_TIMEOUT_S = 900  # how long a decision waits for another run's decision on the same model
 
 
 def load_registered_model(uri: str, device: torch.device | str = "cpu") -> LoadedModel:
@@ -35,61 +45,148 @@ def load_registered_model(uri: str, device: torch.device | str = "cpu") -> Loade
 
 @dataclass(frozen=True)
 class Score:
-    """A version's FID and the protocol it was measured with (comparable only when these are equal)."""
+    """A version's FID, its standard error (0 when not measured) and the protocol it was measured with
+    (two scores are comparable only when their protocols are equal)."""
 
     fid: float
     protocol: dict[str, str]
+    fid_std: float = 0.0
 
     def tags(self) -> dict[str, str]:
-        return {FID_TAG: repr(self.fid), **{f"eval.{key}": self.protocol[key] for key in PROTOCOL_KEYS}}
+        return {FID_TAG: repr(self.fid), FID_STD_TAG: repr(self.fid_std),
+                **{f"eval.{key}": self.protocol[key] for key in PROTOCOL_KEYS}}
 
     @classmethod
     def from_tags(cls, tags: Mapping[str, str]) -> Score | None:
         if FID_TAG not in tags:
             return None
-        return cls(float(tags[FID_TAG]), {key: tags.get(f"eval.{key}", "") for key in PROTOCOL_KEYS})
+        return cls(float(tags[FID_TAG]), {key: tags.get(f"eval.{key}", "") for key in PROTOCOL_KEYS},
+                   float(tags.get(FID_STD_TAG, 0.0)))
+
+
+@dataclass(frozen=True)
+class PromotionRule:
+    """Promote when the champion's FID minus the candidate's exceeds
+    max(sigmas · √(σ_candidate² + σ_champion²), min_improvement)."""
+
+    sigmas: float = EvaluationConfig.promotion_sigmas
+    min_improvement: float = EvaluationConfig.min_improvement
+
+    @classmethod
+    def from_config(cls, evaluation: EvaluationConfig) -> PromotionRule:
+        return cls(evaluation.promotion_sigmas, evaluation.min_improvement)
+
+    def margin(self, candidate: Score, champion: Score) -> float:
+        return max(self.sigmas * math.hypot(candidate.fid_std, champion.fid_std), self.min_improvement)
+
+    def __str__(self) -> str:
+        return (f"promote if champion FID − candidate FID > max({self.sigmas:g}·√(σ_candidate² + σ_champion²), "
+                f"{self.min_improvement:g})")
 
 
 @dataclass(frozen=True)
 class Decision:
     promoted: bool
     reason: str
-    candidate_fid: float
+    candidate: Score
     champion_version: str | None
-    champion_fid: float | None
+    champion: Score | None
+    rule: PromotionRule
+
+    @property
+    def candidate_fid(self) -> float:
+        return self.candidate.fid
+
+    @property
+    def champion_fid(self) -> float | None:
+        return None if self.champion is None else self.champion.fid
 
     def tags(self) -> dict[str, str]:
+        previous = self.champion
         return {"champion.decision": "promoted" if self.promoted else "kept", "champion.reason": self.reason,
-                "champion.candidate_fid": repr(self.candidate_fid),
+                "champion.rule": str(self.rule),
+                "champion.candidate_fid": repr(self.candidate.fid),
+                "champion.candidate_fid_std": repr(self.candidate.fid_std),
                 "champion.previous_version": self.champion_version or "none",
-                "champion.previous_fid": "none" if self.champion_fid is None else repr(self.champion_fid)}
+                "champion.previous_fid": "none" if previous is None else repr(previous.fid),
+                "champion.previous_fid_std": "none" if previous is None else repr(previous.fid_std)}
 
 
-def _judge(score: Score, champion_version: str | None, champion: Score | None) -> Decision:
+def _judge(score: Score, champion_version: str | None, champion: Score | None, rule: PromotionRule) -> Decision:
+    def decide(promoted: bool, reason: str) -> Decision:
+        return Decision(promoted, reason, score, champion_version, champion, rule)
+
     if champion_version is None:
-        return Decision(True, "no champion yet", score.fid, None, None)
+        return decide(True, "no champion yet")
     if champion is None or champion.protocol != score.protocol:
         differs = sorted(k for k in PROTOCOL_KEYS if champion is None or champion.protocol[k] != score.protocol[k])
-        return Decision(False, f"champion v{champion_version} was scored differently ({', '.join(differs)}): "
-                        "not comparable, kept", score.fid, champion_version, champion.fid if champion else None)
-    better = score.fid < champion.fid  # a NaN FID is never better
-    relation = "<" if better else "is not below"
-    return Decision(better, f"FID {score.fid:.6g} {relation} champion v{champion_version}'s {champion.fid:.6g}",
-                    score.fid, champion_version, champion.fid)
+        return decide(False, f"champion v{champion_version} was scored differently ({', '.join(differs)}): "
+                      "not comparable, kept (re-score it under this protocol: python -m flows.rescore)")
+    margin = rule.margin(score, champion)
+    gain = champion.fid - score.fid
+    better = gain > margin  # a NaN FID is never better
+    verdict = "beyond" if better else "within"
+    return decide(better, f"FID {score.fid:.4g} ± {score.fid_std:.2g} vs champion v{champion_version}'s "
+                  f"{champion.fid:.4g} ± {champion.fid_std:.2g}: gain {gain:.3g} {verdict} the margin {margin:.3g}")
 
 
-def select_champion(client: MlflowClient, name: str, version: str, score: Score) -> Decision:
-    """Tag `version` with its score, move `champion` to it if it beats the current champion, and tag the
-    decision. (Two runs deciding at the same moment can both read the old champion: run them in turn.)"""
+def _ensure_single_slot_limit(limit: str) -> None:
+    """The global concurrency limit `limit` with one slot: created when missing (a concurrent creator's
+    conflict is fine); an existing one that would not serialise is an error naming the fix."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as prefect:
+        try:
+            existing = prefect.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            try:
+                prefect.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+            except ObjectAlreadyExists:
+                pass
+            return
+    if existing.limit != 1 or not existing.active:
+        raise RuntimeError(f"Prefect global concurrency limit {limit!r} has limit {existing.limit}, "
+                           f"active={existing.active}; champion decisions need one active slot: "
+                           f"prefect gcl update {limit} --limit 1 --enable")
+
+
+@contextlib.contextmanager
+def champion_lock(name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the one slot of `champion-<name>` (Prefect server-side lease: other processes and machines
+    on the same Prefect API wait for it)."""
+    from prefect.concurrency.sync import concurrency
+
+    limit = f"champion-{name}"
+    _ensure_single_slot_limit(limit)
+    with concurrency(limit, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield
+
+
+def record_score(client: MlflowClient, name: str, version: str, score: Score) -> None:
     for key, value in score.tags().items():
         client.set_model_version_tag(name, version, key, value)
-    champion_version, champion = client.get_registered_model(name).aliases.get(CHAMPION), None
-    if champion_version is not None:
-        champion_version = str(champion_version)
-        champion = Score.from_tags(client.get_model_version(name, champion_version).tags)
-    decision = _judge(score, champion_version, champion)
-    if decision.promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    for key, value in decision.tags().items():
-        client.set_model_version_tag(name, version, key, value)
+
+
+def current_champion(client: MlflowClient, name: str) -> tuple[str | None, Score | None]:
+    """(version, score) of the version `champion` points at, or (None, None)."""
+    version = client.get_registered_model(name).aliases.get(CHAMPION)
+    if version is None:
+        return None, None
+    return str(version), Score.from_tags(client.get_model_version(name, str(version)).tags)
+
+
+def select_champion(client: MlflowClient, name: str, version: str, score: Score,
+                    rule: PromotionRule = PromotionRule()) -> Decision:
+    """Tag `version` with its score; under the model's champion lock, compare it with the current
+    champion by `rule`, move `champion` to it if it wins, and tag the decision on the version."""
+    record_score(client, name, version, score)
+    with champion_lock(name):
+        champion_version, champion = current_champion(client, name)
+        decision = _judge(score, champion_version, champion, rule)
+        if decision.promoted:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        for key, value in decision.tags().items():
+            client.set_model_version_tag(name, version, key, value)
     return decision

@@ -1,15 +1,16 @@
-"""sample: N images from a registered model with DDPM (all T steps) and with the config's own sampler
-(`sample.sampler`, its steps, η and spacing: the primary setting, whose FID decides the champion).
+"""sample: images from a registered model with the config's own sampler (`sample.sampler`, its steps, η
+and spacing: the primary setting, whose FID decides the champion) and with DDPM (all T steps).
 
-The sampling settings are the run's `sample.*` config (num_samples, steps, eta, spacing, batch_size,
-clip_x0, seed). A class-conditional model is sampled with balanced class labels (0…K−1 in turn) at
-the config's guidance weight, and with the primary sampler also at every weight of `sample.guidance_sweep`. With
-`sample.nfe_sweep` set, DDIM and DPM-Solver++(2M) (ODE and SDE) also run at each of those step counts (FID against
-network evaluations).
-Per setting, tagged like the evaluation keys (`ddpm1000`, `ddim50`, conditional `ddim50_w3`), the
-run gets `samples/<tag>.safetensors` (all images, uint8 [N, C, H, W], and their `labels` when
-conditional), `samples/<tag>.png` (a grid of the first 64; conditional: one row per class) and the
-metric `sampling_images_per_s_<tag>`.
+The primary setting draws `evaluation.num_samples` images (the evaluation budget, 1,000 in mnist-cpu);
+every other setting draws `sample.num_samples` (the pictures and the side-by-side comparisons). The
+other sampling settings are the run's `sample.*` config (steps, eta, spacing, batch_size, clip_x0,
+seed). A class-conditional model is sampled with balanced class labels (0…K−1 in turn) at the config's
+guidance weight, and with the primary sampler also at every weight of `sample.guidance_sweep`. With
+`sample.nfe_sweep` set, DDIM and DPM-Solver++(2M) (ODE and SDE) also run at each of those step counts
+(FID against network evaluations). Per setting, tagged like the evaluation keys (`ddpm1000`, `ddim50`,
+conditional `ddim50_w3`), the run gets `samples/<tag>.safetensors` (all images, uint8 [N, C, H, W], and
+their `labels` when conditional), `samples/<tag>.png` (a grid of the first 64; conditional: one row per
+class) and the metric `sampling_images_per_s_<tag>`.
 """
 
 from __future__ import annotations
@@ -76,15 +77,15 @@ def _setting(config: Config, **changes) -> SamplerSetting:
 
 def primary_setting(config: Config) -> SamplerSetting:
     """The config's own sampler, steps, η and spacing (the preset's choice, from the recipe ablation in
-    the README): the setting whose FID decides the champion."""
-    return _setting(config)
+    the README) with the evaluation budget of images: the setting whose FID decides the champion."""
+    return _setting(config, num_samples=config.evaluation.num_samples)
 
 
 def sampler_settings(config: Config) -> list[SamplerSetting]:
-    """DDPM (all T steps), the primary setting, for a conditional model the primary sampler at each
+    """The primary setting, DDPM (all T steps), for a conditional model the primary sampler at each
     guidance_sweep weight, and DDIM and DPM-Solver++(2M) in ODE and SDE form (default spacing) at each
-    nfe_sweep step count."""
-    settings = [_setting(config, sampler="ddpm", steps=None, spacing=None), primary_setting(config)]
+    nfe_sweep step count. Where two share a tag the one listed first is kept (the primary always)."""
+    settings = [primary_setting(config), _setting(config, sampler="ddpm", steps=None, spacing=None)]
     if config.conditional:
         settings += [_setting(config, guidance=w) for w in config.sample.guidance_sweep]
     for steps in config.sample.nfe_sweep:
@@ -98,19 +99,20 @@ def sampler_settings(config: Config) -> list[SamplerSetting]:
 
 
 @flow(name="sample")
-def sample_images(run_id: str, model_uri: str) -> None:
-    """Sample the model at `model_uri` with each setting of the run's config; log images and speed."""
+def sample_images(run_id: str, model_uri: str, only_primary: bool = False) -> None:
+    """Sample the model at `model_uri` with each setting of the run's config (only the primary one if
+    `only_primary`: a re-score); log images and speed."""
     logger = get_run_logger()
     client = MlflowClient()
     config = run_config(client, run_id)
     device = resolve_device(config.train.device, DistContext())
     model = load_registered_model(model_uri, device)
     spec = get_spec(config.data.dataset)
-    s = config.sample
-    labels = balanced_labels(s.num_samples, config.model.num_classes) if config.conditional else None
     speeds = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for setting in sampler_settings(config):
+        for setting in [primary_setting(config)] if only_primary else sampler_settings(config):
+            s = setting.settings
+            labels = balanced_labels(s.num_samples, config.model.num_classes) if config.conditional else None
             start = time.perf_counter()
             images = torch.cat(list(generate_batches(
                 model.denoiser, model.denoiser.schedule, (spec.channels, spec.image_size, spec.image_size),

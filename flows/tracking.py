@@ -10,11 +10,12 @@ Only configuration, versions and results are logged: never the environment or cr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,15 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
     except OSError:
         pass
     return os.environ.get("GIT_COMMIT") or "unknown"
+
+
+@contextlib.contextmanager
+def ended_when_done(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """End the MLflow run FINISHED when the block completes, FAILED on an exception, KILLED when the flow
+    run is cancelled (that arrives as a BaseException); the exception goes on."""
+    try:
+        yield
+    except BaseException as exc:
+        client.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    client.set_terminated(run_id, "FINISHED")

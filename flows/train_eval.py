@@ -6,7 +6,8 @@ Steps (each a flow of its own, sharing only the MLflow run id and the working fo
 `$DIFFUSION_RUNS_DIR/<flow run id>`, default `runs/`): prepare-dataset → train (torchrun) →
 register-checkpoint (new version of `ddpm-<dataset>`, or `ddpm-<dataset>-cond` for a class-conditional
 model, alias `challenger`) → sample (DDPM and DDIM, plus the guidance and NFE sweeps)
-→ evaluate (FID …) → champion selection on the DDIM FID (see flows.registry).
+→ evaluate (FID …) → champion selection on the primary sampler's FID and its standard error, with a
+margin (see flows.registry).
 
 The MLflow run (experiment `diffusion-<dataset>`, name `<preset>-<UTC time>-<flow run name>`)
 holds the resolved config as params and as `config.json`, the git commit, torch version, device and
@@ -18,6 +19,7 @@ runs embedded: Prefect's ephemeral API and `mlflow.db` in the working folder.
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +27,8 @@ from typing import Any
 
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import SourceType
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 from prefect import flow, get_run_logger
 from prefect.runtime import deployment, flow_run
 
@@ -36,44 +40,48 @@ from .evaluate import evaluate_samples
 from .parameters import check_run_parameters
 from .prepare import prepare_dataset_flow
 from .register import register_checkpoint
-from .registry import Score, select_champion
+from .registry import PromotionRule, Score, select_champion
 from .sample import primary_setting, sample_images
-from .tracking import ensure_experiment, git_commit, log_params, registered_model_name, set_tags, upload_artifacts
+from .tracking import (ended_when_done, ensure_experiment, git_commit, log_params, registered_model_name, set_tags,
+                       upload_artifacts)
 from .train import train_model
 
 RUNS_DIR_ENV = "DIFFUSION_RUNS_DIR"
 
 
-def _create_run(client: MlflowClient, config: Config, work_dir: Path) -> str:
-    """A new run in the dataset's experiment, tagged with its Prefect flow run; return its id."""
+def create_run(client: MlflowClient, config: Config, work_dir: Path, run_name: str) -> str:
+    """A new run in the dataset's experiment named `<run_name>-<UTC time>-<flow run name>`, tagged with its
+    Prefect flow run, its working folder and its source (what MLflow's UI shows as Source and Version);
+    return its id."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run = client.create_run(
-        ensure_experiment(client, config.data.dataset), run_name=f"{config.name}-{stamp}-{flow_run.name}",
+        ensure_experiment(client, config.data.dataset), run_name=f"{run_name}-{stamp}-{flow_run.name}",
         tags={"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
-              "prefect.deployment": deployment.name or "none", "work_dir": str(work_dir.resolve())})
+              "prefect.deployment": deployment.name or "none", "work_dir": str(work_dir.resolve()),
+              MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+              MLFLOW_SOURCE_NAME: f"flows/{flow_run.flow_name.replace('-', '_')}.py",
+              MLFLOW_GIT_COMMIT: git_commit(), MLFLOW_USER: getpass.getuser()})
     return run.info.run_id
 
 
-def _log_setup(client: MlflowClient, run_id: str, config: Config, work_dir: Path, nproc_per_node: int | str,
-               extractor: str) -> None:
+def log_setup(client: MlflowClient, run_id: str, config: Config, work_dir: Path, nproc_per_node: int | str,
+              extractor: str) -> None:
     """Params (the resolved config and what else decides the result), and the resolved config file."""
-    commit = git_commit()
-    set_tags(client, run_id, {"mlflow.source.git.commit": commit})
     log_params(client, run_id, {
-        **config.flat(), "git_commit": commit, "torch_version": torch.__version__,
+        **config.flat(), "git_commit": git_commit(), "torch_version": torch.__version__,
         "device": resolve_device(config.train.device, DistContext()).type,
         "nproc_per_node": nproc_per_node, "world_size": resolve_nproc(nproc_per_node), "eval.extractor": extractor})
     upload_artifacts(client, run_id, write_resolved_config(config, work_dir))
 
 
-def _score(client: MlflowClient, run_id: str, config: Config, extractor: str) -> Score:
-    """The run's FID with the primary sampler (at the config's guidance, for a conditional model) and its protocol."""
+def primary_score(client: MlflowClient, run_id: str, config: Config) -> Score:
+    """The run's headline FID and its standard error (the primary sampler on the evaluation budget, at the
+    config's guidance for a conditional model) and their protocol."""
     run = client.get_run(run_id)
-    primary = primary_setting(config)
-    params = run.data.params
-    return Score(run.data.metrics[f"fid_{extractor}_{primary.tag}"],
-                 {"extractor_id": params["eval.extractor_id"], "num_samples": params["eval.num_samples"],
-                  "sampler": primary.protocol, "dataset_sha256": params["eval.dataset_sha256"]})
+    params, metrics = run.data.params, run.data.metrics
+    return Score(metrics["fid"], {"extractor_id": params["eval.extractor_id"], "num_samples": params["eval.num_samples"],
+                                  "sampler": primary_setting(config).protocol,
+                                  "dataset_sha256": params["eval.dataset_sha256"]}, metrics.get("fid_std", 0.0))
 
 
 @flow(name="train-eval")
@@ -83,7 +91,8 @@ def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = Non
     """Train `preset` + `overrides` ({"train.steps": 500, …}) on `nproc_per_node` ranks, register, sample
     and evaluate it with `num_samples` images per sampler (the config's sample.sampler with `ddim_steps`
     steps and η=`ddim_eta`, names kept from when the primary sampler was always DDIM; unset: the config's
-    sample.*), and make it the champion if its FID with that sampler beats the current one.
+    sample.*), and make it the champion if its FID with that sampler, on evaluation.num_samples images,
+    beats the current champion's by more than the promotion margin (flows.registry).
     Parameters are checked against what a run may ask for (flows.parameters) before any work.
     Returns the MLflow run id."""
     preset = check_run_parameters(preset, overrides or {}, nproc_per_node, num_samples)
@@ -91,24 +100,21 @@ def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = Non
     config = load_config(preset, {**(overrides or {}), **{k: v for k, v in sampling.items() if v is not None}})
     work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
     client = MlflowClient()
-    run_id = _create_run(client, config, work_dir)
+    run_id = create_run(client, config, work_dir, config.name)
     logger = get_run_logger()
     logger.info("MLflow run %s, working folder %s", run_id, work_dir)
-    try:
-        _log_setup(client, run_id, config, work_dir, nproc_per_node, extractor)
+    with ended_when_done(client, run_id):
+        log_setup(client, run_id, config, work_dir, nproc_per_node, extractor)
         prepare_dataset_flow(run_id)
         train_model(run_id, str(work_dir), nproc_per_node)
         name = registered_model_name(config.data.dataset, config.conditional)
         version = register_checkpoint(run_id, str(work_dir))
         sample_images(run_id, f"models:/{name}/{version}")
         evaluate_samples(run_id, extractor)
-        decision = select_champion(client, name, version, _score(client, run_id, config, extractor))
+        decision = select_champion(client, name, version, primary_score(client, run_id, config),
+                                   PromotionRule.from_config(config.evaluation))
         set_tags(client, run_id, {"model_version": version, **decision.tags()})
         logger.info("%s version %s: %s (%s)", name, version, decision.tags()["champion.decision"], decision.reason)
-    except BaseException as exc:  # a cancelled flow run arrives as a BaseException
-        client.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
     return run_id
 
 

@@ -34,6 +34,10 @@ def test_override_precedence():
     ("train.label_dropout=1.5", "train.label_dropout"),
     ("sample.guidance=-1", "sample.guidance"),
     ("sample.guidance_sweep=[0,-2]", "sample.guidance_sweep"),
+    ("evaluation.num_samples=5", "evaluation.num_samples"),
+    ("evaluation.bootstrap=3", "evaluation.bootstrap"),
+    ("evaluation.promotion_sigmas=-1", "evaluation.promotion_sigmas"),
+    ("evaluation.min_improvement=-0.5", "evaluation.min_improvement"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

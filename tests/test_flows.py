@@ -21,9 +21,10 @@ from diffusion_core import ConfigError, load_config, prepare_dataset
 from diffusion_core.config import SampleConfig
 from diffusion_core.launch import write_resolved_config
 from diffusion_core.samplers import generate_batches
-from flows.registry import CHALLENGER, CHAMPION, Score, load_registered_model, select_champion
+from flows.registry import CHALLENGER, CHAMPION, PromotionRule, Score, load_registered_model, select_champion
 from flows.tracking import ensure_experiment
 from flows.train import TrainingFailed
+from flows.rescore import rescore
 from flows.train_eval import train_eval
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +73,22 @@ def test_train_eval_tracks_registers_and_crowns_the_first_model(pipeline, mnist_
     assert params["dataset_sha256"] == params["eval.dataset_sha256"] == sha256
     assert re.fullmatch(r"[0-9a-f]{40}", params["git_commit"])
     assert (params["torch_version"], params["device"], params["world_size"]) == (torch.__version__, "cpu", "1")
-    assert params["eval.num_samples"] == "32" and params["eval.extractor_id"].startswith("lenet-")
+    # the champion's score has its own budget (the smoke preset's evaluation.num_samples), apart from the grids
+    assert params["eval.num_samples"] == "200" and params["eval.extractor_id"].startswith("lenet-")
+    assert params["eval.primary"] == "ddim5-eta0-linear"
+    ddim, ddpm = (load_file(client.download_artifacts(run_id, f"samples/{tag}.safetensors"))["images"]
+                  for tag in ("ddim5", "ddpm20"))
+    assert (len(ddim), len(ddpm)) == (200, 32)
+    # headline keys: the primary scores under names every run shares, beside the per-sampler keys
+    metrics = run.data.metrics
+    for key, name in (("fid", "fid"), ("fid_std", "fid_std"), ("kid", "kid"), ("kid_std", "kid_std"),
+                      ("precision", "precision"), ("recall", "recall"), ("confident", "confident_fraction"),
+                      ("class_entropy", "class_entropy")):
+        assert metrics[key] == metrics[f"{name}_lenet_ddim5"], key
+    assert metrics["fid_std"] > 0 and "fid_std_lenet_ddpm20" not in metrics  # bootstrapped for the primary only
+    tags = run.data.tags  # what MLflow's UI shows as Source, Version and User
+    assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("flows/train_eval.py", "LOCAL")
+    assert tags["mlflow.source.git.commit"] == params["git_commit"] and tags["mlflow.user"]
     assert SECRET not in json.dumps([params, run.data.tags])
 
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [5, 10]
@@ -92,13 +108,40 @@ def test_train_eval_tracks_registers_and_crowns_the_first_model(pipeline, mnist_
     assert {alias: str(v) for alias, v in aliases.items()} == {CHALLENGER: version, CHAMPION: version}
     tags = client.get_model_version("ddpm-mnist", version).tags
     assert tags["eval.sampler"] == "ddim5-eta0-linear" and tags["champion.decision"] == "promoted"
-    assert float(tags["eval.fid"]) == run.data.metrics["fid_lenet_ddim5"]
+    assert (float(tags["eval.fid"]), float(tags["eval.fid_std"])) == (metrics["fid"], metrics["fid_std"])
+    assert tags["eval.num_samples"] == "200" and tags["champion.rule"].startswith("promote if")
     assert run.data.tags["champion.decision"] == "promoted"
 
     model = load_registered_model("models:/ddpm-mnist@champion")
     (images,) = generate_batches(model.denoiser, model.denoiser.schedule, (1, 28, 28),
                                  SampleConfig(steps=2, num_samples=2, batch_size=2), device="cpu", progress=False)
     assert images.shape == (2, 1, 28, 28) and images.dtype == torch.uint8
+
+
+def test_rescore_takes_the_champion_to_a_new_protocol_as_a_recorded_step(pipeline):
+    """After a protocol change (here the evaluation budget) a run's score is not comparable with the
+    champion's; re-scoring the champion under the new protocol is the recorded step after which the
+    next run is compared again."""
+    client = MlflowClient()
+    champion = str(client.get_registered_model("ddpm-mnist").aliases[CHAMPION])
+    before = client.get_model_version("ddpm-mnist", champion).tags
+    with pytest.raises(ConfigError, match="only the evaluation protocol"):
+        rescore(model="ddpm-mnist", overrides={"model.base_channels": 4})
+    new_protocol = {"evaluation.num_samples": 100}
+    run_id = rescore(model="ddpm-mnist", overrides=new_protocol)
+    run = client.get_run(run_id)
+    tags = client.get_model_version("ddpm-mnist", champion).tags
+    assert (tags["eval.num_samples"], tags["eval.rescored_by"], run.data.tags["rescore.of"]) == (
+        "100", run_id, f"ddpm-mnist/{champion}")
+    assert json.loads(tags["eval.previous"])["eval.fid"] == before["eval.fid"] and before["eval.num_samples"] == "200"
+    assert float(tags["eval.fid"]) == run.data.metrics["fid"] and run.info.status == "FINISHED"
+    samples = {p for p in _artifact_paths(client, run_id) if p.startswith("samples/")}
+    assert samples == {"samples/ddim5.safetensors", "samples/ddim5.png"}  # the primary setting only
+    assert len(load_file(client.download_artifacts(run_id, "samples/ddim5.safetensors"))["images"]) == 100
+
+    next_run = client.get_run(train_eval(preset="smoke", overrides={**FAST, **new_protocol}, num_samples=16))
+    assert next_run.data.tags["champion.previous_version"] == champion
+    assert "scored differently" not in next_run.data.tags["champion.reason"]
 
 
 def test_class_conditional_model_is_swept_evaluated_and_registered_apart(pipeline):
@@ -245,28 +288,87 @@ def test_terminating_the_train_flow_ends_every_training_process(pipeline, tmp_pa
             os.kill(pid, signal.SIGKILL)
 
 
-def test_champion_moves_only_to_a_better_score_measured_the_same_way(pipeline, tmp_path):
+def test_champion_moves_only_when_better_beyond_the_noise_and_measured_the_same_way(pipeline, tmp_path):
+    """The rule: promote when champion FID − candidate FID > max(k·√(σ_c² + σ_p²), minimum improvement),
+    strictly, and never across protocols. Each case sits on one side of that line by construction."""
     client = MlflowClient()
     name = "ddpm-champion-test"
     client.create_registered_model(name)
     protocol = {"extractor_id": "lenet-mnist-abc", "num_samples": "1000", "sampler": "ddim50-eta0-linear",
                 "dataset_sha256": "f" * 64}
 
-    def new_version(fid: float, **changes: str):
+    def new_version(fid: float, std: float = 0.3, rule: PromotionRule = PromotionRule(2.0, 0.0), **changes: str):
         version = str(client.create_model_version(name, source=str(tmp_path)).version)
-        return select_champion(client, name, version, Score(fid, {**protocol, **changes})), version
+        return select_champion(client, name, version, Score(fid, {**protocol, **changes}, std), rule), version
+
+    def champion() -> str:
+        return str(client.get_registered_model(name).aliases[CHAMPION])
 
     first, v1 = new_version(10.0)
     assert first.promoted and first.reason == "no champion yet"
     worse, _ = new_version(12.0)
     assert not worse.promoted and (worse.candidate_fid, worse.champion_fid, worse.champion_version) == (12.0, 10.0, v1)
-    assert str(client.get_registered_model(name).aliases[CHAMPION]) == v1
+    within_noise, _ = new_version(9.2)  # gain 0.8 < 2·√(0.3² + 0.3²) = 0.85
+    assert not within_noise.promoted and "within the margin 0.849" in within_noise.reason and champion() == v1
     other_protocol, _ = new_version(1.0, num_samples="500")
-    assert not other_protocol.promoted and "num_samples" in other_protocol.reason
+    assert not other_protocol.promoted and "num_samples" in other_protocol.reason and "rescore" in other_protocol.reason
     nan, _ = new_version(float("nan"))
     assert not nan.promoted
-    better, v5 = new_version(9.5)
-    assert better.promoted and str(client.get_registered_model(name).aliases[CHAMPION]) == v5
-    tags = client.get_model_version(name, v5).tags
-    assert (tags["champion.decision"], tags["champion.previous_version"], tags["champion.previous_fid"]) == (
-        "promoted", v1, "10.0")
+    better, v6 = new_version(9.1)  # gain 0.9 > 0.85
+    assert better.promoted and champion() == v6
+    tags = client.get_model_version(name, v6).tags
+    assert (tags["champion.decision"], tags["champion.previous_version"], tags["champion.previous_fid"],
+            tags["champion.previous_fid_std"], tags["champion.candidate_fid_std"]) == ("promoted", v1, "10.0", "0.3", "0.3")
+    assert (tags["eval.fid"], tags["eval.fid_std"]) == ("9.1", "0.3") and "2·√" in tags["champion.rule"]
+
+    at_minimum, _ = new_version(8.1, 0.0, PromotionRule(0.0, 1.0))  # exactly the minimum improvement: kept
+    assert not at_minimum.promoted and champion() == v6
+    past_minimum, v8 = new_version(8.0, 0.0, PromotionRule(0.0, 1.0))
+    assert past_minimum.promoted and champion() == v8
+
+
+@pytest.mark.parametrize("slow", ["worse", "better"])
+def test_two_decisions_at_once_leave_the_better_model_champion(pipeline, tmp_path, monkeypatch, slow):
+    """Two runs decide at the same moment, one of them slow between reading the champion and moving it.
+    Without the lock, when the worse one is slow both compare against the old champion and the worse
+    one moves the alias last; with it, the second decision sees the first one's result. Either order
+    ends with the better model as champion."""
+    import threading
+
+    import flows.registry as registry
+
+    client = MlflowClient()
+    name = f"ddpm-race-{slow}"
+    client.create_registered_model(name)
+    protocol = {"extractor_id": "lenet-mnist-abc", "num_samples": "1000", "sampler": "ddim50-eta0-linear",
+                "dataset_sha256": "f" * 64}
+    versions = {who: str(client.create_model_version(name, source=str(tmp_path)).version)
+                for who in ("old", "worse", "better")}
+    select_champion(client, name, versions["old"], Score(10.0, protocol, 0.1))
+    fids = {"worse": 8.0, "better": 5.0}
+
+    real_read = registry.current_champion
+
+    def read_then_stall(*args):
+        found = real_read(*args)
+        if threading.current_thread().name == slow:
+            time.sleep(4)
+        return found
+
+    monkeypatch.setattr(registry, "current_champion", read_then_stall)
+    errors = []
+
+    def decide(who: str) -> None:
+        try:
+            select_champion(MlflowClient(), name, versions[who], Score(fids[who], protocol, 0.1))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = {who: threading.Thread(target=decide, args=(who,), name=who) for who in fids}
+    threads[slow].start()
+    time.sleep(1.5)  # the slow one has read the champion and stalls
+    threads["better" if slow == "worse" else "worse"].start()
+    for thread in threads.values():
+        thread.join(timeout=120)
+    assert not errors
+    assert str(client.get_registered_model(name).aliases[CHAMPION]) == versions["better"]

@@ -20,6 +20,8 @@ SHIPPED = PRESET_DIR / "smoke.toml"
     ("smoke", {"tracking.uri": "http://example.com"}, 1, None, "tracking.uri"),
     ("smoke", {"train.steps": 10**9}, 1, None, "train.steps"),
     ("smoke", {"sample.num_samples": 10**7}, 1, None, "sample.num_samples"),
+    ("smoke", {"evaluation.num_samples": 10**7}, 1, None, "evaluation.num_samples"),
+    ("smoke", {"evaluation.bootstrap": 10**6}, 1, None, "evaluation.bootstrap"),
     ("smoke", {"sample.nfe_sweep": list(range(1, 100))}, 1, None, "sample.nfe_sweep"),
     ("smoke", {"name": "../../escape"}, 1, None, "name"),
     ("smoke", {}, 10_000, None, "nproc_per_node"),
@@ -37,7 +39,8 @@ def test_refused_parameters_name_their_key(preset, overrides, nproc, num_samples
 
 def test_training_and_sampling_settings_pass():
     check_run_parameters("smoke", {"train.steps": 500, "train.lr": 3e-4, "model.dropout": 0.1, "sample.steps": 20,
-                                   "diffusion.timesteps": 200, "data.dataset": "mnist", "name": "nightly-7"},
+                                   "diffusion.timesteps": 200, "data.dataset": "mnist", "name": "nightly-7",
+                                   "evaluation.num_samples": 2000, "evaluation.promotion_sigmas": 3.0},
                          "auto", 1000)
     check_run_parameters("mnist-cpu-cond", {}, min(2, os.cpu_count()), None)
 

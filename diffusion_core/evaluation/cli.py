@@ -41,7 +41,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         loaded = load_model(args.model, device)
         data = _data_config(loaded.config.data, args)
         metrics.update(evaluate(loaded, data=data, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                spacing=args.spacing, guidance=args.guidance, **common))
+                                spacing=args.spacing, guidance=args.guidance, bootstrap=args.bootstrap, **common))
     else:
         data = _data_config(load_config(args.preset).data, args)
     if args.floors:
@@ -82,6 +82,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="lenet: the project's classifier for 28×28 datasets; inception: torch-fidelity's Inception-v3")
     p.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth "
                                                "(default: $DIFFUSION_INCEPTION_WEIGHTS, then the torch hub cache)")
+    p.add_argument("--bootstrap", type=int, default=100, help="resamples for FID's standard error fid_std (0: none; "
+                                                              "with inception each costs seconds)")
     p.add_argument("--split", choices=SPLITS, default="test", help="real split to compare with")
     p.add_argument("--floors", action="store_true", help="also score N real train images and N noise images")
     p.add_argument("--seed", type=int, default=0)

@@ -3,7 +3,7 @@
 Results are one flat dict. Metric keys are `<metric>_<extractor>_<tag>`, the tag naming how the
 images were made: `ddim50`, `ddpm1000`, `dpmpp2m20` (sampler and steps), `samples` (a given tensor), `train`
 (real train images: the best score reachable with N images) and `noise` (uniform random pixels: the
-worst). Metrics: fid, kid, kid_std, precision, recall, and with the lenet classifier also
+worst). Metrics: fid (and fid_std when bootstrapped), kid, kid_std, precision, recall, and with the lenet classifier also
 confident_fraction and class_entropy; for class-conditional samples (tag `ddim50_w3`: guidance
 weight 3) class_consistency and per-class FIDs. Context keys: extractor_id, num_samples, dataset,
 dataset_sha256, reference_split, and for a model sampler, steps, eta, seed, sampling_images_per_s.
@@ -31,7 +31,7 @@ from .extractors import Extractor, resolve_extractor
 from .metrics import compute_metrics
 from .reference import ReferenceSet, reference_set
 
-TABLE_COLUMNS = ("fid", "kid", "precision", "recall", "confident_fraction", "class_entropy", "class_consistency")
+TABLE_COLUMNS = ("fid", "fid_std", "kid", "precision", "recall", "confident_fraction", "class_entropy", "class_consistency")
 
 
 def sampler_tag(sampler: str, steps: int, guidance: float | None = None) -> str:
@@ -72,16 +72,16 @@ def _context(setup: _Setup, num_samples: int) -> dict[str, Any]:
 
 
 def _score(images: torch.Tensor, setup: _Setup, tag: str, labels: torch.Tensor | None = None, *, batch_size: int,
-           seed: int, device: torch.device, progress: bool) -> dict[str, float]:
-    """FID, KID, precision/recall against the reference; with a classifier, the class statistics; and
-    for class-conditional samples drawn for `labels`:
+           seed: int, device: torch.device, progress: bool, bootstrap: int = 0) -> dict[str, float]:
+    """FID (and fid_std from `bootstrap` resamples), KID, precision/recall against the reference; with a
+    classifier, the class statistics; and for class-conditional samples drawn for `labels`:
 
     class_consistency: share of samples the domain classifier assigns to the requested class;
     fid per class (`fid_<extractor>_<tag>_class<c>`, each against the real images of class c) and
     their mean (`..._classmean`), when every class has at least PER_CLASS_MIN_IMAGES samples.
     """
     fidelity = dict(batch_size=batch_size, seed=seed, cuda=device.type == "cuda", progress=progress)
-    values = compute_metrics(images, setup.reference, setup.extractor, **fidelity)
+    values = compute_metrics(images, setup.reference, setup.extractor, bootstrap=bootstrap, **fidelity)
     classifier = setup.extractor.classifier()
     if classifier is not None:
         probs = predict_probs(classifier, images, device=device)
@@ -115,14 +115,15 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
              spacing: str | None = None, clip_x0: bool = True, seed: int = 0, batch_size: int = 256,
              device: torch.device | str = "auto", split: str = "test", inception_weights: str | Path | None = None,
              tag: str = "samples", labels: torch.Tensor | None = None, guidance: float | None = None,
-             out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+             bootstrap: int = 0, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Metrics of a model's samples (or of given uint8 images [N, C, H, W]) against the real `split`.
 
     For a model, `num_samples` images are drawn with `sampler`/`steps`/`eta`/`spacing` (batch k seeded
     by (seed, k); unset steps and spacing take the sampler's defaults, see SampleConfig), on `device`
     (the denoiser is moved there); `data` defaults to the model's data config. For a tensor, `data` is
     required and `tag` names it in the keys. Extractor weights and the dataset are checked before any
-    sampling. With `out`, the dict is also saved as JSON (atomically).
+    sampling. With `bootstrap` > 0, FID's standard error `fid_std` from that many resamples of the
+    generated features. With `out`, the dict is also saved as JSON (atomically).
 
     Class-conditional: a conditional model is sampled with balanced class labels (0, 1, …, K−1, 0, …)
     and guidance weight `guidance` (default: its config's sample.guidance), and the tag gets `_w<w>`;
@@ -169,7 +170,7 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
     else:
         images = source
     result.update(_score(images, setup, tag, None if labels is None else labels.cpu(), batch_size=batch_size,
-                         seed=seed, device=device, progress=progress))
+                         seed=seed, device=device, progress=progress, bootstrap=bootstrap))
     if out is not None:
         save_metrics(out, result)
     return result
@@ -201,7 +202,7 @@ def save_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
 def format_table(metrics: dict[str, Any]) -> str:
     """One row per tag found in `metrics` (e.g. ddim50, train, noise), one column per metric."""
     rows = [key.split("_", 2)[1:] for key in metrics  # [extractor, tag]; per-class FIDs stay out
-            if key.startswith("fid_") and "_class" not in key]
+            if key.startswith("fid_") and not key.startswith("fid_std_") and "_class" not in key]
     columns = [c for c in TABLE_COLUMNS if any(f"{c}_{e}_{t}" in metrics for e, t in rows)]
     lines = [f"{'images':<12}" + "".join(f"{c:>20}" for c in columns)]
     for short, tag in rows:

@@ -4,6 +4,10 @@
     |μ1 − μ2|² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^½).
   - KID (Bińkowski et al. 2018): unbiased MMD² with the cubic polynomial kernel, mean and std over
     100 random subsets of min(1000, size of the smaller set) images, so small sets work too.
+  - fid_std (with `bootstrap` > 0): the standard error of FID that comes from the generated set's
+    finite size: the spread of FID over bootstrap resamples (drawn with replacement) of the generated
+    features against the fixed reference statistics (Efron's bootstrap; measured against the spread
+    of independent sampling seeds in benchmarks/eval_noise.py).
   - precision / recall (Kynkäänniemi et al. 2019, k = 3): the share of generated samples inside the
     real manifold (k-NN balls), and of real samples inside the generated one.
 The values scale with the feature space: compare numbers only between equal extractor_ids (LeNet's
@@ -14,6 +18,7 @@ metric functions; its file cache (torch.load of pickles) is never involved. Runs
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
@@ -46,10 +51,38 @@ class UInt8Images(Dataset):
         return image.expand(3, -1, -1) if self.rgb else image
 
 
+def frechet_distances(generated: np.ndarray, real_mu: np.ndarray, real_sigma: np.ndarray,
+                      index_sets: np.ndarray) -> np.ndarray:
+    """FID of each resample `generated[index_sets[k]]` against the fixed real statistics.
+
+    Tr((Σg Σr)^½) is the sum of the square roots of the eigenvalues of Σg Σr, which equal those of the
+    symmetric PSD matrix Σr^½ Σg Σr^½: one symmetric eigendecomposition per resample (float64)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(real_sigma)
+    real_root = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    out = np.empty(len(index_sets))
+    for k, index in enumerate(index_sets):
+        x = generated[index]
+        mu, sigma = x.mean(axis=0), np.cov(x, rowvar=False)
+        product = np.linalg.eigvalsh(real_root @ sigma @ real_root)
+        diff = mu - real_mu
+        out[k] = diff @ diff + np.trace(sigma) + np.trace(real_sigma) - 2 * np.sqrt(np.clip(product, 0, None)).sum()
+    return out
+
+
+def fid_bootstrap_std(generated: torch.Tensor, real: torch.Tensor, resamples: int, seed: int = 0) -> float:
+    """Standard deviation of FID over `resamples` bootstrap resamples of the generated features [N, D]
+    (N drawn with replacement, seeded), the real features' statistics held fixed."""
+    g = generated.double().numpy()
+    r = real.double().numpy()
+    index_sets = np.random.default_rng(seed).integers(0, len(g), size=(resamples, len(g)))
+    return float(frechet_distances(g, r.mean(axis=0), np.cov(r, rowvar=False), index_sets).std(ddof=1))
+
+
 def compute_metrics(images: torch.Tensor, reference: torch.Tensor | ReferenceSet, extractor: Extractor, *,
-                    batch_size: int = 256, seed: int = 0, cuda: bool | None = None,
+                    batch_size: int = 256, seed: int = 0, cuda: bool | None = None, bootstrap: int = 0,
                     progress: bool = True) -> dict[str, float]:
-    """{'fid', 'kid', 'kid_std', 'precision', 'recall'} of `images` against `reference`.
+    """{'fid', 'kid', 'kid_std', 'precision', 'recall'} of `images` against `reference`, and 'fid_std'
+    from `bootstrap` resamples when that is > 0.
 
     A ReferenceSet's features are cached and reused (see reference.py); a plain tensor is not cached.
     """
@@ -72,8 +105,9 @@ def compute_metrics(images: torch.Tensor, reference: torch.Tensor | ReferenceSet
                                  rng_seed=seed, verbose=progress)
     prc = prc_features_to_metric(generated, real_features, prc_neighborhood=PRC_NEIGHBORHOOD, save_cpu_ram=True,
                                  verbose=progress)
+    uncertainty = {"fid_std": fid_bootstrap_std(generated, real_features, bootstrap, seed)} if bootstrap else {}
     return {
-        "fid": fid[torch_fidelity.KEY_METRIC_FID],
+        "fid": fid[torch_fidelity.KEY_METRIC_FID], **uncertainty,
         "kid": kid[torch_fidelity.KEY_METRIC_KID_MEAN],
         "kid_std": kid[torch_fidelity.KEY_METRIC_KID_STD],
         "precision": prc[torch_fidelity.KEY_METRIC_PRECISION],
