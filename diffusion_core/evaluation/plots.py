@@ -56,6 +56,16 @@ def plot_fid_vs_nfe(metrics: dict[str, Any], extractor: str, png: str | Path,
         ax.plot([n for n, _ in points], [f for _, f in points], "o-", label=SAMPLER_LABELS.get(sampler, sampler))
     ax.set(xscale="log", yscale="log", xlabel="network evaluations per image", ylabel=f"FID ({extractor} features)",
            title=f"FID against sampling cost{'' if guidance is None else f' (guidance {guidance:g})'}")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers (10, 20, 50), not 2×10¹
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(sorted({n for points in curves.values() for n, _ in points}))
+    fids = [f for points in curves.values() for _, f in points if f > 0]
+    if fids:  # 1-2-3-5-7 ticks between the lowest and highest FID
+        ax.set_yticks([m * 10.0**e for e in range(-2, 6) for m in (1, 2, 3, 5, 7)
+                       if min(fids) * 0.9 <= m * 10.0**e <= max(fids) * 1.1])
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return save_png(fig, png)
