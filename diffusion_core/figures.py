@@ -1,9 +1,9 @@
 """Figures without pyplot: `matplotlib.figure.Figure` drawn by the Agg canvas, saved atomically as PNG.
 
-pyplot is global state: on its first figure it resolves a GUI backend and, when IPython is loaded,
-installs a display hook. Training plots while MLflow's metrics thread runs, and one such import
-racing another failed real runs ("partially initialized module 'IPython…'"). A bare `Figure`
-touches no global state, so plotting is safe from any thread.
+pyplot is global state: its first figure resolves a GUI backend and installs an IPython display hook.
+A bare `Figure` needs none of it, so plots can be drawn from any thread of a training process.
+(Matplotlib still looks at an IPython module that is being imported; diffusion_core.tracking makes
+sure MLflow's metrics thread never is the one importing it.)
 """
 
 from __future__ import annotations

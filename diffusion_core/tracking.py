@@ -42,6 +42,12 @@ class AsyncMlflowMetrics:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")     # backoff would hold a batch for minutes
         from mlflow import MlflowClient
 
+        with contextlib.suppress(ImportError):
+            # MLflow's HTTP client imports IPython on its first request (Databricks notebook detection);
+            # done by the metrics thread, that import raced matplotlib's IPython check in the training
+            # thread and failed runs ("partially initialized module 'IPython'"). Import it here first.
+            import IPython  # noqa: F401
+
         self.run_id, self.metrics_file, self.close_timeout_s = run_id, metrics_file, close_timeout_s
         self._client = MlflowClient()
         self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)

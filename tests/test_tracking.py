@@ -133,3 +133,30 @@ def test_a_resumed_run_sends_each_step_once(server, smoke_overrides, tmp_path, m
         train(load_config("smoke", overrides), run_dir, progress=False, on_metrics=on_metrics)
     for key in ("loss", "lr", "images_per_s"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [5, 10, 15, 20], key
+
+
+IPYTHON_BEFORE_THE_THREAD = """
+import sys, threading
+from pathlib import Path
+from diffusion_core.tracking import AsyncMlflowMetrics
+seen = []
+real_start = threading.Thread.start
+def start(thread):
+    seen.append((thread.name, "IPython" in sys.modules and hasattr(sys.modules["IPython"], "version_info")))
+    real_start(thread)
+threading.Thread.start = start
+metrics = AsyncMlflowMetrics("0" * 32, Path(sys.argv[1]) / "metrics.jsonl", close_timeout_s=0.1)
+print(dict(seen)["mlflow-metrics"])
+"""
+
+
+def test_ipython_is_imported_before_the_metrics_thread_starts(tmp_path):
+    """MLflow's HTTP client imports IPython on its first request; from the metrics thread that import raced
+    matplotlib's IPython check in the training thread (a real CI failure). It must be complete before the
+    thread exists."""
+    pytest.importorskip("IPython")
+    done = subprocess.run([sys.executable, "-c", IPYTHON_BEFORE_THE_THREAD, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})  # nothing listens
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "True"
