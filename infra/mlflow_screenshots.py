@@ -1,23 +1,27 @@
 """Screenshots of the MLflow UI for the README (docs/mlflow-*.png), taken with headless Chromium.
 
     apt-get install chromium                          # any Chromium or Chrome; nothing is downloaded
+    pip install -e '.[screenshots]'                   # websockets, for the DevTools protocol
     infra/stack.sh up && eval "$(infra/stack.sh env)"  # a server with at least two train-eval runs
-    python infra/mlflow_screenshots.py --url "$MLFLOW_TRACKING_URI"
+    python infra/mlflow_screenshots.py --url "$MLFLOW_TRACKING_URI"   # writes docs/mlflow-*.png
 
-What each picture shows (pages of the server at --url, nothing is written to it):
+What each picture shows (pages of the server at --url; nothing is written to the server):
 
-- `mlflow-runs-table.png`: the experiment's run table (`#/experiments/<id>/runs`), best FID first, with
-  the headline columns fid, fid_std, kid, kid_std, precision, recall, confident, class_entropy, and
-  Models (the registered version of each run).
-- `mlflow-compare.png`: the compare view (`#/compare-runs`) of the champion's and the challenger's runs.
-- `mlflow-model-versions.png`: the registered model's page (`#/models/<name>`): versions with their
-  aliases (`champion`, `challenger`) and tags (eval.fid, eval.fid_std, champion.decision, …).
-- `mlflow-run.png`: the champion's run page on its artifacts, showing `fid_vs_nfe.png` (when the run
-  has one; loss curve, forward process and sample grids are listed beside it).
+- `mlflow-runs-table.png`: the experiment's run table (`#/experiments/<id>/runs`), best FID first, with the
+  columns train.steps, champion.decision and the headline metrics fid, fid_std, kid, precision, recall,
+  confident, class_entropy (kid_std is logged too, left out here for width).
+- `mlflow-compare.png`: the compare view (`#/compare-runs`) of the champion's run and the challenger's (or,
+  when the newest version is the champion, the run before it): a parallel-coordinates plot of train.steps
+  against the headline metrics, run details, and the parameters that differ.
+- `mlflow-model-versions.png`: the registered model's page (`#/models/<name>`): versions with their aliases
+  (`champion`, `challenger`) and tags (eval.fid, eval.fid_std, the protocol, champion.decision, …).
+- `mlflow-run.png`: the champion's run page: source file and git commit, registered version, tags, metrics.
+- `mlflow-run-artifacts.png`: its artifacts, the sample grids listed and `fid_vs_nfe.png` shown (with
+  `sample.nfe_sweep` set; else `loss_curve.png`) beside `loss_curve.png` and `forward_process.png`.
 
-Which metric columns the run table shows is UI state that MLflow keeps in the browser's localStorage;
-the script sets it there (through the DevTools protocol, with the `websockets` package: extra
-`screenshots`) before the page loads, as if a user had picked the columns.
+The run table's columns, the "Model training" navigation and the closed assistant panel are UI state that
+MLflow keeps in the browser's localStorage: the script puts them there before the pages load, as if a
+user had chosen them. On the compare view it picks the plot's axes by keyboard, as a user would.
 """
 
 from __future__ import annotations
@@ -179,6 +183,12 @@ def plot_headline(browser: Browser) -> None:
     browser.click('[aria-label="Parameters - Show diff only"]')
 
 
+def open_in_tree(browser: Browser, names: tuple[str, ...]) -> None:
+    """On a run's artifacts: click each of `names` in the file tree (a folder opens, a file is shown)."""
+    for name in names:
+        browser.click("[role=treeitem] *, li *", name)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True, help="MLflow server, e.g. http://127.0.0.1:5000")
@@ -225,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                       height=1000)
         browser.shoot(f"{page}/runs/{champion}/artifacts/{picture}", ("loss_curve.png", "forward_process.png"),
                       args.out / "mlflow-run-artifacts.png", height=760,
-                      then=lambda b: [b.click("[role=treeitem] *, li *", name) for name in (SAMPLES_ARTIFACT, picture)])
+                      then=lambda b: open_in_tree(b, (SAMPLES_ARTIFACT, picture)))
     finally:
         browser.close()
 
