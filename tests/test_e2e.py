@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import boto3
 import pytest
+import requests
 from mlflow import MlflowClient
 
 from diffusion_core import load_config
@@ -44,6 +45,9 @@ from prefect import flow
 flow.from_source(sys.argv[1], "flows/train_eval.py:train_eval").deploy(
     name="pool", work_pool_name=sys.argv[2], parameters={"preset": "smoke"})
 """
+# The primary score's keys on every run: the MLflow run table's shared columns (the issue's list, kept
+# here on purpose rather than imported from flows.evaluate, so that dropping one there fails the test).
+HEADLINE_KEYS = {"fid", "fid_std", "kid", "kid_std", "precision", "recall", "confident", "class_entropy"}
 
 
 def _free_port() -> int:
@@ -185,12 +189,17 @@ def test_deployment_run_is_tracked_registered_and_stored_in_s3(stack, first_run)
         assert prefix + name in keys, name
 
 
-def test_two_concurrent_worse_runs_keep_apart_and_do_not_take_champion(stack, first_run):
+@pytest.fixture(scope="module")
+def worse_runs(stack, first_run) -> list[str]:
+    """Two worse runs started at the same time, after the first run (versions 2 and 3)."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda overrides: _run_deployment(stack, overrides), [WORSE, {**WORSE, "train.seed": 1}]))
+
+
+def test_two_concurrent_worse_runs_keep_apart_and_do_not_take_champion(stack, first_run, worse_runs):
     """A nightly and an ad-hoc run at the same time: separate MLflow runs, folders and versions; neither,
     being worse, moves `champion`."""
-    with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda overrides: _run_deployment(stack, overrides),
-                             [WORSE, {**WORSE, "train.seed": 1}]))
+    runs = worse_runs
     client = stack.mlflow
     first_fid = client.get_run(first_run).data.metrics["fid_lenet_ddim5"]
     infos = [client.get_run(run_id) for run_id in runs]
@@ -211,6 +220,58 @@ def test_two_concurrent_worse_runs_keep_apart_and_do_not_take_champion(stack, fi
         for tags in (version.tags, info.data.tags):
             assert tags["champion.decision"] == "kept"
             assert (float(tags["champion.candidate_fid"]), float(tags["champion.previous_fid"])) == (second_fid, first_fid)
+
+
+def _rest(stack, path: str, params: dict | None = None, body: dict | None = None) -> dict:
+    """MLflow's REST API (`/api/2.0/mlflow/<path>`, the handlers behind the UI's own `ajax-api` calls):
+    GET with `params`, or POST `body`."""
+    url = f"{stack.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/{path}"
+    response = requests.post(url, json=body, timeout=30) if body else requests.get(url, params=params, timeout=30)
+    assert response.ok, (url, response.status_code, response.text)
+    return response.json()
+
+
+def _pairs(items: list[dict]) -> dict[str, str]:
+    return {item["key"]: item["value"] for item in items}
+
+
+def test_mlflow_ui_shows_headline_columns_source_and_champion(stack, first_run, worse_runs):
+    """The data behind the screenshots in docs/ (infra/mlflow_screenshots.py), read as the UI reads it.
+    Run table and compare view (runs/search): every finished train-eval run has the headline keys, equal
+    to the primary sampler's detailed ones, and the Source, Version (git commit) and User fields; run
+    page: its pictures are listed. Model page (registered-models/get, model-versions/search): `champion`
+    is the first (best) run's version, `challenger` a later one, each tagged with its run's FID, FID's
+    standard error and its champion decision."""
+    experiment = _rest(stack, "experiments/get-by-name", {"experiment_name": "diffusion-mnist"})["experiment"]
+    runs = _rest(stack, "runs/search", body={"experiment_ids": [experiment["experiment_id"]], "max_results": 1000,
+                                             "filter": "attributes.status = 'FINISHED'"})["runs"]
+    by_id = {run["info"]["run_id"]: run for run in runs}
+    assert {first_run, *worse_runs} <= set(by_id)
+    metrics = {run_id: {m["key"]: m["value"] for m in run["data"]["metrics"]} for run_id, run in by_id.items()}
+    tags = {run_id: _pairs(run["data"]["tags"]) for run_id, run in by_id.items()}
+    assert re.fullmatch("[0-9a-f]{40}", git_commit())
+    for run_id in by_id:
+        scored, tagged = metrics[run_id], tags[run_id]
+        assert HEADLINE_KEYS <= set(scored), (run_id, sorted(HEADLINE_KEYS - set(scored)))
+        assert scored["fid"] == scored["fid_lenet_ddim5"] and scored["fid_std"] > 0
+        assert (tagged["mlflow.source.name"], tagged["mlflow.source.type"]) == ("flows/train_eval.py", "LOCAL")
+        assert tagged["mlflow.source.git.commit"] == git_commit() and tagged["mlflow.user"]
+        listed = {f["path"] for folder in ("", "samples")
+                  for f in _rest(stack, "artifacts/list", {"run_id": run_id, "path": folder}).get("files", [])}
+        assert {"loss_curve.png", "forward_process.png", "samples/ddim5.png", "samples/ddpm20.png"} <= listed, listed
+
+    model = _rest(stack, "registered-models/get", {"name": "ddpm-mnist"})["registered_model"]
+    aliases = {alias["alias"]: alias["version"] for alias in model["aliases"]}
+    found = _rest(stack, "model-versions/search", {"filter": "name='ddpm-mnist'"})["model_versions"]
+    versions = {version["version"]: version for version in found}
+    assert aliases["champion"] == tags[first_run]["model_version"]
+    assert aliases["challenger"] in {tags[run_id]["model_version"] for run_id in worse_runs}
+    for alias, decision in (("champion", "promoted"), ("challenger", "kept")):
+        version = versions[aliases[alias]]
+        version_tags, scored = _pairs(version["tags"]), metrics[version["run_id"]]
+        score = float(version_tags["eval.fid"]), float(version_tags["eval.fid_std"])
+        assert score == (scored["fid"], scored["fid_std"]), (alias, version_tags)
+        assert version_tags["champion.decision"] == decision, (alias, version_tags)
 
 
 def _prefect_api(stack, path: str) -> dict:
