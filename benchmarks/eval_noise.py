@@ -37,9 +37,8 @@ from diffusion_core.samplers import generate_batches
 METRICS = ("fid", "fid_std", "kid", "kid_std", "confident_fraction")
 
 
-def sample_sets(model_dir: str, settings, seeds: int, count: int) -> list[torch.Tensor]:
+def sample_sets(loaded, settings, seeds: int, count: int) -> list[torch.Tensor]:
     """`seeds` independent uint8 sample sets of `count` images (sampling seeds 0 … seeds−1)."""
-    loaded = load_model(model_dir, "cpu")
     spec = get_spec(loaded.config.data.dataset)
     shape = (spec.channels, spec.image_size, spec.image_size)
     return [torch.cat(list(generate_batches(loaded.denoiser, loaded.denoiser.schedule, shape,
@@ -61,7 +60,9 @@ def decisions(champions: list[dict], candidates: list[dict], sigmas: float) -> d
 
 
 def summarise(rows: list[dict], models: list[str], sizes: list[int], sigmas: float) -> str:
-    by = {(r["model"], r["n"]): [x for x in rows if x["model"] == r["model"] and x["n"] == r["n"]] for r in rows}
+    by: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        by.setdefault((row["model"], row["n"]), []).append(row)
     lines = ["| model | N | FID mean | FID seed SD | bootstrap fid_std (mean) | ratio | KID mean | KID seed SD | "
              "kid_std (mean) | confident |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model, n in itertools.product(models, sizes):
@@ -110,10 +111,11 @@ def main() -> None:
           f"({settings.spacing}), seeds 0…{args.seeds - 1}, N = {sizes}, bootstrap {config.evaluation.bootstrap}")
     rows = []
     for model in args.models:
+        loaded = load_model(model, "cpu")
         start = time.perf_counter()
-        sets = sample_sets(model, settings, args.seeds, sizes[-1])
+        sets = sample_sets(loaded, settings, args.seeds, sizes[-1])
         sampled = time.perf_counter() - start
-        data = load_model(model, "cpu").config.data
+        data = loaded.config.data
         for seed, images in enumerate(sets):
             for n in sizes:
                 rows.append({"model": model, "n": n, "seed": seed,

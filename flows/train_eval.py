@@ -89,10 +89,11 @@ def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = Non
                num_samples: int | None = None, ddim_steps: int | None = None, ddim_eta: float | None = None,
                extractor: str = "lenet") -> str:
     """Train `preset` + `overrides` ({"train.steps": 500, …}) on `nproc_per_node` ranks, register, sample
-    and evaluate it with `num_samples` images per sampler (the config's sample.sampler with `ddim_steps`
-    steps and η=`ddim_eta`, names kept from when the primary sampler was always DDIM; unset: the config's
-    sample.*), and make it the champion if its FID with that sampler, on evaluation.num_samples images,
-    beats the current champion's by more than the promotion margin (flows.registry).
+    and evaluate it: the primary setting (the config's sample.sampler with `ddim_steps` steps and
+    η=`ddim_eta`, names kept from when the primary sampler was always DDIM; unset: the config's sample.*)
+    on evaluation.num_samples images, every other setting (DDPM, sweeps) and the grids on `num_samples`
+    (unset: sample.num_samples). It becomes the champion if its primary FID beats the current champion's
+    by more than the promotion margin (flows.registry).
     Parameters are checked against what a run may ask for (flows.parameters) before any work.
     Returns the MLflow run id."""
     preset = check_run_parameters(preset, overrides or {}, nproc_per_node, num_samples)
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting (repeatable), e.g. --set train.steps=100")
     parser.add_argument("--nproc-per-node", default="1", help="training processes (an integer or 'auto')")
-    parser.add_argument("--num-samples", type=int, help="images per sampler to evaluate (default: sample.num_samples)")
+    parser.add_argument("--num-samples", type=int, help="images per sampler besides the primary one, whose score uses evaluation.num_samples "
+                             "(default: sample.num_samples)")
     parser.add_argument("--ddim-steps", type=int, help="DDIM steps (default: sample.steps)")
     parser.add_argument("--ddim-eta", type=float, help="DDIM η (default: sample.eta)")
     parser.add_argument("--extractor", default="lenet", help="FID features: lenet (offline) or inception")
