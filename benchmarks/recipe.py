@@ -2,7 +2,7 @@
 machine, then score every arm the same way.
 
     python benchmarks/recipe.py --arms baseline cosine-lr --minutes 5 [--preset mnist-cpu-v1] \
-        [--sampler dpm++2m-sde --steps 20] [-n 1000] [--out-dir runs/recipe] [--plot docs/time-to-quality.png]
+        [--sampler dpm++2m-sde --steps 50] [-n 1000] [--out-dir runs/recipe] [--plot docs/time-to-quality.png]
     python benchmarks/recipe.py --list                       # the arms and what each changes
     python benchmarks/recipe.py --report runs/recipe --plot docs/time-to-quality.png   # table + plot only
 
@@ -16,11 +16,12 @@ An arm whose learning rate does not depend on the run's length (no decay) is tra
 longest budget and scored at each shorter one on the way (resuming is exact, so each stop equals a
 separate run of that length); an arm with a decaying rate is a separate run per budget.
 
-Score: N samples with the given sampler (default SDE-DPM-Solver++(2M), 20 steps, log-SNR spacing) at
+Score: N samples with the given sampler (default SDE-DPM-Solver++(2M), 50 steps, log-SNR spacing) at
 sampling seeds 0 and 1: FID, KID, precision/recall in the LeNet classifier's features against the
 test split, confident share and class entropy; FID's sampling noise is the spread between the two
 seeds; the floor is N real train images against the same test split. One JSON per arm and budget
-(`<out-dir>/<arm>-<minutes>min/score.json`), a Markdown table of all of them.
+(`<out-dir>/<arm>-<minutes>min/score-<sampler><steps>.json`, beside the run's `training.json`), a Markdown
+table of all of them. An arm trained before is only scored again when asked for with another sampler.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ from diffusion_core.evaluation.evaluator import compute_floors, evaluate, sample
 from diffusion_core.figures import new_figure, save_png
 from diffusion_core.runtime import matmul_gflops, tune_cpu_runtime
 from diffusion_core.samplers import default_spacing
+
+# The mnist-cpu preset's recipe as overrides on mnist-cpu-v1 (arm recipe-fast); the fast-* arms change one thing of it.
+RECIPE_FAST = {"train.lr_decay": "cosine", "train.loss_weighting": "min_snr", "model.num_res_blocks": 1,
+               "model.attention_levels": []}
 
 # name → (what it changes, overrides on the preset). Each arm is one change, or the running winner
 # plus one change, so its row reads as the effect of that change.
@@ -69,9 +74,11 @@ ARMS: dict[str, tuple[str, dict]] = {
     "recipe": ("cosine-lr + Min-SNR-5 + one residual block per level",
                {"train.lr_decay": "cosine", "train.loss_weighting": "min_snr", "model.num_res_blocks": 1}),
     "recipe-fast": ("the mnist-cpu preset's recipe: cosine-lr + Min-SNR-5 + fast-net's network (one block per "
-                    "level, no attention at 7×7)",
-                    {"train.lr_decay": "cosine", "train.loss_weighting": "min_snr", "model.num_res_blocks": 1,
-                     "model.attention_levels": []}),
+                    "level, no attention at 7×7)", RECIPE_FAST),
+    "fast-lr-2e-3": ("recipe-fast with peak LR 2e-3", {**RECIPE_FAST, "train.lr": 2e-3}),
+    "fast-cosine-schedule": ("recipe-fast with the cosine noise schedule (Nichol & Dhariwal 2021) for training and "
+                             "sampling: 5 % of t below log SNR −5 instead of the linear schedule's 30 %",
+                             {**RECIPE_FAST, "diffusion.schedule": "cosine"}),
     "fast-net": ("cosine-lr + one residual block per level and no attention at 7×7 (middle block keeps its own)",
                  {"train.lr_decay": "cosine", "model.num_res_blocks": 1, "model.attention_levels": []}),
 }
@@ -150,6 +157,11 @@ def calibration(config, out_dir: Path, estimate_from_cpu_time: bool = False) -> 
     return entry["images_per_s"], entry["matmul_gflops"]
 
 
+def score_name(sampler: str, steps: int) -> str:
+    """An arm's score file for one sampler: `score-dpmpp2msde50.json`; each sampler's scores sit side by side."""
+    return f"score-{sampler_tag(sampler, steps)}.json"
+
+
 def score(model_dir: Path, args, floors: dict) -> dict:
     """The arm's metrics at sampling seeds 0 and 1, with FID's seed spread and the floor at this N."""
     loaded = load_model(model_dir)
@@ -159,7 +171,7 @@ def score(model_dir: Path, args, floors: dict) -> dict:
                      spacing=spacing, seed=seed, progress=False) for seed in (0, 1)]
     fids = [r[f"fid_lenet_{tag}"] for r in runs]
     floor = floors["fid_lenet_train"]
-    out = {"sampler": args.sampler, "steps": args.steps, "spacing": spacing, "num_samples": args.num_samples,
+    out = {"sampler": args.sampler, "sampler_steps": args.steps, "spacing": spacing, "num_samples": args.num_samples,
            "fid": sum(fids) / 2, "fid_seed_spread": abs(fids[0] - fids[1]), "fid_floor": floor,
            "fid_x_floor": sum(fids) / 2 / floor, "sampling_images_per_s": runs[0]["sampling_images_per_s"]}
     for key in ("kid", "precision", "recall", "confident_fraction", "class_entropy"):
@@ -181,22 +193,28 @@ def run_arm(name: str, args, floors: dict) -> list[dict]:
         steps = max(1, round(minutes * 60 * rate / config.train.batch_size))
         run_dir = Path(args.out_dir) / (f"{name}-run" if extendable else f"{name}-{minutes:g}min")
         out_dir = Path(args.out_dir) / f"{name}-{minutes:g}min"
-        if (out_dir / "score.json").is_file():  # scored before: keep it (delete the file to redo)
-            results.append(json.loads((out_dir / "score.json").read_text()))
+        score_file = out_dir / score_name(args.sampler, args.steps)
+        if score_file.is_file():  # scored before with this sampler: keep it (delete the file to redo)
+            results.append(json.loads(score_file.read_text()))
             continue
-        config_m = load_config(args.preset, {**overrides, "train.steps": steps, "train.checkpoint_every": steps})
-        start = time.perf_counter()
-        trained = train(config_m, run_dir, progress=not args.quiet)
-        wall = time.perf_counter() - start
         model_dir = out_dir / "model"
-        if extendable:  # keep this stop's model: the run folder's export moves on with the next budget
-            shutil.copytree(run_dir / "model", model_dir, dirs_exist_ok=True)
-        result = {"arm": name, "description": description, "overrides": overrides, "minutes": minutes,
-                  "steps": steps, "batch_size": config.train.batch_size, "images_seen": steps * config.train.batch_size,
-                  "calibrated_images_per_s": rate, "matmul_gflops": peak, "train_wall_s_this_call": wall,
-                  "final_loss": trained.final_loss,
-                  **score(model_dir, args, floors)}
-        save_metrics(out_dir / "score.json", result)
+        training_file = out_dir / "training.json"
+        if training_file.is_file():  # trained before (scored with another sampler): score the same model
+            training = json.loads(training_file.read_text())
+        else:
+            config_m = load_config(args.preset, {**overrides, "train.steps": steps, "train.checkpoint_every": steps})
+            start = time.perf_counter()
+            trained = train(config_m, run_dir, progress=not args.quiet)
+            wall = time.perf_counter() - start
+            if extendable:  # keep this stop's model: the run folder's export moves on with the next budget
+                shutil.copytree(run_dir / "model", model_dir, dirs_exist_ok=True)
+            training = {"arm": name, "description": description, "overrides": overrides, "minutes": minutes,
+                        "steps": steps, "batch_size": config.train.batch_size,
+                        "images_seen": steps * config.train.batch_size, "calibrated_images_per_s": rate,
+                        "matmul_gflops": peak, "train_wall_s_this_call": wall, "final_loss": trained.final_loss}
+            save_metrics(training_file, training)
+        result = {**training, **score(model_dir, args, floors)}
+        save_metrics(score_file, result)
         results.append(result)
         print(f"[{name} {minutes:g} min] {steps} steps, FID {result['fid']:.2f} ± {result['fid_seed_spread']:.2f} "
               f"= {result['fid_x_floor']:.2f}× floor, confident {result['confident_fraction']:.3f}, "
@@ -250,7 +268,8 @@ def main() -> None:
     parser.add_argument("--preset", default="mnist-cpu-v1", help="the preset every arm starts from (the recipe before the ablation)")
     parser.add_argument("--set", action="append", default=[], help="section.field=value for every arm")
     parser.add_argument("--sampler", default="dpm++2m-sde")
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps (network evaluations per image)")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="sampler steps (network evaluations per image; 50 as in the mnist-cpu preset)")
     parser.add_argument("-n", "--num-samples", type=int, default=1000)
     parser.add_argument("--out-dir", default="runs/recipe")
     parser.add_argument("--report", help="only print the table (and plot) of the scores under this folder")
@@ -265,7 +284,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.list:
         for name, (description, overrides) in ARMS.items():
-            print(f"{name:16s} {description}\n{'':16s} {overrides}")
+            print(f"{name:20s} {description}\n{'':20s} {overrides}")
         return
 
     if not args.report:
@@ -289,7 +308,8 @@ def main() -> None:
             print(Path(args.out_dir, "calibration.json").read_text())
             return
     folder = Path(args.report or args.out_dir)
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*/score.json"))]
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob(f"*/{score_name(args.sampler, args.steps)}"))]
+    print(f"{args.sampler}, {args.steps} steps, N = {args.num_samples}:")
     print(table(results))
     if args.plot:
         plot(results, Path(args.plot), args.plot_arms or sorted({r["arm"] for r in results}))
