@@ -85,7 +85,9 @@ ARMS: dict[str, tuple[str, dict]] = {
 
 
 PLOT_LABELS = {"baseline": "previous recipe (mnist-cpu-v1)", "recipe": "cosine LR + Min-SNR + one block",
-               "recipe-fast": "new recipe (mnist-cpu): also no 7×7 attention"}
+               "recipe-fast": "new recipe (mnist-cpu; mnist-cpu-hour at 60 min)",
+               "fast-lr-2e-3": "new recipe, peak LR 2e-3 (one seed)",
+               "fast-cosine-schedule": "new recipe, cosine noise schedule (one seed)"}
 
 
 def training_images_per_s(config, clock=time.perf_counter, warmup: int = 3, steps: int = 6,
@@ -248,7 +250,7 @@ def plot(results: list[dict], png: Path, arms: list[str]) -> None:
         ax_conf.plot(minutes, [r["confident_fraction"] for r in rows], marker="o", label=label)
     ax_fid.axhline(2.0, color="grey", ls="--", lw=0.8)
     ax_fid.set(xlabel="training minutes (2-core CPU)", ylabel="LeNet FID ÷ real-data floor", yscale="log",
-               title="FID (N = 1,000; bar: seed spread)")
+               title="FID (N = 1,000; bar: sampling-seed spread)")
     ax_fid.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax_fid.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_fid.set_yticks([1, 2, 3, 5, 10, 20])
