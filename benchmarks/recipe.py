@@ -311,7 +311,8 @@ def main() -> None:
             return
     folder = Path(args.report or args.out_dir)
     results = [json.loads(p.read_text()) for p in sorted(folder.glob(f"*/{score_name(args.sampler, args.steps)}"))]
-    print(f"{args.sampler}, {args.steps} steps, N = {args.num_samples}:")
+    sizes = ", ".join(f"{n:,}" for n in sorted({r["num_samples"] for r in results}))
+    print(f"{args.sampler}, {args.steps} steps, N = {sizes or 'no scores'}:")
     print(table(results))
     if args.plot:
         plot(results, Path(args.plot), args.plot_arms or sorted({r["arm"] for r in results}))
