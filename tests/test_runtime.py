@@ -1,12 +1,16 @@
 """The allocator tuning must stop glibc from mapping and unmapping memory in every training step."""
 
 import platform
+import statistics
 import subprocess
 import sys
 
 import pytest
 
-# Minor page faults per training step of the mnist-cpu-v1 U-Net (1.03 M parameters, batch 64), after 3 warm-up steps.
+# Minor page faults in each of 20 training steps of the mnist-cpu-v1 U-Net (1.03 M parameters, batch 64), after 3
+# warm-up steps. Tuned, most steps fault no page at all, but the heap still grows now and then (a burst of a few
+# thousand faults in 0-3 steps of 20 here; once 1 step in 5 made a 5-step mean of 2,196), so the test judges the median step, not
+# the mean, which one such burst decides.
 _STEPS = """
 import resource, sys, torch
 from diffusion_core import load_config
@@ -24,18 +28,20 @@ def step():
     optimizer.step()
 for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, *faults)
 """
 
 
-def _faults_per_step(mode: str) -> tuple[str, float]:
+def _faults_per_step(mode: str) -> tuple[str, list[int]]:
     out = subprocess.run([sys.executable, "-c", _STEPS, mode], capture_output=True, text=True, check=True,
                          env={"OMP_NUM_THREADS": "1", "PATH": ""})
-    applied, faults = out.stdout.split()
-    return applied, float(faults)
+    applied, *faults = out.stdout.split()
+    return applied, [int(f) for f in faults]
 
 
 # Elsewhere (macOS, musl) tune_allocator deliberately does nothing, so there is nothing to measure.
@@ -44,5 +50,7 @@ def test_tuned_allocator_reuses_freed_memory_in_training_steps():
     _, default_faults = _faults_per_step("default")
     applied, tuned_faults = _faults_per_step("tuned")
     assert applied == "True"
-    assert default_faults > 1000  # fresh mappings for activations, faulted in page by page, every step
-    assert tuned_faults < default_faults / 4, (tuned_faults, default_faults)
+    # Default: fresh mappings for activations, faulted in page by page, in nearly every step (medians 3,800-8,200).
+    assert statistics.median(default_faults) > 1000, default_faults
+    # Tuned: freed blocks are reused, so the typical step touches no new page (medians 0 in 6 of 6 runs).
+    assert statistics.median(tuned_faults) <= 64, tuned_faults
