@@ -9,8 +9,8 @@ import pytest
 
 # Minor page faults in each of 20 training steps of the mnist-cpu-v1 U-Net (1.03 M parameters, batch 64), after 3
 # warm-up steps. Tuned, most steps fault no page at all, but the heap still grows now and then (a burst of a few
-# thousand faults in 0-3 steps of 20 here; once 1 step in 5 made a 5-step mean of 2,196), so the test judges the median step, not
-# the mean, which one such burst decides.
+# thousand faults in 0-3 steps of 20; once, one such step made a 5-step mean of 2,196), so the test judges the
+# median step, not the mean, which one burst decides.
 _STEPS = """
 import resource, sys, torch
 from diffusion_core import load_config
