@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
+from .config import DEFAULT_PRESET, ConfigError, load_config
 from .data import DataError
 from .guidance import parse_classes
 from .samplers import SAMPLERS, SPACINGS
 from .train import TrainingDiverged
 
 
-def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "mnist-cpu") -> None:
+def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = DEFAULT_PRESET) -> None:
     parser.add_argument("--preset", default=default_preset, help="preset name (diffusion_core/presets/) or a .toml path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting (repeatable), e.g. --set train.steps=100")

@@ -4,7 +4,7 @@
 
   train-eval/nightly   on the cron schedule $DIFFUSION_NIGHTLY_CRON (default "0 2 * * *", in
                        $DIFFUSION_NIGHTLY_TIMEZONE, default UTC) with the preset
-                       $DIFFUSION_NIGHTLY_PRESET (default mnist-cpu)
+                       $DIFFUSION_NIGHTLY_PRESET (default mnist-cpu-cond)
   train-eval/adhoc     no schedule: `prefect deployment run 'train-eval/adhoc' --param preset=smoke`
   rescore/champion     no schedule: re-score a registered model's champion under a new evaluation
                        protocol (flows.rescore), e.g. `prefect deployment run 'rescore/champion'
@@ -22,6 +22,8 @@ import os
 from prefect import serve
 from prefect.schedules import Cron
 
+from diffusion_core.config import DEFAULT_PRESET
+
 from .rescore import rescore
 from .train_eval import train_eval
 
@@ -31,7 +33,7 @@ def main() -> None:
         name="nightly",
         schedule=Cron(os.environ.get("DIFFUSION_NIGHTLY_CRON") or "0 2 * * *",
                       timezone=os.environ.get("DIFFUSION_NIGHTLY_TIMEZONE") or "UTC"),
-        parameters={"preset": os.environ.get("DIFFUSION_NIGHTLY_PRESET") or "mnist-cpu"},
+        parameters={"preset": os.environ.get("DIFFUSION_NIGHTLY_PRESET") or DEFAULT_PRESET},
         tags=["nightly"],
     )
     adhoc = train_eval.to_deployment(name="adhoc", tags=["adhoc"])

@@ -32,7 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFL
 from prefect import flow, get_run_logger
 from prefect.runtime import deployment, flow_run
 
-from diffusion_core.config import Config, load_config, parse_override
+from diffusion_core.config import DEFAULT_PRESET, Config, load_config, parse_override
 from diffusion_core.distributed import DistContext, resolve_device
 from diffusion_core.launch import resolve_nproc, write_resolved_config
 
@@ -85,7 +85,7 @@ def primary_score(client: MlflowClient, run_id: str, config: Config) -> Score:
 
 
 @flow(name="train-eval")
-def train_eval(preset: str = "mnist-cpu", overrides: dict[str, Any] | None = None, nproc_per_node: int | str = 1,
+def train_eval(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None, nproc_per_node: int | str = 1,
                num_samples: int | None = None, ddim_steps: int | None = None, ddim_eta: float | None = None,
                extractor: str = "lenet") -> str:
     """Train `preset` + `overrides` ({"train.steps": 500, …}) on `nproc_per_node` ranks, register, sample
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m flows.train_eval`: the whole pipeline from one command, with or without servers."""
     parser = argparse.ArgumentParser(prog="python -m flows.train_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="mnist-cpu", help="preset name (diffusion_core/presets/) or a .toml path")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help="preset name (diffusion_core/presets/) or a .toml path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting (repeatable), e.g. --set train.steps=100")
     parser.add_argument("--nproc-per-node", default="1", help="training processes (an integer or 'auto')")

@@ -7,7 +7,7 @@ import dataclasses
 import os
 
 from ..cli import _add_config_args
-from ..config import ENV_OVERRIDES, SAMPLERS, ConfigError, DataConfig, load_config
+from ..config import DEFAULT_PRESET, ENV_OVERRIDES, SAMPLERS, ConfigError, DataConfig, load_config
 from ..data import SPLITS
 from ..samplers import SPACINGS
 from .extractors import EXTRACTORS
@@ -91,7 +91,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-source", help="overrides the model's data.source (and $DIFFUSION_DATA_SOURCE)")
     p.add_argument("--data-dir", help="overrides the model's data.data_dir (and $DIFFUSION_DATA_DIR)")
-    p.add_argument("--preset", default="mnist-cpu", help="data settings when no --model is given (floors only)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help="data settings when no --model is given (floors only)")
     p.add_argument("--out", help="JSON file for the metrics")
     p.set_defaults(func=cmd_evaluate)
 
