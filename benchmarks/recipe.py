@@ -43,6 +43,8 @@ from diffusion_core.figures import new_figure, save_png
 from diffusion_core.runtime import matmul_gflops, tune_cpu_runtime
 from diffusion_core.samplers import default_spacing
 
+# mnist-cpu-cond's additions to a recipe: a class embedding, labels dropped 10 % of the time, sampled with w = 0.
+RECIPE_COND = {"model.num_classes": 10, "train.label_dropout": 0.1, "sample.guidance": 0.0}
 # The mnist-cpu preset's recipe as overrides on mnist-cpu-v1 (arm recipe-fast); the fast-* arms change one thing of it.
 RECIPE_FAST = {"train.lr_decay": "cosine", "train.loss_weighting": "min_snr", "model.num_res_blocks": 1,
                "model.attention_levels": []}
@@ -81,6 +83,8 @@ ARMS: dict[str, tuple[str, dict]] = {
                              {**RECIPE_FAST, "diffusion.schedule": "cosine"}),
     "fast-cosine-lr-2e-3": ("recipe-fast with both candidates: the cosine noise schedule and peak LR 2e-3",
                             {**RECIPE_FAST, "diffusion.schedule": "cosine", "train.lr": 2e-3}),
+    "recipe-cond": ("the mnist-cpu-cond preset (the default): recipe-fast with class labels (label dropout 0.1), "
+                    "scored with balanced classes and no guidance", {**RECIPE_FAST, **RECIPE_COND}),
     "fast-net": ("cosine-lr + one residual block per level and no attention at 7×7 (middle block keeps its own)",
                  {"train.lr_decay": "cosine", "model.num_res_blocks": 1, "model.attention_levels": []}),
 }
@@ -90,7 +94,8 @@ PLOT_LABELS = {"baseline": "previous recipe (mnist-cpu-v1)", "recipe": "cosine L
                "recipe-fast": "new recipe (mnist-cpu; mnist-cpu-hour at 60 min)",
                "fast-lr-2e-3": "new recipe, peak LR 2e-3 (one seed)",
                "fast-cosine-schedule": "new recipe, cosine noise schedule (one seed)",
-               "fast-cosine-lr-2e-3": "new recipe, cosine schedule + peak LR 2e-3 (one seed)"}
+               "fast-cosine-lr-2e-3": "new recipe, cosine schedule + peak LR 2e-3 (one seed)",
+               "recipe-cond": "new recipe with class labels (mnist-cpu-cond, the default)"}
 
 
 def training_images_per_s(config, clock=time.perf_counter, warmup: int = 3, steps: int = 6,
@@ -167,16 +172,18 @@ def score_name(sampler: str, steps: int) -> str:
     return f"score-{sampler_tag(sampler, steps)}.json"
 
 
-def score(model_dir: Path, args, floors: dict) -> dict:
-    """The arm's metrics at sampling seeds 0 and 1, with FID's seed spread and the floor at this N."""
+def score(model_dir: Path, args, floors: dict, guidance: float | None = None) -> dict:
+    """The arm's metrics at sampling seeds 0 and 1, with FID's seed spread and the floor at this N; a
+    class-conditional arm's samples have balanced classes, drawn with guidance weight `guidance`."""
     loaded = load_model(model_dir)
     spacing = default_spacing(args.sampler)
-    tag = sampler_tag(args.sampler, args.steps)
+    tag = sampler_tag(args.sampler, args.steps, guidance)
     runs = [evaluate(loaded, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
-                     spacing=spacing, seed=seed, progress=False) for seed in (0, 1)]
+                     spacing=spacing, seed=seed, guidance=guidance, progress=False) for seed in (0, 1)]
     fids = [r[f"fid_lenet_{tag}"] for r in runs]
     floor = floors["fid_lenet_train"]
     out = {"sampler": args.sampler, "sampler_steps": args.steps, "spacing": spacing, "num_samples": args.num_samples,
+           "guidance": guidance,
            "fid": sum(fids) / 2, "fid_seed_spread": abs(fids[0] - fids[1]), "fid_floor": floor,
            "fid_x_floor": sum(fids) / 2 / floor, "sampling_images_per_s": runs[0]["sampling_images_per_s"]}
     for key in ("kid", "precision", "recall", "confident_fraction", "class_entropy"):
@@ -221,7 +228,7 @@ def run_arm(name: str, args, floors: dict) -> list[dict]:
                         "images_seen": steps * config.train.batch_size, "calibrated_images_per_s": rate,
                         "matmul_gflops": peak, "train_wall_s_this_call": wall, "final_loss": trained.final_loss}
             save_metrics(training_file, training)
-        result = {**training, **score(model_dir, args, floors)}
+        result = {**training, **score(model_dir, args, floors, config.sample.guidance if config.conditional else None)}
         save_metrics(score_file, result)
         results.append(result)
         print(f"[{name} {minutes:g} min] {steps} steps, FID {result['fid']:.2f} ± {result['fid_seed_spread']:.2f} "
