@@ -93,7 +93,7 @@ ARMS: dict[str, tuple[str, dict]] = {
 PLOT_LABELS = {"baseline": "previous recipe (mnist-cpu-v1)", "recipe": "cosine LR + Min-SNR + one block",
                "recipe-fast": "new recipe (mnist-cpu; mnist-cpu-hour at 60 min)",
                "fast-lr-2e-3": "new recipe, peak LR 2e-3 (one seed)",
-               "fast-cosine-schedule": "new recipe, cosine noise schedule (one seed)",
+               "fast-cosine-schedule": "new recipe, cosine noise schedule (training seed 0 of 3)",
                "fast-cosine-lr-2e-3": "new recipe, cosine schedule + peak LR 2e-3 (one seed)",
                "recipe-cond": "new recipe with class labels (mnist-cpu-cond, the default)"}
 
@@ -272,8 +272,8 @@ def plot(results: list[dict], png: Path, arms: list[str]) -> None:
                 title="confident samples")
     for ax in (ax_fid, ax_conf):
         ax.grid(alpha=0.3)
-    fig.legend(*ax_conf.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    save_png(fig, png, rect=(0, 0.08, 1, 1))
+    fig.legend(*ax_conf.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    save_png(fig, png, rect=(0, 0.1, 1, 1))
 
 
 def main() -> None:
