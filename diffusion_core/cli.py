@@ -19,7 +19,7 @@ import torch
 from .checkpoint import CheckpointError
 from .config import DEFAULT_PRESET, ConfigError, load_config
 from .data import DataError
-from .guidance import parse_classes
+from .guidance import balanced_labels, parse_classes
 from .samplers import SAMPLERS, SPACINGS
 from .train import TrainingDiverged
 
@@ -91,10 +91,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _class_request(args: argparse.Namespace, config, num_samples: int) -> torch.Tensor | None:
-    """Per-sample class labels (None: no class asked for). `--class 1,3` gives N/2 ones, then N/2 threes."""
-    if args.classes is None:
+    """Per-sample class labels (None: unconditional). A conditional model draws every class equally often
+    unless told otherwise, as the pipeline and `diffusion evaluate` do; `--class none` asks it for its
+    unconditional mode ε̂(x, ∅) instead. `--class 1,3` gives N/2 ones, then N/2 threes."""
+    if args.classes is None and config.conditional:
+        return balanced_labels(num_samples, config.model.num_classes)
+    if args.classes is None or (config.conditional and args.classes.strip().lower() == "none"):
         if args.guidance:
-            raise ConfigError("--guidance needs --class (the class or classes to draw)")
+            raise ConfigError("--guidance needs classes to draw (--class 7, 1,3,5 or all) from a conditional model")
         return None
     if not config.conditional:
         raise ConfigError("this model is unconditional (trained without classes), so --class cannot be used; "
@@ -139,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "else log_snr for dpm++2m(-sde), linear for ddpm and ddim)")
     p.add_argument("--eta", type=float, help="DDIM η in [0, 1]")
     p.add_argument("--class", dest="classes", metavar="C",
-                   help="conditional models: class to draw (7), several (1,3,5: one grid row each) or 'all'")
+                   help="conditional models: class to draw (7), several (1,3,5: one grid row each), 'all' "
+                        "(the default: every class equally often) or 'none' (the unconditional mode)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight w >= 0 (default: the model's config)")
     p.add_argument("-n", "--num", type=int, help="number of images")
     p.add_argument("--batch-size", type=int, help="images per network call")

@@ -88,7 +88,15 @@ def test_class_conditional_sampling_from_cli(smoke_cond_run, smoke_run, tmp_path
     one = run_cli("sample", "--model", str(smoke_cond_run), "--class", "7", "-n", "2", "--steps", "4",
                   "--tensor-out", str(tmp_path / "seven.safetensors"), "--device", "cpu")
     assert one.returncode == 0 and load_file(str(tmp_path / "seven.safetensors"))["labels"].tolist() == [7, 7]
-    assert run_cli("sample", "--model", str(smoke_cond_run), "-n", "2", "--steps", "4", "--device", "cpu").returncode == 0
+    # No --class: every class equally often, as the pipeline samples it; --class none: the unconditional mode.
+    default = run_cli("sample", "--model", str(smoke_cond_run), "-n", "12", "--steps", "4",
+                      "--tensor-out", str(tmp_path / "default.safetensors"), "--device", "cpu")
+    assert default.returncode == 0, default.stderr
+    assert sorted(load_file(str(tmp_path / "default.safetensors"))["labels"].tolist()) == sorted(
+        [0, 1] + list(range(10)))  # 12 images: each class once, 0 and 1 twice
+    none = run_cli("sample", "--model", str(smoke_cond_run), "--class", "none", "-n", "2", "--steps", "4",
+                   "--tensor-out", str(tmp_path / "none.safetensors"), "--device", "cpu")
+    assert none.returncode == 0 and "labels" not in load_file(str(tmp_path / "none.safetensors"))
 
     refused = run_cli("sample", "--model", str(smoke_run), "--class", "7", "--guidance", "3", "--device", "cpu")
     assert refused.returncode == 2 and "unconditional" in refused.stderr
