@@ -94,15 +94,19 @@ def _class_request(args: argparse.Namespace, config, num_samples: int) -> torch.
     """Per-sample class labels (None: unconditional). A conditional model draws every class equally often
     unless told otherwise, as the pipeline and `diffusion evaluate` do; `--class none` asks it for its
     unconditional mode ε̂(x, ∅) instead. `--class 1,3` gives N/2 ones, then N/2 threes."""
-    if args.classes is None and config.conditional:
-        return balanced_labels(num_samples, config.model.num_classes)
-    if args.classes is None or (config.conditional and args.classes.strip().lower() == "none"):
-        if args.guidance:
-            raise ConfigError("--guidance needs classes to draw (--class 7, 1,3,5 or all) from a conditional model")
-        return None
     if not config.conditional:
-        raise ConfigError("this model is unconditional (trained without classes), so --class cannot be used; "
-                          "train one with model.num_classes set (e.g. --preset mnist-cpu-cond)")
+        if args.classes is not None:
+            raise ConfigError("this model is unconditional (trained without classes), so --class cannot be used; "
+                              "train one with model.num_classes set (e.g. --preset mnist-cpu-cond)")
+        if args.guidance:
+            raise ConfigError("--guidance needs a class-conditional model (trained with model.num_classes set)")
+        return None
+    if args.classes is None:
+        return balanced_labels(num_samples, config.model.num_classes)
+    if args.classes.strip().lower() == "none":
+        if args.guidance:
+            raise ConfigError("--guidance needs classes to draw: --class 7, 1,3,5 or all, not none")
+        return None
     try:
         classes = parse_classes(args.classes, config.model.num_classes)
     except ValueError as exc:
