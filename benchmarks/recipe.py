@@ -96,7 +96,7 @@ ARMS: dict[str, tuple[str, dict]] = {
 PLOT_LABELS = {"baseline": "previous recipe (mnist-cpu-v1)", "recipe": "cosine LR + Min-SNR + one block",
                "recipe-fast": "new recipe (mnist-cpu; mnist-cpu-hour at 60 min)",
                "fast-lr-2e-3": "new recipe, peak LR 2e-3 (one seed)",
-               "fast-cosine-schedule": "new recipe, cosine noise schedule (training seed 0 of 3)",
+               "fast-cosine-schedule": "new recipe, cosine noise schedule (training seed 0 of 4)",
                "fast-cosine-lr-2e-3": "new recipe, cosine schedule + peak LR 2e-3 (one seed)",
                "recipe-cond": "new recipe with class labels (mnist-cpu-cond, the default)"}
 
