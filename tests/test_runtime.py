@@ -37,10 +37,14 @@ for mib in sys.argv[2:]:
 _MIB = 1 << 20
 
 
+def _run(script: str, *args: str) -> str:
+    """stdout of `script` in a fresh interpreter, so each run starts from glibc's own allocator state."""
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": ""}).stdout
+
+
 def _chunks(mode: str, *sizes_mib: int) -> dict[int, tuple[bool, int]]:
-    out = subprocess.run([sys.executable, "-c", _CHUNKS, mode, *map(str, sizes_mib)], capture_output=True,
-                         text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
-    rows = (line.split() for line in out.stdout.splitlines())
+    rows = (line.split() for line in _run(_CHUNKS, mode, *map(str, sizes_mib)).splitlines())
     return {int(mib): (mapped == "True", int(returned)) for mib, mapped, returned in rows}
 
 
@@ -85,8 +89,6 @@ for _ in range(20):
 
 @glibc_only
 def test_tuned_allocator_reuses_freed_memory_in_training_steps():
-    out = subprocess.run([sys.executable, "-c", _STEPS], capture_output=True, text=True, check=True,
-                         env={"OMP_NUM_THREADS": "1", "PATH": ""})
-    faults = [int(f) for f in out.stdout.split()]
+    faults = [int(f) for f in _run(_STEPS).split()]
     # Freed blocks are reused, so the typical step touches no new page (medians 0 in 6 of 6 runs).
     assert statistics.median(faults) <= 64, faults
