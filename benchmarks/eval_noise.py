@@ -10,7 +10,7 @@ seed-to-seed standard deviation (the real noise of one evaluation), the mean boo
 one evaluation reports about itself (the pipeline's estimate of that noise), KID with torch-fidelity's
 kid_std, and the confident share. Per pair of models and n: the gap in units of the combined
 seed-to-seed noise, and what the pipeline's rule (promote when the FID gap exceeds
-k·√(σ_a² + σ_b²), k = the preset's evaluation.promotion_sigmas, σ = each evaluation's own fid_std)
+k·√(σ_a² + σ_b²), k = the project's default gate rule (flows.gate.DEFAULT_RULE), σ = each evaluation's own fid_std)
 decides over every pairing of one evaluation of each model: right, wrong or kept; and for the same
 model against itself (pairs of its seeds), how often it would promote a model over itself.
 Wall-clock figures are printed beside this machine's fp32 matmul peak, measured in the same run.
@@ -33,6 +33,7 @@ from diffusion_core.data import get_spec
 from diffusion_core.evaluation import evaluate
 from diffusion_core.runtime import matmul_gflops, tune_cpu_runtime
 from diffusion_core.samplers import generate_batches
+from flows.gate import DEFAULT_RULE
 
 METRICS = ("fid", "fid_std", "kid", "kid_std", "confident_fraction")
 
@@ -124,7 +125,7 @@ def main() -> None:
               f"{time.perf_counter() - start - sampled:.0f} s (fp32 matmul peak {matmul_gflops():.0f} GFLOP/s)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=1))
-    print(summarise(rows, args.models, sizes, config.evaluation.promotion_sigmas))
+    print(summarise(rows, args.models, sizes, DEFAULT_RULE.sigmas))
 
 
 if __name__ == "__main__":

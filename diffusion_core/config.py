@@ -33,6 +33,10 @@ ENV_OVERRIDES = {"DIFFUSION_DATA_SOURCE": "data.source", "DIFFUSION_DATA_DIR": "
 
 
 LR_DECAYS = ("none", "cosine")
+# Settings that moved out of the config, and where they went: a stored record (config.json of an older run or
+# model) still loads without them; a preset or override that sets one is refused with this pointer.
+RETIRED = {"evaluation.promotion_sigmas": "the registered model's gate (python -m flows.gate set --promotion-sigmas)",
+           "evaluation.min_improvement": "the registered model's gate (python -m flows.gate set --min-improvement)"}
 
 
 class ConfigError(ValueError):
@@ -180,20 +184,17 @@ class SampleConfig:
 @dataclass(frozen=True)
 class EvaluationConfig:
     """How the pipeline scores a model for the champion decision: its own sample budget, apart from the
-    picture grids (sample.num_samples), and the rule that turns two scores into a promotion."""
+    picture grids (sample.num_samples). The rule that turns two scores into a promotion belongs to the
+    registered model (flows.gate), and so does the protocol once the model exists."""
 
     num_samples: int = 1000        # images of the primary sampler that are scored (N = 64 spreads more than most gains)
     bootstrap: int = 100           # resamples of the generated images' features that give fid_std; 0 = no fid_std
-    promotion_sigmas: float = 2.0  # promote only if the FID drops by more than this many combined fid_std …
-    min_improvement: float = 0.0   # … and by at least this much (FID units)
 
     def __post_init__(self) -> None:
         p: list[str] = []
         _check(p, self.num_samples >= 10, f"evaluation.num_samples must be >= 10, got {self.num_samples}")
         _check(p, self.bootstrap == 0 or self.bootstrap >= 10,
                f"evaluation.bootstrap must be 0 (off) or >= 10 resamples, got {self.bootstrap}")
-        _check(p, self.promotion_sigmas >= 0, f"evaluation.promotion_sigmas must be >= 0, got {self.promotion_sigmas}")
-        _check(p, self.min_improvement >= 0, f"evaluation.min_improvement must be >= 0, got {self.min_improvement}")
         _raise_if(p)
 
 
@@ -251,6 +252,9 @@ def _build(cls, values: dict[str, Any], where: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
+    retired = [f"{where}{k}" for k in unknown if f"{where}{k}" in RETIRED]
+    if retired:
+        raise ConfigError("; ".join(f"{key} is no longer a config setting: it belongs to {RETIRED[key]}" for key in retired))
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(f'{where}{k}' for k in unknown)}; "
                           f"{where.rstrip('.') or 'config'} accepts {', '.join(sorted(names))}")
@@ -314,13 +318,15 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Set one setting; a table value ({"steps": 5} for "train") changes only the settings it names."""
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {part} is a value, not a section")
-    node[leaf] = value
+    both_tables = isinstance(value, dict) and isinstance(node.get(leaf), dict)
+    node[leaf] = _merge(node[leaf], value) if both_tables else value
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -346,7 +352,7 @@ def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ConfigError(f"presets extend each other in a loop: {' → '.join(p.stem for p in (*seen, path))}")
     with open(path, "rb") as f:
-        tree = json.load(f) if path.suffix == ".json" else tomllib.load(f)
+        tree = _without_retired(json.load(f)) if path.suffix == ".json" else tomllib.load(f)
     parent = tree.pop("extends", None)
     if parent is None:
         return tree
@@ -377,5 +383,16 @@ def load_config(
     return _build(Config, tree, "")
 
 
+def _without_retired(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored resolved config (a record) without the settings that have since moved out (RETIRED)."""
+    out = {**record}
+    for dotted in RETIRED:
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
-    return _build(Config, values, "")
+    """A config from a resolved record (config.json of a run or model, a flow parameter)."""
+    return _build(Config, _without_retired(values), "")

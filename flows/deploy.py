@@ -6,9 +6,9 @@
                        $DIFFUSION_NIGHTLY_TIMEZONE, default UTC) with the preset
                        $DIFFUSION_NIGHTLY_PRESET (default mnist-cpu-cond)
   train-eval/adhoc     no schedule: `prefect deployment run 'train-eval/adhoc' --param preset=smoke`
-  rescore/champion     no schedule: re-score a registered model's champion under a new evaluation
-                       protocol (flows.rescore), e.g. `prefect deployment run 'rescore/champion'
-                       --param model=ddpm-mnist --param preset=mnist-cpu`
+  rescore/champion     no schedule: re-score a registered model's champion under the model's gate
+                       (flows.rescore), e.g. `prefect deployment run 'rescore/champion'
+                       --param model=ddpm-mnist-cond`
 
 Scheduled and triggered runs execute in subprocesses of this process, in its working folder, with
 its environment (PREFECT_API_URL, MLFLOW_TRACKING_URI, S3 settings: see .env.example). To run them

@@ -25,12 +25,13 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 from safetensors.torch import load_file
 
+from diffusion_core.config import config_from_dict
 from diffusion_core.evaluation import evaluate, format_table
 from diffusion_core.evaluation.evaluator import sampler_tag
 from diffusion_core.evaluation.plots import plot_fid_vs_nfe, plot_guidance_sweep
 
 from .sample import SAMPLES_ARTIFACT, primary_setting
-from .tracking import log_metrics, log_params, run_config, upload_artifacts
+from .tracking import log_metrics, log_params, upload_artifacts
 
 RESULT_ARTIFACT = "evaluation.json"
 GUIDANCE_PLOT = "guidance_sweep.png"  # conditional models: FID and class consistency against w
@@ -48,10 +49,11 @@ def headline_metrics(metrics: dict[str, float], extractor: str, primary_tag: str
 
 
 @flow(name="evaluate")
-def evaluate_samples(run_id: str, extractor: str = "lenet") -> None:
-    """Score every sample tensor of the run with `extractor` ("lenet" offline, or "inception")."""
+def evaluate_samples(run_id: str, config: dict[str, Any], extractor: str = "lenet") -> None:
+    """Score every sample tensor of the run with `extractor` ("lenet" offline, or "inception") under the
+    run's `config` (as submitted)."""
     client = MlflowClient()
-    config = run_config(client, run_id)
+    config = config_from_dict(config)
     primary = primary_setting(config)
     metrics: dict[str, float] = {}
     context: dict[str, Any] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -18,7 +19,9 @@ from prefect import flow, get_run_logger
 from diffusion_core.data import PreparedDataset, prepare_dataset, read_metadata
 from diffusion_core.storage import is_s3_uri
 
-from .tracking import log_params, run_config
+from diffusion_core.config import config_from_dict
+
+from .tracking import log_params
 
 DIGEST_CHARS = 32  # MLflow stores dataset digests in 36 characters; the full sha256 is in the profile
 
@@ -37,12 +40,14 @@ def dataset_entity(prepared: PreparedDataset, source: str) -> Dataset:
 
 
 @flow(name="prepare-dataset")
-def prepare_dataset_flow(run_id: str) -> None:
-    """Prepare the dataset of the run's config and record it as the run's training input."""
+def prepare_dataset_flow(run_id: str, config: dict[str, Any]) -> str:
+    """Prepare the dataset of the run's `config` (as submitted) and record it as the run's training input;
+    return its sha256."""
     client = MlflowClient()
-    data = run_config(client, run_id).data
+    data = config_from_dict(config).data
     prepared = prepare_dataset(data.dataset, data.source, data.data_dir)
     entity = dataset_entity(prepared, data.source)
     client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
     log_params(client, run_id, {"dataset_sha256": prepared.sha256})
     get_run_logger().info("%s from %s: %s, sha256 %s", prepared.spec.name, data.source, prepared.path, prepared.sha256)
+    return prepared.sha256

@@ -11,6 +11,7 @@ flows.registry.load_registered_model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -18,19 +19,21 @@ from mlflow.models import Model
 from prefect import flow, get_run_logger
 
 from diffusion_core.checkpoint import MODEL_FORMAT
+from diffusion_core.config import config_from_dict
 
 from .registry import CHALLENGER
-from .tracking import registered_model_name, run_config, upload_artifacts
+from .tracking import registered_model_name, upload_artifacts
 
 MODEL_ARTIFACT = "model"
 VERSION_TAGS = ("dataset_sha256", "git_commit")  # run params copied onto the model version
 
 
 @flow(name="register-checkpoint")
-def register_checkpoint(run_id: str, work_dir: str) -> str:
-    """Log `work_dir/model` to the run, register it, point `challenger` at it; return the new version."""
+def register_checkpoint(run_id: str, work_dir: str, config: dict[str, Any]) -> str:
+    """Log `work_dir/model` to the run, register it under the name `config` (as submitted) gives, point
+    `challenger` at it; return the new version."""
     client = MlflowClient()
-    config = run_config(client, run_id)
+    config = config_from_dict(config)
     folder = Path(work_dir) / MODEL_ARTIFACT
     Model(artifact_path=MODEL_ARTIFACT, run_id=run_id, metadata={"format": MODEL_FORMAT}).save(folder / "MLmodel")
     upload_artifacts(client, run_id, folder, MODEL_ARTIFACT)

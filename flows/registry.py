@@ -6,20 +6,30 @@ its FID and that FID's standard error (`eval.fid`, `eval.fid_std`) and with ever
 depends on (`eval.extractor_id`, `eval.num_samples`, `eval.sampler`, `eval.dataset_sha256`: the
 protocol). `champion` moves to the new version only if the current champion was scored with the same
 protocol and the new FID is lower by more than the rule's margin, max(k·√(σ_new² + σ_champion²),
-minimum improvement) (config `evaluation.promotion_sigmas`, `evaluation.min_improvement`): a gap
-inside the measurement's own noise keeps the champion. The decision, its rule, both scores and their
-standard errors are tagged on the version. The read-compare-move runs under a Prefect global
-concurrency limit of one slot per registered model (`champion-<name>`, created when missing), so two
-runs deciding at once take turns and the second compares against the first one's result. A protocol
-change is never compared across: re-score the champion under the new protocol first
+minimum improvement): a gap inside the measurement's own noise keeps the champion. The rule and the
+protocol belong to the registered model (its gate, flows.gate), never to the run being judged. The
+decision, its rule, both scores and their standard errors are tagged on the version.
+
+The read-compare-move runs under a Prefect global concurrency limit of one slot per registered model
+(`champion-<name>`, created when missing), so two runs deciding at once take turns and the second
+compares against the first one's result. The decision is tagged on the version before the alias
+moves, and a lost lease does not interrupt the block: the alias move is the last write. What holds
+for several candidates: the champion's FID only ever falls, each time by more than a margin, and the
+final champion is within a margin of the best candidate's FID, but which of two candidates closer than
+a margin to each other ends as champion depends on the order they decide in (the first one that clears
+the margin over the champion is promoted, and the other is then within the margin of it).
+
+A protocol change is never compared across: re-score the champion under the gate's new protocol first
 (`python -m flows.rescore`), a recorded step of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import tempfile
+from datetime import datetime, timezone
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -28,12 +38,13 @@ import torch
 from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import LoadedModel, load_model
-from diffusion_core.config import EvaluationConfig
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 FID_TAG, FID_STD_TAG = "eval.fid", "eval.fid_std"
+SCORE_HISTORY_TAG = "eval.history."  # every score a version had before a re-score replaced it
 PROTOCOL_KEYS = ("extractor_id", "num_samples", "sampler", "dataset_sha256")
 LOCK_TIMEOUT_S = 900  # how long a decision waits for another run's decision on the same model
+LOCK_LEASE_S = 300  # the slot's server-side lease, renewed in the background while the lock is held
 
 
 def load_registered_model(uri: str, device: torch.device | str = "cpu") -> LoadedModel:
@@ -69,12 +80,8 @@ class PromotionRule:
     """Promote when the champion's FID minus the candidate's exceeds
     max(sigmas · √(σ_candidate² + σ_champion²), min_improvement)."""
 
-    sigmas: float = EvaluationConfig.promotion_sigmas
-    min_improvement: float = EvaluationConfig.min_improvement
-
-    @classmethod
-    def from_config(cls, evaluation: EvaluationConfig) -> PromotionRule:
-        return cls(evaluation.promotion_sigmas, evaluation.min_improvement)
+    sigmas: float
+    min_improvement: float
 
     def margin(self, candidate: Score, champion: Score) -> float:
         return max(self.sigmas * math.hypot(candidate.fid_std, champion.fid_std), self.min_improvement)
@@ -153,14 +160,17 @@ def _ensure_single_slot_limit(limit: str) -> None:
 
 
 @contextlib.contextmanager
-def champion_lock(name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+def champion_lock(name: str, timeout_s: float = LOCK_TIMEOUT_S, lease_s: float = LOCK_LEASE_S) -> Iterator[None]:
     """Hold the one slot of `champion-<name>` (Prefect server-side lease: other processes and machines
     on the same Prefect API wait for it)."""
     from prefect.concurrency.sync import concurrency
 
     limit = f"champion-{name}"
     _ensure_single_slot_limit(limit)
-    with concurrency(limit, occupy=1, timeout_seconds=timeout_s, strict=True):
+    # strict: the limit must exist (it does: ensured above). A lease renewal that fails must not cancel the
+    # block half-way through its writes (alias moved, tags not yet written); the lease outlasts any decision.
+    with concurrency(limit, occupy=1, timeout_seconds=timeout_s, lease_duration=lease_s, strict=True,
+                     raise_on_lease_renewal_failure=False):
         yield
 
 
@@ -177,16 +187,31 @@ def current_champion(client: MlflowClient, name: str) -> tuple[str | None, Score
     return str(version), Score.from_tags(client.get_model_version(name, str(version)).tags)
 
 
-def select_champion(client: MlflowClient, name: str, version: str, score: Score,
-                    rule: PromotionRule = PromotionRule()) -> Decision:
+def select_champion(client: MlflowClient, name: str, version: str, score: Score, rule: PromotionRule) -> Decision:
     """Tag `version` with its score; under the model's champion lock, compare it with the current
-    champion by `rule`, move `champion` to it if it wins, and tag the decision on the version."""
+    champion by `rule` (the model's gate), tag the decision on the version and, if it wins, move
+    `champion` to it (the last write)."""
     record_score(client, name, version, score)
     with champion_lock(name):
         champion_version, champion = current_champion(client, name)
         decision = _judge(score, champion_version, champion, rule)
-        if decision.promoted:
-            client.set_registered_model_alias(name, CHAMPION, version)
         for key, value in decision.tags().items():
             client.set_model_version_tag(name, version, key, value)
+        if decision.promoted:
+            client.set_registered_model_alias(name, CHAMPION, version)
     return decision
+
+
+def rescore_version(client: MlflowClient, name: str, version: str, score: Score, run_id: str) -> Score | None:
+    """Replace `version`'s score with `score` (measured by run `run_id`) under the model's champion lock,
+    keeping the score it had as the next `eval.history.<n>` entry; return that previous score."""
+    with champion_lock(name):
+        tags = client.get_model_version(name, version).tags
+        previous = Score.from_tags(tags)
+        if previous is not None:
+            entry = len([key for key in tags if key.startswith(SCORE_HISTORY_TAG)]) + 1
+            client.set_model_version_tag(name, version, f"{SCORE_HISTORY_TAG}{entry:04d}", json.dumps(
+                {**previous.tags(), "replaced_by": run_id, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+        record_score(client, name, version, score)
+        client.set_model_version_tag(name, version, "eval.rescored_by", run_id)
+    return previous

@@ -1,69 +1,54 @@
-"""rescore: score a registered version (by default the current champion) under another evaluation protocol.
+"""rescore: score a registered version (by default the current champion) under its registered model's gate.
 
-    python -m flows.rescore --model ddpm-mnist --set evaluation.num_samples=2000
-    python -m flows.rescore --model ddpm-mnist --version 3 --preset mnist-cpu --extractor lenet
+    python -m flows.rescore --model ddpm-mnist-cond
+    python -m flows.rescore --model ddpm-mnist-cond --version 3
 
-Champions are only compared under one protocol (extractor, evaluation.num_samples, primary sampler,
-dataset version; see flows.registry). When a preset changes its protocol, re-score the champion
-first: that is a deliberate, recorded step instead of a dead end. The version's own training config
-is the starting point; `--preset` takes the `sample` and `evaluation` sections of that preset,
-`--set` changes single sample.* / evaluation.* settings. A new MLflow run (`rescore-<model>-v<version>-…`,
-tag `rescore.of`) samples the version with the primary setting on the evaluation budget and evaluates
-it like train-eval does; then, under the model's champion lock, the version's `eval.*` tags are
-replaced by the new score (the previous ones kept as JSON in `eval.previous`, the run in
-`eval.rescored_by`). Later train-eval runs with the new protocol compare against it.
+Champions are only compared under one protocol (extractor, evaluation budget, primary sampler, dataset
+version; see flows.registry), and the protocol is the registered model's gate (flows.gate). After the
+gate's protocol changes (`python -m flows.gate set`), or after the dataset at the source changed,
+re-score the champion: a deliberate, recorded step. The version's own model config (from its model
+folder) is sampled with the gate's protocol; the data comes from this worker's environment
+(DIFFUSION_DATA_SOURCE, DIFFUSION_DATA_DIR; else the config defaults), never from a stored run. A
+re-score cannot choose its protocol, so it can only bring a version to the gate's, never freeze
+promotions under another. A new MLflow run (`rescore-<model>-v<version>-…`, tag `rescore.of`) samples
+the version on the gate's evaluation budget and evaluates it like train-eval does; then, under the
+model's champion lock, the version's `eval.*` tags are replaced by the new score, each score it had
+kept in `eval.history.<n>` (flows.registry.rescore_version).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from diffusion_core.config import Config, ConfigError, load_config, parse_override
+from diffusion_core.config import Config, ConfigError, load_config
 
 from .evaluate import evaluate_samples
-from .parameters import check_overrides, check_preset
+from .gate import Gate, read_gate
 from .prepare import prepare_dataset_flow
-from .registry import CHAMPION, Score, champion_lock, record_score
+from .registry import CHAMPION, load_registered_model, rescore_version
 from .sample import sample_images
-from .tracking import ended_when_done, run_config, set_tags
+from .tracking import ended_when_done, set_tags
 from .train_eval import RUNS_DIR_ENV, create_run, log_setup, primary_score
 
-PROTOCOL_SECTIONS = ("sample", "evaluation")  # what a re-score may change
+WORKER_KEYS = ("data.source", "data.data_dir")  # from this worker's environment, never from the store
 
 
-def rescore_config(client: MlflowClient, run_id: str, preset: str | None, overrides: dict[str, Any]) -> Config:
-    """The version's training config with `preset`'s sample and evaluation sections and `overrides`
-    (sample.* / evaluation.* only); data paths from this machine's environment as usual."""
-    refused = sorted(key for key in overrides if key.split(".", 1)[0] not in PROTOCOL_SECTIONS)
-    if refused:
-        raise ConfigError(f"a re-score changes only the evaluation protocol (sample.*, evaluation.*), not "
-                          f"{', '.join(refused)}")
-    check_overrides(overrides)
-    tree = run_config(client, run_id).to_dict()
-    if preset:
-        fresh = load_config(check_preset(preset)).to_dict()
-        tree.update({section: fresh[section] for section in PROTOCOL_SECTIONS})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.json"
-        path.write_text(json.dumps(tree))
-        return load_config(str(path), overrides)
+def rescore_config(model_config: Config, gate: Gate) -> Config:
+    """The version's model config under `gate`'s protocol, with this worker's data settings."""
+    kept = {key: value for key, value in model_config.flat().items() if key not in WORKER_KEYS}
+    return gate.apply(load_config(None, kept))
 
 
 @flow(name="rescore")
-def rescore(model: str, version: str | None = None, alias: str = CHAMPION, preset: str | None = None,
-            overrides: dict[str, Any] | None = None, extractor: str = "lenet") -> str:
-    """Score `model` version `version` (default: the one `alias` points at) under the protocol of the
-    version's config + `preset`'s sample/evaluation sections + `overrides`; tag the version with the new
-    score. Returns the MLflow run id of the re-score."""
+def rescore(model: str, version: str | None = None, alias: str = CHAMPION) -> str:
+    """Score `model` version `version` (default: the one `alias` points at) under the model's gate; tag the
+    version with the new score. Returns the MLflow run id of the re-score."""
     client = MlflowClient()
     if version is None:
         aliases = client.get_registered_model(model).aliases
@@ -71,26 +56,27 @@ def rescore(model: str, version: str | None = None, alias: str = CHAMPION, prese
             raise ConfigError(f"registered model {model!r} has no alias {alias!r} (it has: "
                               f"{', '.join(sorted(aliases)) or 'none'}); give --version")
         version = str(aliases[alias])
-    source_run = client.get_model_version(model, version).run_id
-    config = rescore_config(client, source_run, preset, overrides or {})
+    gate = read_gate(client, model)
+    if gate is None:
+        raise ConfigError(f"registered model {model!r} has no gate yet (its first train-eval run creates one)")
+    uri = f"models:/{model}/{version}"
+    config = rescore_config(load_registered_model(uri).config, gate)
+    submitted = config.to_dict()
     work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
     run_id = create_run(client, config, work_dir, f"rescore-{model}-v{version}")
+    source_run = client.get_model_version(model, version).run_id
     set_tags(client, run_id, {"rescore.of": f"{model}/{version}", "rescore.source_run": source_run})
     logger = get_run_logger()
     with ended_when_done(client, run_id):
-        log_setup(client, run_id, config, work_dir, 1, extractor)
-        prepare_dataset_flow(run_id)
-        sample_images(run_id, f"models:/{model}/{version}", only_primary=True)
-        evaluate_samples(run_id, extractor)
+        log_setup(client, run_id, config, work_dir, 1, gate.extractor, gate)
+        prepare_dataset_flow(run_id, submitted)
+        sample_images(run_id, uri, submitted, only_primary=True)
+        evaluate_samples(run_id, submitted, gate.extractor)
         score = primary_score(client, run_id, config)
-        with champion_lock(model):
-            previous = Score.from_tags(client.get_model_version(model, version).tags)
-            record_score(client, model, version, score)
-            client.set_model_version_tag(model, version, "eval.previous",
-                                         json.dumps(previous.tags()) if previous else "none")
-            client.set_model_version_tag(model, version, "eval.rescored_by", run_id)
-        logger.info("%s version %s re-scored: FID %.4g ± %.2g (%s); before: %s", model, version, score.fid,
-                    score.fid_std, score.protocol, previous.tags() if previous else "none")
+        previous = rescore_version(client, model, version, score, run_id)
+        logger.info("%s version %s re-scored under gate revision %d: FID %.4g ± %.2g (%s); before: %s", model,
+                    version, gate.revision, score.fid, score.fid_std, score.protocol,
+                    previous.tags() if previous else "none")
     return run_id
 
 
@@ -101,14 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", help="version to re-score")
     which.add_argument("--alias", default=CHAMPION, help="alias of the version to re-score (default: champion)")
-    parser.add_argument("--preset", help="take the sample and evaluation sections of this preset")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="change one sample.* or evaluation.* setting (repeatable)")
-    parser.add_argument("--extractor", default="lenet", help="FID features: lenet (offline) or inception")
     args = parser.parse_args(argv)
-    run_id = rescore(model=args.model, version=args.version, alias=args.alias, preset=args.preset,
-                     overrides=dict(parse_override(o) for o in args.overrides), extractor=args.extractor)
-    print(f"MLflow run {run_id}")
+    print(f"MLflow run {rescore(model=args.model, version=args.version, alias=args.alias)}")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 from safetensors.torch import save_file
 
-from diffusion_core.config import Config, SampleConfig
+from diffusion_core.config import Config, SampleConfig, config_from_dict
 from diffusion_core.data import get_spec
 from diffusion_core.distributed import DistContext, resolve_device
 from diffusion_core.evaluation.evaluator import sampler_tag
@@ -35,7 +36,7 @@ from diffusion_core.guidance import balanced_labels
 from diffusion_core.samplers import generate_batches
 
 from .registry import load_registered_model
-from .tracking import log_metrics, run_config, upload_artifacts
+from .tracking import log_metrics, upload_artifacts
 
 SAMPLES_ARTIFACT = "samples"
 GRID_MAX = 64
@@ -99,12 +100,12 @@ def sampler_settings(config: Config) -> list[SamplerSetting]:
 
 
 @flow(name="sample")
-def sample_images(run_id: str, model_uri: str, only_primary: bool = False) -> None:
-    """Sample the model at `model_uri` with each setting of the run's config (only the primary one if
-    `only_primary`: a re-score); log images and speed."""
+def sample_images(run_id: str, model_uri: str, config: dict[str, Any], only_primary: bool = False) -> None:
+    """Sample the model at `model_uri` with each setting of the run's `config` (as submitted; only the
+    primary setting if `only_primary`: a re-score); log images and speed to the run."""
     logger = get_run_logger()
     client = MlflowClient()
-    config = run_config(client, run_id)
+    config = config_from_dict(config)
     device = resolve_device(config.train.device, DistContext())
     model = load_registered_model(model_uri, device)
     spec = get_spec(config.data.dataset)

@@ -11,9 +11,7 @@ Only configuration, versions and results are logged: never the environment or cr
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,11 +22,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from diffusion_core.config import Config, config_from_dict
 from diffusion_core.storage import with_retries
 
 ARTIFACT_LOCATION_ENV = "DIFFUSION_ARTIFACT_LOCATION"
-CONFIG_ARTIFACT = "config.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BATCH = 100  # MLflow accepts at most 100 params (or tags) per log_batch request
 
@@ -96,15 +92,6 @@ def upload_artifacts(client: MlflowClient, run_id: str, local_path: str | Path, 
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}. Check that the artifact store is reachable (S3 endpoint, MLflow server) "
                            "and re-run.") from exc
-
-
-def run_config(client: MlflowClient, run_id: str) -> Config:
-    """The resolved config the run was started with (its `config.json` artifact)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = with_retries(lambda: client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp),
-                            f"download of {CONFIG_ARTIFACT} from the artifact store of run {run_id}",
-                            attempts=TRANSFER_ATTEMPTS)
-        return config_from_dict(json.loads(Path(path).read_text()))
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str:

@@ -10,6 +10,7 @@ of the log.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -20,7 +21,9 @@ from diffusion_core.launch import (rank_environment, resolve_nproc, run_process_
 from diffusion_core.tracking import RUN_ID_ENV
 from diffusion_core.train import CHECKPOINT
 
-from .tracking import run_config, upload_artifacts
+from diffusion_core.config import config_from_dict
+
+from .tracking import upload_artifacts
 
 # Files of the run folder kept as run artifacts (the exported model is registered by register-checkpoint).
 TRAINING_ARTIFACTS = ("forward_process.png", "loss_curve.png", "metrics.jsonl")
@@ -31,12 +34,13 @@ class TrainingFailed(RuntimeError):
 
 
 @flow(name="train")
-def train_model(run_id: str, work_dir: str, nproc_per_node: int | str = 1) -> None:
-    """Train the run's config in `work_dir` with `nproc_per_node` ranks (resuming a checkpoint there)."""
+def train_model(run_id: str, work_dir: str, config: dict[str, Any], nproc_per_node: int | str = 1) -> None:
+    """Train the run's `config` (as submitted) in `work_dir` with `nproc_per_node` ranks (resuming a
+    checkpoint there)."""
     logger = get_run_logger()
     client = MlflowClient()
     run_dir = Path(work_dir)
-    config_file = write_resolved_config(run_config(client, run_id), run_dir)
+    config_file = write_resolved_config(config_from_dict(config), run_dir)
     cmd = torchrun_command(config_file, run_dir, nproc_per_node, log_dir=run_dir / "torchrun")
     env = {**rank_environment(resolve_nproc(nproc_per_node)),
            RUN_ID_ENV: run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}

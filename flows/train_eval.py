@@ -2,12 +2,16 @@
 
     python -m flows.train_eval --preset smoke --set train.steps=40
 
-Steps (each a flow of its own, sharing only the MLflow run id and the working folder
-`$DIFFUSION_RUNS_DIR/<flow run id>`, default `runs/`): prepare-dataset → train (torchrun) →
+Parameters are checked (flows.parameters), the config resolved and fitted to the registered model's
+gate (flows.gate: the protocol every candidate of that model is scored with and the promotion rule),
+all before any work. That resolved config is submitted once: every step receives it as a flow
+parameter, and the MLflow copy (`config.json`, its sha256 as the param `config_sha256`) is a record,
+never read back. Steps (each a flow of its own, sharing the config, the MLflow run id and the working
+folder `$DIFFUSION_RUNS_DIR/<flow run id>`, default `runs/`): prepare-dataset → train (torchrun) →
 register-checkpoint (new version of `ddpm-<dataset>`, or `ddpm-<dataset>-cond` for a class-conditional
 model, alias `challenger`) → sample (DDPM and DDIM, plus the guidance and NFE sweeps)
-→ evaluate (FID …) → champion selection on the primary sampler's FID and its standard error, with a
-margin (see flows.registry).
+→ evaluate (FID …) → champion selection on the primary sampler's FID and its standard error, by the
+gate's rule (see flows.registry).
 
 The MLflow run (experiment `diffusion-<dataset>`, name `<preset>-<UTC time>-<flow run name>`)
 holds the resolved config as params and as `config.json`, the git commit, torch version, device and
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
+import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,11 +42,14 @@ from diffusion_core.config import DEFAULT_PRESET, Config, load_config, parse_ove
 from diffusion_core.distributed import DistContext, resolve_device
 from diffusion_core.launch import resolve_nproc, write_resolved_config
 
+from diffusion_core.evaluation.extractors import canonical_name
+
 from .evaluate import evaluate_samples
+from .gate import Gate, ensure_gate
 from .parameters import check_run_parameters
 from .prepare import prepare_dataset_flow
 from .register import register_checkpoint
-from .registry import PromotionRule, Score, select_champion
+from .registry import Score, select_champion
 from .sample import primary_setting, sample_images
 from .tracking import (ended_when_done, ensure_experiment, git_commit, log_params, registered_model_name, set_tags,
                        upload_artifacts)
@@ -64,13 +73,19 @@ def create_run(client: MlflowClient, config: Config, work_dir: Path, run_name: s
     return run.info.run_id
 
 
+def config_sha256(config: Config) -> str:
+    """The sha256 of the resolved config's canonical JSON: what the run was submitted with."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 def log_setup(client: MlflowClient, run_id: str, config: Config, work_dir: Path, nproc_per_node: int | str,
-              extractor: str) -> None:
-    """Params (the resolved config and what else decides the result), and the resolved config file."""
+              extractor: str, gate: Gate) -> None:
+    """Params (the resolved config and what else decides the result), and the resolved config file (a record)."""
     log_params(client, run_id, {
         **config.flat(), "git_commit": git_commit(), "torch_version": torch.__version__,
-        "device": resolve_device(config.train.device, DistContext()).type,
-        "nproc_per_node": nproc_per_node, "world_size": resolve_nproc(nproc_per_node), "eval.extractor": extractor})
+        "device": resolve_device(config.train.device, DistContext()).type, "config_sha256": config_sha256(config),
+        "nproc_per_node": nproc_per_node, "world_size": resolve_nproc(nproc_per_node), "eval.extractor": extractor,
+        "gate.revision": gate.revision, "gate.rule": str(gate.rule)})
     upload_artifacts(client, run_id, write_resolved_config(config, work_dir))
 
 
@@ -84,36 +99,55 @@ def primary_score(client: MlflowClient, run_id: str, config: Config) -> Score:
                                   "dataset_sha256": params["eval.dataset_sha256"]}, metrics.get("fid_std", 0.0))
 
 
+def submitted_config(preset: str, overrides: dict[str, Any], nproc_per_node: int | str, num_samples: int | None,
+                     ddim_steps: int | None, ddim_eta: float | None, extractor: str | None,
+                     client: MlflowClient, by: str) -> tuple[Config, str, Gate]:
+    """Check the parameters, resolve the config and fit it to its registered model's gate (created from
+    this config when the model has none); a ConfigError names what is refused. Returns the config every
+    step receives, the canonical extractor name and the gate."""
+    preset, flat = check_run_parameters(preset, overrides, nproc_per_node, num_samples)
+    sampling = {"sample.num_samples": num_samples, "sample.steps": ddim_steps, "sample.eta": ddim_eta}
+    flat = {**flat, **{k: v for k, v in sampling.items() if v is not None}}
+    config = load_config(preset, flat)
+    if extractor is not None:
+        canonical_name(extractor, config.data.dataset)  # refuse an unknown name before any work
+    name = registered_model_name(config.data.dataset, config.conditional)
+    gate = ensure_gate(client, name, config, extractor or "lenet", by)
+    gate.check_overrides(name, flat, extractor, config.data.dataset)
+    return gate.apply(config), gate.extractor, gate
+
+
 @flow(name="train-eval")
 def train_eval(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None, nproc_per_node: int | str = 1,
                num_samples: int | None = None, ddim_steps: int | None = None, ddim_eta: float | None = None,
-               extractor: str = "lenet") -> str:
+               extractor: str | None = None) -> str:
     """Train `preset` + `overrides` ({"train.steps": 500, …}) on `nproc_per_node` ranks, register, sample
     and evaluate it: the primary setting (the config's sample.sampler with `ddim_steps` steps and
     η=`ddim_eta`, names kept from when the primary sampler was always DDIM; unset: the config's sample.*)
     on evaluation.num_samples images, every other setting (DDPM, sweeps) and the grids on `num_samples`
-    (unset: sample.num_samples). It becomes the champion if its primary FID beats the current champion's
-    by more than the promotion margin (flows.registry).
+    (unset: sample.num_samples). The primary setting, the evaluation budget and the extractor (unset:
+    the gate's) are the registered model's gate's (flows.gate); parameters that contradict it are refused.
+    It becomes the champion if its primary FID beats the current champion's by more than the gate's
+    margin (flows.registry).
     Parameters are checked against what a run may ask for (flows.parameters) before any work.
     Returns the MLflow run id."""
-    preset = check_run_parameters(preset, overrides or {}, nproc_per_node, num_samples)
-    sampling = {"sample.num_samples": num_samples, "sample.steps": ddim_steps, "sample.eta": ddim_eta}
-    config = load_config(preset, {**(overrides or {}), **{k: v for k, v in sampling.items() if v is not None}})
-    work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
     client = MlflowClient()
+    config, extractor, gate = submitted_config(preset, overrides or {}, nproc_per_node, num_samples, ddim_steps,
+                                               ddim_eta, extractor, client, f"train-eval run {flow_run.name}")
+    submitted = config.to_dict()
+    work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
     run_id = create_run(client, config, work_dir, config.name)
     logger = get_run_logger()
-    logger.info("MLflow run %s, working folder %s", run_id, work_dir)
+    logger.info("MLflow run %s, working folder %s, gate revision %d (%s)", run_id, work_dir, gate.revision, gate.rule)
     with ended_when_done(client, run_id):
-        log_setup(client, run_id, config, work_dir, nproc_per_node, extractor)
-        prepare_dataset_flow(run_id)
-        train_model(run_id, str(work_dir), nproc_per_node)
+        log_setup(client, run_id, config, work_dir, nproc_per_node, extractor, gate)
+        prepare_dataset_flow(run_id, submitted)
+        train_model(run_id, str(work_dir), submitted, nproc_per_node)
         name = registered_model_name(config.data.dataset, config.conditional)
-        version = register_checkpoint(run_id, str(work_dir))
-        sample_images(run_id, f"models:/{name}/{version}")
-        evaluate_samples(run_id, extractor)
-        decision = select_champion(client, name, version, primary_score(client, run_id, config),
-                                   PromotionRule.from_config(config.evaluation))
+        version = register_checkpoint(run_id, str(work_dir), submitted)
+        sample_images(run_id, f"models:/{name}/{version}", submitted)
+        evaluate_samples(run_id, submitted, extractor)
+        decision = select_champion(client, name, version, primary_score(client, run_id, config), gate.rule)
         set_tags(client, run_id, {"model_version": version, **decision.tags()})
         logger.info("%s version %s: %s (%s)", name, version, decision.tags()["champion.decision"], decision.reason)
     return run_id
@@ -131,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: sample.num_samples)")
     parser.add_argument("--ddim-steps", type=int, help="DDIM steps (default: sample.steps)")
     parser.add_argument("--ddim-eta", type=float, help="DDIM η (default: sample.eta)")
-    parser.add_argument("--extractor", default="lenet", help="FID features: lenet (offline) or inception")
+    parser.add_argument("--extractor", help="FID features: lenet (offline) or inception (default: the registered "
+                        "model's gate; lenet for a new model)")
     args = parser.parse_args(argv)
     run_id = train_eval(preset=args.preset, overrides=dict(parse_override(o) for o in args.overrides),
                         nproc_per_node=args.nproc_per_node, num_samples=args.num_samples, ddim_steps=args.ddim_steps,

@@ -1,7 +1,7 @@
 import pytest
 
 from diffusion_core import ConfigError, load_config
-from diffusion_core.config import PRESET_DIR
+from diffusion_core.config import PRESET_DIR, config_from_dict
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
@@ -36,8 +36,6 @@ def test_override_precedence():
     ("sample.guidance_sweep=[0,-2]", "sample.guidance_sweep"),
     ("evaluation.num_samples=5", "evaluation.num_samples"),
     ("evaluation.bootstrap=3", "evaluation.bootstrap"),
-    ("evaluation.promotion_sigmas=-1", "evaluation.promotion_sigmas"),
-    ("evaluation.min_improvement=-0.5", "evaluation.min_improvement"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -57,3 +55,19 @@ def test_preset_extends_another(tmp_path):
     (tmp_path / "b.toml").write_text('extends = "{}"\n'.format(tmp_path / "a.toml"))
     with pytest.raises(ConfigError, match="loop"):
         load_config(str(tmp_path / "a.toml"), environ={})
+
+
+def test_a_table_override_changes_only_the_settings_it_names():
+    preset = load_config("smoke", environ={})
+    config = load_config("smoke", {"train": {"steps": 7}}, environ={})
+    assert config.train.steps == 7
+    assert config.train.batch_size == preset.train.batch_size and config.train.lr == preset.train.lr  # kept
+
+
+def test_the_promotion_rule_is_not_a_run_setting_but_old_records_still_load():
+    for key in ("evaluation.promotion_sigmas", "evaluation.min_improvement"):
+        with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')} is no longer a config setting.*flows.gate"):
+            load_config("smoke", {key: 0.0}, environ={})
+    record = load_config("smoke", environ={}).to_dict()
+    record["evaluation"].update(promotion_sigmas=0.0, min_improvement=0.0)  # a config.json written before the gate
+    assert config_from_dict(record) == load_config("smoke", environ={})

@@ -166,7 +166,7 @@ def test_deployment_run_is_tracked_registered_and_stored_in_s3(stack, first_run)
     run = client.get_run(first_run)
     assert run.info.status == "FINISHED" and run.data.tags["prefect.deployment"] == "adhoc"
     params = run.data.params
-    config = load_config("smoke", {**GOOD, "sample.num_samples": NUM_SAMPLES,
+    config = load_config("smoke", {**GOOD, "sample.num_samples": NUM_SAMPLES, "sample.spacing": "linear",  # the gate's
                                    "data.source": f"s3://{BUCKET}/datasets/mnist", "data.data_dir": "unused"})
     assert all(params[k] == str(v) for k, v in config.flat().items() if k != "data.data_dir")
     assert {"git_commit", "dataset_sha256", "torch_version", "device", "world_size"} <= set(params)

@@ -21,8 +21,11 @@ from diffusion_core import ConfigError, load_config, prepare_dataset
 from diffusion_core.config import SampleConfig
 from diffusion_core.launch import write_resolved_config
 from diffusion_core.samplers import generate_batches
+from flows.gate import DEFAULT_RULE, GATE_TAG, change_gate, history, read_gate
+from flows.parameters import PRESET_DIR_ENV
 from flows.registry import CHALLENGER, CHAMPION, PromotionRule, Score, load_registered_model, select_champion
 from flows.tracking import ensure_experiment
+from flows.train_eval import config_sha256
 from flows.train import TrainingFailed
 from flows.rescore import rescore
 from flows.train_eval import train_eval
@@ -67,7 +70,8 @@ def test_train_eval_tracks_registers_and_crowns_the_first_model(pipeline, mnist_
     assert re.fullmatch(r"smoke-\d{8}-\d{6}-[\w-]+", run.info.run_name)
 
     params = run.data.params
-    config = load_config("smoke", {**FAST, "sample.num_samples": 32})
+    # the model's gate, made from this first run, fixes the primary sampler with its spacing resolved
+    config = load_config("smoke", {**FAST, "sample.num_samples": 32, "sample.spacing": "linear"})
     assert {k: params[k] for k in config.flat()} == {k: str(v) for k, v in config.flat().items()}
     sha256 = prepare_dataset("mnist", str(mnist_raw_source), data_dir).sha256
     assert params["dataset_sha256"] == params["eval.dataset_sha256"] == sha256
@@ -118,30 +122,105 @@ def test_train_eval_tracks_registers_and_crowns_the_first_model(pipeline, mnist_
     assert images.shape == (2, 1, 28, 28) and images.dtype == torch.uint8
 
 
-def test_rescore_takes_the_champion_to_a_new_protocol_as_a_recorded_step(pipeline):
-    """After a protocol change (here the evaluation budget) a run's score is not comparable with the
-    champion's; re-scoring the champion under the new protocol is the recorded step after which the
-    next run is compared again."""
+def test_a_run_cannot_change_its_judge_and_the_gate_changes_only_by_command_with_history(pipeline):
+    """The protocol and the rule belong to the registered model: a run that asks for another budget, no
+    bootstrap or another rule is refused before any work; the maintenance command writes a new revision
+    (who, when, why), keeping the old; a gate tag edited by hand is refused."""
+    client = MlflowClient()
+    gate = read_gate(client, "ddpm-mnist")  # made by the first run from its protocol, with the project's rule
+    assert (gate.revision, gate.rule, gate.protocol["evaluation.num_samples"]) == (1, DEFAULT_RULE, 200)
+    assert gate.by.startswith("train-eval run ")
+    experiment = client.get_experiment_by_name("diffusion-mnist").experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    for lower_the_bar, refused in (({"evaluation.bootstrap": 0}, "evaluation.bootstrap"),
+                                   ({"evaluation": {"num_samples": 10}}, "evaluation.num_samples"),
+                                   ({"sample.steps": 2}, "sample.steps")):
+        with pytest.raises(ConfigError, match=rf"parameter {refused.replace('.', '[.]')} refused: .*its gate"):
+            train_eval(preset="smoke", overrides={**FAST, **lower_the_bar})
+    for rule_key in ("evaluation.promotion_sigmas", "evaluation.min_improvement"):
+        with pytest.raises(ConfigError, match="no longer a config setting: it belongs to the registered model's gate"):
+            train_eval(preset="smoke", overrides={**FAST, rule_key: 0.0})
+    with pytest.raises(ConfigError, match="extractor refused"):
+        train_eval(preset="smoke", overrides=FAST, extractor="inception")
+    assert len(client.search_runs([experiment])) == runs_before  # all refused before any work
+
+    changed = change_gate(client, "ddpm-mnist", "stricter rule", sigmas=3.0, min_improvement=0.5, by="maintainer")
+    assert (changed.revision, changed.by, changed.reason, changed.rule) == (2, "maintainer", "stricter rule",
+                                                                            PromotionRule(3.0, 0.5))
+    assert [(g.revision, g.rule) for g in history(client, "ddpm-mnist")] == [(1, DEFAULT_RULE), (2, PromotionRule(3.0, 0.5))]
+    client.set_registered_model_tag("ddpm-mnist", GATE_TAG, gate.to_json())  # back to revision 1, by hand
+    with pytest.raises(ConfigError, match="edited outside python -m flows.gate"):
+        train_eval(preset="smoke", overrides=FAST)
+    change_gate(client, "ddpm-mnist", "restore the default rule", sigmas=DEFAULT_RULE.sigmas,
+                min_improvement=DEFAULT_RULE.min_improvement, by="maintainer")
+    assert read_gate(client, "ddpm-mnist").revision == 3
+
+
+def test_rescore_takes_the_champion_to_the_gates_new_protocol_as_a_recorded_step(pipeline):
+    """After the gate's protocol changes (here the evaluation budget) a run's score is not comparable with
+    the champion's; re-scoring the champion under the gate is the recorded step after which the next run is
+    compared again. Every earlier score stays on the version."""
     client = MlflowClient()
     champion = str(client.get_registered_model("ddpm-mnist").aliases[CHAMPION])
     before = client.get_model_version("ddpm-mnist", champion).tags
-    with pytest.raises(ConfigError, match="only the evaluation protocol"):
-        rescore(model="ddpm-mnist", overrides={"model.base_channels": 4})
-    new_protocol = {"evaluation.num_samples": 100}
-    run_id = rescore(model="ddpm-mnist", overrides=new_protocol)
+    change_gate(client, "ddpm-mnist", "smaller budget", {"evaluation.num_samples": 100}, by="maintainer")
+    not_comparable = client.get_run(train_eval(preset="smoke", overrides=FAST, num_samples=16))
+    assert "scored differently (num_samples)" in not_comparable.data.tags["champion.reason"]
+    assert not_comparable.data.params["eval.num_samples"] == "100"  # scored under the gate, not the preset
+
+    run_id = rescore(model="ddpm-mnist")
     run = client.get_run(run_id)
     tags = client.get_model_version("ddpm-mnist", champion).tags
     assert (tags["eval.num_samples"], tags["eval.rescored_by"], run.data.tags["rescore.of"]) == (
         "100", run_id, f"ddpm-mnist/{champion}")
-    assert json.loads(tags["eval.previous"])["eval.fid"] == before["eval.fid"] and before["eval.num_samples"] == "200"
+    assert json.loads(tags["eval.history.0001"])["eval.fid"] == before["eval.fid"] and before["eval.num_samples"] == "200"
     assert float(tags["eval.fid"]) == run.data.metrics["fid"] and run.info.status == "FINISHED"
     samples = {p for p in _artifact_paths(client, run_id) if p.startswith("samples/")}
     assert samples == {"samples/ddim5.safetensors", "samples/ddim5.png"}  # the primary setting only
     assert len(load_file(client.download_artifacts(run_id, "samples/ddim5.safetensors"))["images"]) == 100
+    assert run.data.params["data.source"] == os.environ["DIFFUSION_DATA_SOURCE"]  # the worker's data, not a record's
 
-    next_run = client.get_run(train_eval(preset="smoke", overrides={**FAST, **new_protocol}, num_samples=16))
+    next_run = client.get_run(train_eval(preset="smoke", overrides=FAST, num_samples=16))
     assert next_run.data.tags["champion.previous_version"] == champion
     assert "scored differently" not in next_run.data.tags["champion.reason"]
+    rescore(model="ddpm-mnist")
+    assert "eval.history.0002" in client.get_model_version("ddpm-mnist", champion).tags  # full history, not one level
+
+
+def test_the_config_in_mlflow_is_a_record_never_an_input(pipeline, tmp_path):
+    """Whoever can write to the tracking server rewrites a running run's config.json (other data, other
+    sample counts): the run goes on with the config it was submitted with."""
+    import threading
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("diffusion-mnist").experiment_id
+    known = {r.info.run_id for r in client.search_runs([experiment])}
+    result: dict = {}
+    flow_thread = threading.Thread(target=lambda: result.update(
+        run_id=train_eval(preset="smoke", overrides={**FAST, "train.steps": 40}, num_samples=16)))
+    flow_thread.start()
+    tampered = load_config("smoke", {**FAST, "sample.num_samples": 5, "evaluation.num_samples": 11,
+                                     "data.source": str(tmp_path / "elsewhere"), "data.data_dir": str(tmp_path)})
+    deadline = time.monotonic() + 300
+    while True:
+        new = [r for r in client.search_runs([experiment]) if r.info.run_id not in known]
+        if new and "config.json" in {a.path for a in client.list_artifacts(new[0].info.run_id)}:
+            break
+        assert flow_thread.is_alive() and time.monotonic() < deadline, "the run never logged its config"
+        time.sleep(0.2)
+    (run,) = new
+    client.log_artifact(run.info.run_id, str(write_resolved_config(tampered, tmp_path)))
+    flow_thread.join(timeout=600)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    stored = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path / "dl"))).read_text())
+    assert stored["evaluation"]["num_samples"] == 11  # the record was rewritten …
+    params = run.data.params
+    assert config_sha256(load_config(str(tmp_path / "dl" / "config.json"))) != params["config_sha256"]
+    primary, ddpm = (load_file(client.download_artifacts(run.info.run_id, f"samples/{tag}.safetensors"))["images"]
+                     for tag in ("ddim5", "ddpm20"))
+    assert (len(primary), len(ddpm)) == (int(params["evaluation.num_samples"]), 16)  # … and ignored
+    assert not any((tmp_path / name).exists() for name in ("elsewhere", "mnist.safetensors"))
 
 
 def test_class_conditional_model_is_swept_evaluated_and_registered_apart(pipeline):
@@ -237,10 +316,13 @@ def test_a_run_may_not_point_the_worker_at_other_data(pipeline, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_failed_training_fails_the_flow_with_the_log_tail(pipeline):
-    # valid config, but the training process refuses it: a batch larger than the training set
+def test_failed_training_fails_the_flow_with_the_log_tail(pipeline, tmp_path, monkeypatch):
+    # a valid config from the worker's own preset folder, but the training process refuses it: a batch larger
+    # than the training set (no deployment parameter may ask for such a batch)
+    (tmp_path / "huge-batch.toml").write_text('extends = "smoke"\n[train]\nbatch_size = 70000\n')
+    monkeypatch.setenv(PRESET_DIR_ENV, str(tmp_path))
     with pytest.raises(TrainingFailed, match="exceeds the 60000 training examples"):
-        train_eval(preset="smoke", overrides={**FAST, "train.batch_size": 70000})
+        train_eval(preset="huge-batch.toml", overrides=FAST)
     client = MlflowClient()
     experiment = client.get_experiment_by_name("diffusion-mnist")
     (latest,) = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
@@ -268,7 +350,8 @@ def test_terminating_the_train_flow_ends_every_training_process(pipeline, tmp_pa
     client.log_artifact(run_id, str(write_resolved_config(config, tmp_path)))
     work = tmp_path / "work"
     flow_process = subprocess.Popen(
-        [sys.executable, "-c", f"from flows.train import train_model; train_model({run_id!r}, {str(work)!r})"],
+        [sys.executable, "-c", "from flows.train import train_model; from diffusion_core import load_config; "
+         f"train_model({run_id!r}, {str(work)!r}, load_config({str(tmp_path / 'config.json')!r}).to_dict())"],
         cwd=REPO, env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
     try:
         deadline = time.monotonic() + 180
@@ -344,7 +427,7 @@ def test_two_decisions_at_once_leave_the_better_model_champion(pipeline, tmp_pat
                 "dataset_sha256": "f" * 64}
     versions = {who: str(client.create_model_version(name, source=str(tmp_path)).version)
                 for who in ("old", "worse", "better")}
-    select_champion(client, name, versions["old"], Score(10.0, protocol, 0.1))
+    select_champion(client, name, versions["old"], Score(10.0, protocol, 0.1), DEFAULT_RULE)
     fids = {"worse": 8.0, "better": 5.0}
 
     real_read = registry.current_champion
@@ -360,7 +443,7 @@ def test_two_decisions_at_once_leave_the_better_model_champion(pipeline, tmp_pat
 
     def decide(who: str) -> None:
         try:
-            select_champion(MlflowClient(), name, versions[who], Score(fids[who], protocol, 0.1))
+            select_champion(MlflowClient(), name, versions[who], Score(fids[who], protocol, 0.1), DEFAULT_RULE)
         except Exception as exc:  # reported below
             errors.append(exc)
 
@@ -372,3 +455,63 @@ def test_two_decisions_at_once_leave_the_better_model_champion(pipeline, tmp_pat
         thread.join(timeout=120)
     assert not errors
     assert str(client.get_registered_model(name).aliases[CHAMPION]) == versions["better"]
+    # the lock's own evidence: the second decision compared against the first one's result, not the old champion
+    second = "better" if slow == "worse" else "worse"
+    assert client.get_model_version(name, versions[second]).tags["champion.previous_version"] == versions[slow]
+
+
+@pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
+def test_two_candidates_closer_than_the_margin_the_first_to_clear_it_wins(pipeline, tmp_path, order):
+    """What the rule promises for several candidates: champion C (10.0); A (8.0, the best) and B (8.5) both
+    clear the margin (2·√(0.3² + 0.3²) = 0.849) over C, but are within it of each other. Whichever decides
+    first is promoted and the other is then kept: the order decides, and the champion ends within one
+    margin of the best candidate, never worse than C."""
+    client = MlflowClient()
+    name = f"ddpm-order-{''.join(order)}"
+    client.create_registered_model(name)
+    protocol = {"extractor_id": "lenet-mnist-abc", "num_samples": "1000", "sampler": "ddim50-eta0-linear",
+                "dataset_sha256": "f" * 64}
+    fids = {"c": 10.0, "a": 8.0, "b": 8.5}
+    versions = {}
+    for who in ("c", *order):
+        versions[who] = str(client.create_model_version(name, source=str(tmp_path)).version)
+        select_champion(client, name, versions[who], Score(fids[who], protocol, 0.3), DEFAULT_RULE)
+    champion = str(client.get_registered_model(name).aliases[CHAMPION])
+    assert champion == versions[order[0]]
+    margin = DEFAULT_RULE.margin(Score(fids["a"], protocol, 0.3), Score(fids["b"], protocol, 0.3))
+    assert fids[order[0]] - min(fids.values()) <= margin < fids["c"] - fids[order[0]]
+
+
+def test_a_failed_lease_renewal_does_not_cut_a_decision_in_half(pipeline, tmp_path, monkeypatch):
+    """The lock's lease is renewed in the background. If renewals fail (the Prefect API unreachable) while
+    a decision is being written, the decision still completes: tags and alias, never one without the other."""
+    import httpx
+    import prefect.concurrency._leases as leases
+    from prefect.client.orchestration import SyncPrefectClient
+
+    import flows.registry as registry
+
+    monkeypatch.setattr(leases, "_RENEWAL_FRACTION", 0.005)  # renew every 1.5 s of the 300 s lease
+    monkeypatch.setattr(leases, "_RENEWAL_RETRY_BASE_DELAY", 0.1)
+    client = MlflowClient()
+    name = "ddpm-lease"
+    client.create_registered_model(name)
+    protocol = {"extractor_id": "lenet-mnist-abc", "num_samples": "1000", "sampler": "ddim50-eta0-linear",
+                "dataset_sha256": "f" * 64}
+    old, new = (str(client.create_model_version(name, source=str(tmp_path)).version) for _ in range(2))
+    select_champion(client, name, old, Score(10.0, protocol, 0.1), DEFAULT_RULE)
+    real_read = registry.current_champion
+
+    def unreachable(*args, **kwargs):
+        raise httpx.ConnectError("Prefect API unreachable")
+
+    def read_then_lose_the_api(*args):
+        found = real_read(*args)
+        monkeypatch.setattr(SyncPrefectClient, "renew_concurrency_lease", unreachable)
+        time.sleep(8)  # several renewals fail, with their retries, while the decision holds the lock
+        return found
+
+    monkeypatch.setattr(registry, "current_champion", read_then_lose_the_api)
+    decision = select_champion(client, name, new, Score(5.0, protocol, 0.1), DEFAULT_RULE)
+    assert decision.promoted and str(client.get_registered_model(name).aliases[CHAMPION]) == new
+    assert client.get_model_version(name, new).tags["champion.decision"] == "promoted"
