@@ -60,11 +60,13 @@ class SamplerSetting:
 
     @property
     def protocol(self) -> str:
-        """Everything that changes the samples' distribution, e.g. `ddim50-eta0-linear`."""
+        """Everything that changes the samples' distribution, e.g. `ddim50-eta0-linear`; a conditional
+        model's ends in the class mix of its labels, `-testmix` (the reference split's)."""
         s = self.settings
+        labels = f"-{REFERENCE_SPLIT}mix" if self.conditional else ""
         if s.sampler == "ddim":
-            return f"{self.tag}-eta{s.eta:g}-{s.spacing}"
-        return f"{self.tag}-{s.spacing}"
+            return f"{self.tag}-eta{s.eta:g}-{s.spacing}{labels}"
+        return f"{self.tag}-{s.spacing}{labels}"
 
 
 def _setting(config: Config, **changes) -> SamplerSetting:

@@ -168,7 +168,7 @@ def test_class_conditional_model_is_swept_evaluated_and_registered_apart(pipelin
     version = run.data.tags["model_version"]
     tags = client.get_model_version("ddpm-mnist-cond", version).tags  # its own registered model and champion
     assert (tags["num_classes"], tags["guidance"], tags["label_dropout"]) == ("10", "2.0", "0.1")
-    assert tags["eval.sampler"] == "ddim5_w2-eta0-linear" and tags["champion.decision"] == "promoted"
+    assert tags["eval.sampler"] == "ddim5_w2-eta0-linear-testmix" and tags["champion.decision"] == "promoted"
     model = load_registered_model("models:/ddpm-mnist-cond@champion")
     assert model.config.conditional
 
