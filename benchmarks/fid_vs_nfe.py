@@ -74,7 +74,7 @@ def main() -> None:
                   f"| {'' if per_image is None else f'{per_image:.3f}'} |")
     if args.out_json:
         save_metrics(args.out_json, metrics)
-    if args.plot and plot_fid_vs_nfe(metrics, "lenet", args.plot):
+    if args.plot and plot_fid_vs_nfe(metrics, "lenet", args.plot, metrics["num_samples"]):
         print(f"plot: {args.plot}")
 
 

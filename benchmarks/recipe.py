@@ -87,7 +87,7 @@ ARMS: dict[str, tuple[str, dict]] = {
                   "on CPUs with AMX or AVX512-BF16, where the same images take less time",
                   {**RECIPE_FAST, "train.bf16": True}),
     "recipe-cond": ("the mnist-cpu-cond preset (the default): recipe-fast with class labels (label dropout 0.1), "
-                    "scored with balanced classes and no guidance", {**RECIPE_FAST, **RECIPE_COND}),
+                    "scored with the test split's class mix and no guidance", {**RECIPE_FAST, **RECIPE_COND}),
     "fast-net": ("cosine-lr + one residual block per level and no attention at 7×7 (middle block keeps its own)",
                  {"train.lr_decay": "cosine", "model.num_res_blocks": 1, "model.attention_levels": []}),
 }
@@ -177,7 +177,8 @@ def score_name(sampler: str, steps: int) -> str:
 
 def score(model_dir: Path, args, floors: dict, guidance: float | None = None) -> dict:
     """The arm's metrics at sampling seeds 0 and 1, with FID's seed spread and the floor at this N; a
-    class-conditional arm's samples have balanced classes, drawn with guidance weight `guidance`."""
+    class-conditional arm's samples are drawn for the test split's class mix (evaluate(): protocol.scoring_labels)
+    at guidance weight `guidance`."""
     loaded = load_model(model_dir)
     spacing = default_spacing(args.sampler)
     tag = sampler_tag(args.sampler, args.steps, guidance)

@@ -92,8 +92,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def _class_request(args: argparse.Namespace, config, num_samples: int) -> torch.Tensor | None:
     """Per-sample class labels (None: unconditional). A conditional model draws every class equally often
-    unless told otherwise, as the pipeline and `diffusion evaluate` do; `--class none` asks it for its
-    unconditional mode ε̂(x, ∅) instead. `--class 1,3` gives N/2 ones, then N/2 threes."""
+    unless told otherwise (pictures; scores use the reference split's class mix, see
+    evaluation.protocol.scoring_labels); `--class none` asks it for its unconditional mode ε̂(x, ∅)
+    instead. `--class 1,3` gives N/2 ones, then N/2 threes."""
     if not config.conditional:
         if args.classes is not None:
             raise ConfigError("this model is unconditional (trained without classes), so --class cannot be used; "

@@ -83,7 +83,8 @@ def guided(model, class_labels: torch.Tensor, guidance: float) -> EpsModel:
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
-    """0, 1, …, K−1, 0, 1, …: every class equally often (up to one), for evaluation sets."""
+    """0, 1, …, K−1, 0, 1, …: every class equally often (up to one), for pictures (`diffusion sample`);
+    scored samples follow the reference split's class mix instead (evaluation.protocol.scoring_labels)."""
     return torch.arange(num_samples) % num_classes
 
 

@@ -11,7 +11,9 @@ num_samples, dataset_sha256, reference split, the primary protocol) becomes `eva
 result is also kept as the artifact `evaluation.json`. Sample tensors that carry `labels` (class-
 conditional models) also get class_consistency and per-class FIDs, and the guidance sweep is plotted as
 `guidance_sweep.png`; FID against network evaluations (DDPM, and DDIM / DPM-Solver++ at
-`sample.nfe_sweep`) as `fid_vs_nfe.png`.
+`sample.nfe_sweep`) as `fid_vs_nfe.png`. The primary setting's N (`evaluation.num_samples`) differs from
+the others' (`sample.num_samples`), and FID's bias with it, so the plots draw it as a point of its own,
+each line and point labelled with its N.
 """
 
 from __future__ import annotations
@@ -56,14 +58,16 @@ def evaluate_samples(run_id: str, config: dict[str, Any], extractor: str = "lene
     config = config_from_dict(config)
     primary = primary_setting(config)
     metrics: dict[str, float] = {}
+    sizes: dict[str, int] = {}  # images per tag: the plots never join points of different N
     context: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(client.download_artifacts(run_id, SAMPLES_ARTIFACT, tmp))
         for tensor_file in sorted(folder.glob("*.safetensors")):
             tag = tensor_file.stem
             tensors = load_file(str(tensor_file))
+            sizes[tag] = len(tensors["images"])
             result = evaluate(tensors["images"], labels=tensors.get("labels"), data=config.data, extractor=extractor,
-                              tag=tag, device=config.train.device, progress=False,
+                              tag=tag, device=config.train.device, progress=False, seed=primary.settings.seed,
                               bootstrap=config.evaluation.bootstrap if tag == primary.tag else 0)
             metrics.update({k: v for k, v in result.items() if f"_{tag}" in k})
             if tag == primary.tag:
@@ -75,8 +79,8 @@ def evaluate_samples(run_id: str, config: dict[str, Any], extractor: str = "lene
         result_file.write_text(json.dumps({**context, **metrics}, indent=2, sort_keys=True))
         upload_artifacts(client, run_id, result_file)
         primary_tag = sampler_tag(primary.settings.sampler, primary.settings.steps)
-        for png in (plot_guidance_sweep(metrics, extractor, primary_tag, Path(tmp) / GUIDANCE_PLOT),
-                    plot_fid_vs_nfe(metrics, extractor, Path(tmp) / NFE_PLOT, primary.guidance)):
+        for png in (plot_guidance_sweep(metrics, extractor, primary_tag, Path(tmp) / GUIDANCE_PLOT, sizes),
+                    plot_fid_vs_nfe(metrics, extractor, Path(tmp) / NFE_PLOT, sizes, primary.guidance)):
             if png is not None:
                 upload_artifacts(client, run_id, png)
     log_metrics(client, run_id, {**metrics, **headline_metrics(metrics, extractor, primary.tag)})

@@ -4,10 +4,11 @@ and spacing: the primary setting, whose FID decides the champion) and with DDPM 
 The primary setting draws `evaluation.num_samples` images (the evaluation budget, 1,000 in mnist-cpu);
 every other setting draws `sample.num_samples` (the pictures and the side-by-side comparisons). The
 other sampling settings are the run's `sample.*` config (steps, eta, spacing, batch_size, clip_x0,
-seed). A class-conditional model is sampled with balanced class labels (0…K−1 in turn) at the config's
-guidance weight, and with the primary sampler also at every weight of `sample.guidance_sweep`. With
-`sample.nfe_sweep` set, DDIM and DPM-Solver++(2M) (ODE and SDE) also run at each of those step counts
-(FID against network evaluations). Per setting, tagged like the evaluation keys (`ddpm1000`, `ddim50`,
+seed). A class-conditional model is sampled for labels in the class mix of the split FID is computed
+against (diffusion_core.evaluation.protocol.scoring_labels) at the config's guidance weight, and with
+the primary sampler also at every weight of `sample.guidance_sweep`. With `sample.nfe_sweep` set, DDIM
+and DPM-Solver++(2M) (ODE and SDE) also run at each of those step counts (FID against network
+evaluations). Per setting, tagged like the evaluation keys (`ddpm1000`, `ddim50`,
 conditional `ddim50_w3`), the run gets `samples/<tag>.safetensors` (all images, uint8 [N, C, H, W], and
 their `labels` when conditional), `samples/<tag>.png` (a grid of the first 64; conditional: one row per
 class) and the metric `sampling_images_per_s_<tag>`.
@@ -15,7 +16,6 @@ class) and the metric `sampling_images_per_s_<tag>`.
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,11 +28,11 @@ from prefect import flow, get_run_logger
 from safetensors.torch import save_file
 
 from diffusion_core.config import Config, SampleConfig, config_from_dict
-from diffusion_core.data import get_spec
+from diffusion_core.data import get_spec, prepare_dataset
 from diffusion_core.distributed import DistContext, resolve_device
 from diffusion_core.evaluation.evaluator import sampler_tag
+from diffusion_core.evaluation.protocol import REFERENCE_SPLIT, primary_settings, sampling_settings, scoring_labels
 from diffusion_core.images import grid_by_class, save_grid
-from diffusion_core.guidance import balanced_labels
 from diffusion_core.samplers import generate_batches
 
 from .registry import load_registered_model
@@ -61,25 +61,25 @@ class SamplerSetting:
 
     @property
     def protocol(self) -> str:
-        """Everything that changes the samples' distribution, e.g. `ddim50-eta0-linear`."""
+        """Everything that changes the samples' distribution, e.g. `ddim50-eta0-linear`; a conditional
+        model's ends in the class mix of its labels, `-testmix` (the reference split's)."""
         s = self.settings
+        labels = f"-{REFERENCE_SPLIT}mix" if self.conditional else ""
         if s.sampler == "ddim":
-            return f"{self.tag}-eta{s.eta:g}-{s.spacing}"
-        return f"{self.tag}-{s.spacing}"
+            return f"{self.tag}-eta{s.eta:g}-{s.spacing}{labels}"
+        return f"{self.tag}-{s.spacing}{labels}"
 
 
 def _setting(config: Config, **changes) -> SamplerSetting:
     """The config's sample settings with `changes`; no guidance for an unconditional model."""
-    if not config.conditional:
-        changes["guidance"] = 0.0
-    settings = dataclasses.replace(config.sample, **changes).resolved(config.diffusion.timesteps)
-    return SamplerSetting(settings, config.conditional)
+    return SamplerSetting(sampling_settings(config, **changes), config.conditional)
 
 
 def primary_setting(config: Config) -> SamplerSetting:
     """The config's own sampler, steps, η and spacing (the preset's choice, from the recipe ablation in
-    the README) with the evaluation budget of images: the setting whose FID decides the champion."""
-    return _setting(config, num_samples=config.evaluation.num_samples)
+    the README) with the evaluation budget of images: the setting whose FID decides the champion, and
+    what `diffusion evaluate --model DIR` scores without flags (both are `primary_settings`)."""
+    return SamplerSetting(primary_settings(config), config.conditional)
 
 
 def sampler_settings(config: Config) -> list[SamplerSetting]:
@@ -109,11 +109,13 @@ def sample_images(run_id: str, model_uri: str, config: dict[str, Any], only_prim
     device = resolve_device(config.train.device, DistContext())
     model = load_registered_model(model_uri, device)
     spec = get_spec(config.data.dataset)
+    prepared = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir) if config.conditional else None
     speeds = {}
     with tempfile.TemporaryDirectory() as tmp:
         for setting in [primary_setting(config)] if only_primary else sampler_settings(config):
             s = setting.settings
-            labels = balanced_labels(s.num_samples, config.model.num_classes) if config.conditional else None
+            labels = None if prepared is None else scoring_labels(prepared, REFERENCE_SPLIT, config.model.num_classes,
+                                                                  s.num_samples, s.seed)
             start = time.perf_counter()
             images = torch.cat(list(generate_batches(
                 model.denoiser, model.denoiser.schedule, (spec.channels, spec.image_size, spec.image_size),

@@ -390,14 +390,49 @@ def test_plots_read_the_metric_keys(tmp_path):
     assert fid_by_nfe(metrics, "lenet") == {"ddim": [(10, 90.0), (50, 60.0)], "ddpm": [(1000, 55.0)],
                                             "dpmpp2m": [(10, 70.0)], "dpmpp2msde": [(20, 50.0)]}
     assert fid_by_nfe(metrics, "lenet", 3.0) == {"ddim": [(10, 1.0)]}
-    assert plot_fid_vs_nfe(metrics, "lenet", tmp_path / "nfe.png").stat().st_size > 1000
-    assert plot_fid_vs_nfe(metrics, "lenet", tmp_path / "none.png", 3.0) is None  # one point is no curve
+    assert plot_fid_vs_nfe(metrics, "lenet", tmp_path / "nfe.png", 64).stat().st_size > 1000
+    assert plot_fid_vs_nfe(metrics, "lenet", tmp_path / "none.png", 64, 3.0) is None  # one point is no curve
 
     guided = {"fid_lenet_ddim50_w0": 60.0, "fid_lenet_ddim50_w3": 80.0, "class_consistency_lenet_ddim50_w3": 0.9,
               "class_consistency_lenet_ddim50_w0": 0.7, "fid_lenet_ddim50_w3_class1": 3.0}
     assert guidance_sweep(guided, "lenet", "ddim50") == [(0.0, {"fid": 60.0, "class_consistency": 0.7}),
                                                          (3.0, {"fid": 80.0, "class_consistency": 0.9})]
-    assert plot_guidance_sweep(guided, "lenet", "ddim50", tmp_path / "sweep.png").is_file()
+    assert plot_guidance_sweep(guided, "lenet", "ddim50", tmp_path / "sweep.png", 64).is_file()
+    with pytest.raises(ValueError, match="no sample count for 'ddim50_w3'"):
+        plot_guidance_sweep(guided, "lenet", "ddim50", tmp_path / "sweep.png", {"ddim50_w0": 64})
+
+
+def _lines_by_size(ax, size_of_point: dict[tuple[float, float], int]) -> list[tuple[str, set[int]]]:
+    """(legend label, the N of every point on it) for each line drawn on `ax`."""
+    return [(line.get_label(), {size_of_point[(float(x), float(y))] for x, y in zip(*line.get_data())})
+            for line in ax.lines]
+
+
+def test_plots_never_join_points_of_different_n():
+    """The pipeline scores its primary setting at evaluation.num_samples and the sweeps at
+    sample.num_samples: FID's bias differs between them, so each N is its own line, named in the legend."""
+    from diffusion_core.evaluation.plots import draw_fid_vs_nfe, draw_guidance_sweep
+
+    nfe = {"fid_lenet_dpmpp2msde50_w0": 7.0, "fid_lenet_dpmpp2msde20_w0": 40.0, "fid_lenet_dpmpp2msde10_w0": 60.0,
+           "fid_lenet_ddim20_w0": 45.0, "fid_lenet_ddim10_w0": 70.0, "fid_lenet_ddim50_w0": 50.0}
+    sizes = {"dpmpp2msde50_w0": 1000, "dpmpp2msde20_w0": 64, "dpmpp2msde10_w0": 64, "ddim20_w0": 64,
+             "ddim10_w0": 64, "ddim50_w0": 1000}
+    size_of_point = {(50.0, 7.0): 1000, (20.0, 40.0): 64, (10.0, 60.0): 64, (20.0, 45.0): 64, (10.0, 70.0): 64,
+                     (50.0, 50.0): 1000}  # (network evaluations, FID) → N, as in `sizes`
+    lines = _lines_by_size(draw_fid_vs_nfe(nfe, "lenet", sizes, 0.0).axes[0], size_of_point)
+    assert sorted((label, tuple(ns)) for label, ns in lines) == [
+        ("DDIM (η = 0), N = 1,000", (1000,)), ("DDIM (η = 0), N = 64", (64,)),
+        ("SDE-DPM-Solver++(2M), N = 1,000", (1000,)), ("SDE-DPM-Solver++(2M), N = 64", (64,))]
+
+    sweep = {"fid_lenet_ddim50_w0": 7.0, "fid_lenet_ddim50_w0.5": 30.0, "fid_lenet_ddim50_w1": 40.0,
+             "class_consistency_lenet_ddim50_w0": 0.97, "class_consistency_lenet_ddim50_w0.5": 0.98,
+             "class_consistency_lenet_ddim50_w1": 0.99}
+    sizes = {"ddim50_w0": 1000, "ddim50_w0.5": 64, "ddim50_w1": 64}
+    fid_axes, consistency_axes = draw_guidance_sweep(sweep, "lenet", "ddim50", sizes).axes
+    assert sorted(_lines_by_size(fid_axes, {(0.0, 7.0): 1000, (0.5, 30.0): 64, (1.0, 40.0): 64})) == [
+        ("all classes, N = 1,000", {1000}), ("all classes, N = 64", {64})]
+    assert sorted(_lines_by_size(consistency_axes, {(0.0, 0.97): 1000, (0.5, 0.98): 64, (1.0, 0.99): 64})) == [
+        ("class consistency, N = 1,000", {1000}), ("class consistency, N = 64", {64})]
 
 
 PLOTS_OFF_THE_MAIN_THREAD = """
@@ -409,7 +444,7 @@ out = Path(sys.argv[1])
 (out / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1 / i}) + "\\n" for i in range(1, 9)))
 def draw():
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
-    plot_fid_vs_nfe({"fid_lenet_ddim10": 9.0, "fid_lenet_ddim20": 7.0}, "lenet", out / "nfe.png")
+    plot_fid_vs_nfe({"fid_lenet_ddim10": 9.0, "fid_lenet_ddim20": 7.0}, "lenet", out / "nfe.png", 64)
 thread = threading.Thread(target=draw)
 thread.start(); thread.join()
 print(json.dumps(sorted(m for m in sys.modules if m == "IPython" or m.startswith("matplotlib.pyplot"))))

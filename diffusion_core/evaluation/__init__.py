@@ -16,8 +16,11 @@ Commands:
   diffusion evaluate-extractor --preset mnist-cpu
       train (or find and verify) the lenet classifier for the preset's dataset and print its accuracy;
       add `--copy-to diffusion_core/evaluation/pretrained` to refresh the shipped weights.
-  diffusion evaluate --model runs/mnist-cpu --sampler ddim --steps 50 -n 1000 --out metrics.json
-      sample N images, score them against the test split, print a table, write flat JSON.
+  diffusion evaluate --model runs/mnist-cpu --out metrics.json
+      score the model exactly as the pipeline scores its champion (protocol.primary_settings: the
+      config's sampler, steps, η, spacing, seed and evaluation.num_samples images, FID's bootstrap,
+      a conditional model's labels in the test split's class mix) against the test split, print a
+      table, write flat JSON. Flags change one thing each: --sampler ddim --steps 50 -n 500 …
   diffusion evaluate --model runs/mnist-cpu --floors     (or without --model: floors only)
       also score N real train images (best reachable at this N) and N noise images (worst).
 The data source/folder come from the model's config, overridden by $DIFFUSION_DATA_SOURCE /

@@ -24,11 +24,11 @@ from ..checkpoint import LoadedModel
 from ..config import ConfigError, DataConfig, SampleConfig
 from ..data import PreparedDataset, prepare_dataset
 from ..distributed import DistContext, resolve_device
-from ..guidance import balanced_labels
 from ..samplers import generate_batches
 from .classifier import class_statistics, predict_probs
 from .extractors import Extractor, resolve_extractor
 from .metrics import compute_metrics
+from .protocol import REFERENCE_SPLIT, scoring_labels
 from .reference import ReferenceSet, reference_set
 
 TABLE_COLUMNS = ("fid", "fid_std", "kid", "precision", "recall", "confident_fraction", "class_entropy", "class_consistency")
@@ -113,7 +113,7 @@ def _generate(loaded: LoadedModel, settings: SampleConfig, image_shape: tuple[in
 def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = None, extractor: str = "lenet",
              num_samples: int = 1000, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
              spacing: str | None = None, clip_x0: bool = True, seed: int = 0, batch_size: int = 256,
-             device: torch.device | str = "auto", split: str = "test", inception_weights: str | Path | None = None,
+             device: torch.device | str = "auto", split: str = REFERENCE_SPLIT, inception_weights: str | Path | None = None,
              tag: str = "samples", labels: torch.Tensor | None = None, guidance: float | None = None,
              bootstrap: int = 0, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Metrics of a model's samples (or of given uint8 images [N, C, H, W]) against the real `split`.
@@ -125,8 +125,9 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
     sampling. With `bootstrap` > 0, FID's standard error `fid_std` from that many resamples of the
     generated features. With `out`, the dict is also saved as JSON (atomically).
 
-    Class-conditional: a conditional model is sampled with balanced class labels (0, 1, …, K−1, 0, …)
-    and guidance weight `guidance` (default: its config's sample.guidance), and the tag gets `_w<w>`;
+    Class-conditional: a conditional model is sampled for labels in the class mix of the real `split`
+    (protocol.scoring_labels, seeded by `seed`) at guidance weight `guidance` (default: its config's
+    sample.guidance), and the tag gets `_w<w>`;
     for a tensor, `labels` [N] names the class each image was drawn for. Either way the result also
     holds class_consistency and per-class FIDs (see _score).
     """
@@ -144,8 +145,6 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
             raise ConfigError(f"steps={settings.steps} exceeds the model's {schedule.timesteps} timesteps")
         data = data or source.config.data
         tag = sampler_tag(sampler, settings.steps, guidance)
-        if source.config.conditional:
-            labels = balanced_labels(num_samples, source.config.model.num_classes)
     elif isinstance(source, torch.Tensor):
         if data is None:
             raise ConfigError("evaluating a tensor of images needs data= (the dataset to compare with)")
@@ -162,6 +161,8 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
                          f"got {source.dtype} {tuple(source.shape)}")
     result = {**_context(setup, num_samples), "reference_split": split}
     if isinstance(source, LoadedModel):
+        if source.config.conditional:
+            labels = scoring_labels(setup.prepared, split, source.config.model.num_classes, num_samples, seed)
         images, images_per_s = _generate(source, settings, image_shape, device, progress, labels)
         result.update(sampler=sampler, steps=settings.steps, eta=eta, spacing=settings.spacing, seed=seed,
                       sampling_images_per_s=images_per_s)
@@ -176,7 +177,7 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
     return result
 
 
-def compute_floors(data: DataConfig, *, extractor: str = "lenet", num_samples: int = 1000, split: str = "test",
+def compute_floors(data: DataConfig, *, extractor: str = "lenet", num_samples: int = 1000, split: str = REFERENCE_SPLIT,
                    seed: int = 0, batch_size: int = 256, device: torch.device | str = "auto",
                    inception_weights: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """The metrics of N random real train images (tag `train`: the best reachable at this N) and of N
