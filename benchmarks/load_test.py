@@ -6,7 +6,8 @@
 Brings the stack up in a fresh state folder on free loopback ports with STACK_DB=<backend> (the MLflow
 and Prefect servers on SQLite files or on the stack's PostgreSQL), submits `--runs` runs of
 `train-eval/adhoc` with `preset=smoke` (cheaper: see PARAMETERS) in one burst (concurrent API calls), waits for every run to end
-or for `--timeout` seconds, then stops the stack and kills whatever its processes left. The dataset
+or for `--timeout` seconds, then stops the stack (runs still running end with it) and kills whatever its
+processes left. The dataset
 comes from $DIFFUSION_DATA_SOURCE (a folder of the MNIST raw files).
 
 Prints and writes `<out>/<backend>.json`: runs submitted, how many ended in each state, each run's
@@ -84,8 +85,8 @@ def process_table() -> dict[int, tuple[int, int]]:
 
 
 def kill_below(leader: int) -> int:
-    """SIGKILL every process group below the group `leader` leads, but not that one: the sessions that
-    flow runs still running start for themselves, which `stack.sh down` does not reach. How many."""
+    """SIGKILL every process group below the group `leader` leads, but not that one: any session that a
+    flow run still running started for itself, which `stack.sh down` would not reach. How many."""
     table = process_table()
     children: dict[int, list[int]] = {}
     for pid, (parent, _) in table.items():
