@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local stack on 127.0.0.1: an S3 endpoint that keeps its data (infra/s3_server.py), the MLflow
-# tracking server (SQLite, artifacts proxied to S3), the Prefect server (SQLite) and the process that
-# serves the train-eval deployments (flows/deploy.py).
+# tracking server (artifacts proxied to S3), the Prefect server and the process that serves the
+# train-eval deployments (flows/deploy.py). The two servers keep their data in SQLite files, or with
+# STACK_DB=postgres in a PostgreSQL server that the stack runs too (Debian's postgresql package).
 #
 #   infra/stack.sh up        start what is not running, wait until each is healthy
 #   infra/stack.sh down      stop everything (process groups: TERM, then KILL after a grace period)
@@ -29,7 +30,23 @@ BUCKET="${DIFFUSION_S3_BUCKET:-diffusion}"
 ARTIFACTS_DESTINATION="${MLFLOW_ARTIFACTS_DESTINATION:-s3://$BUCKET/mlflow}"
 TIMEOUT="${STACK_TIMEOUT:-180}"
 PYTHON="${PYTHON:-python3}"  # the environment with the project installed (pip install -e .)
-SERVICES=(s3 mlflow prefect serve)  # start order; stopped in reverse
+DB="${STACK_DB:-sqlite}"  # where the MLflow and Prefect servers keep their data: sqlite | postgres
+case "$DB" in
+  sqlite) SERVICES=(s3 mlflow prefect serve) ;;  # start order; stopped in reverse
+  postgres) SERVICES=(postgres s3 mlflow prefect serve) ;;
+  *) echo "STACK_DB=$DB: expected sqlite (the default) or postgres" >&2; exit 2 ;;
+esac
+ALL_SERVICES=(postgres s3 mlflow prefect serve)  # what `down` stops, whatever STACK_DB says now
+
+# PostgreSQL (STACK_DB=postgres): one server on 127.0.0.1 with a database for each of MLflow and Prefect,
+# owned by one role whose password only reaches the processes that connect (PGPASSWORD, never a command
+# line or a URL). Its data lives in $STACK_DIR/postgres; the server runs as an unprivileged user.
+PG_PORT="${STACK_POSTGRES_PORT:-5432}"
+PG_USER="${STACK_POSTGRES_USER:-stack}"
+PG_PASSWORD="${STACK_POSTGRES_PASSWORD:-stack-local-secret}"
+PG_OS_USER="${STACK_POSTGRES_OS_USER:-postgres}"  # the server's user when this script runs as root
+PG_DATA="$STACK_DIR/postgres"
+PG_DATABASES=(mlflow prefect)
 
 # The S3 credentials go only to the processes that use them (see command_of); every service starts
 # without them, whatever this shell or the settings file exported.
@@ -42,6 +59,8 @@ export MLFLOW_S3_ENDPOINT_URL="http://$HOST:$S3_PORT"
 export MLFLOW_TRACKING_URI="http://$HOST:$MLFLOW_PORT"
 export PREFECT_API_URL="http://$HOST:$PREFECT_PORT/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
+NO_SECRETS+=(-u PGPASSWORD -u STACK_POSTGRES_PASSWORD)
+PG_CREDENTIALS=("PGPASSWORD=$PG_PASSWORD")
 
 client_env() {
   cat <<EOF
@@ -51,19 +70,51 @@ export MLFLOW_S3_ENDPOINT_URL=$MLFLOW_S3_ENDPOINT_URL
 EOF
 }
 
+# The directory of PostgreSQL's server binaries: $STACK_POSTGRES_BIN, else pg_config's, else the newest
+# Debian install (/usr/lib/postgresql/<version>/bin), else wherever `postgres` is on the PATH.
+postgres_bin() {
+  local dir
+  for dir in "${STACK_POSTGRES_BIN:-}" "$(pg_config --bindir 2>/dev/null)" \
+             "$(find /usr/lib/postgresql -maxdepth 2 -name bin 2>/dev/null | sort -V | tail -n 1)" \
+             "$(dirname "$(command -v postgres 2>/dev/null || echo .)")"; do
+    [[ -n "$dir" && -x "$dir/postgres" && -x "$dir/initdb" ]] && { echo "$dir"; return 0; }
+  done
+  return 1
+}
+
+# The prefix that runs a command as the PostgreSQL server's user: none (this script's own user), or
+# setpriv to $PG_OS_USER when this script runs as root (PostgreSQL refuses to run as root).
+AS_PG_USER=()
+((EUID == 0)) && AS_PG_USER=(setpriv "--reuid=$PG_OS_USER" "--regid=$PG_OS_USER" --init-groups --)
+
+# The MLflow and Prefect servers' databases: SQLite files in $STACK_DIR, or the stack's PostgreSQL (the
+# password reaches them as PGPASSWORD, which libpq and asyncpg read).
+if [[ "$DB" == postgres ]]; then
+  PG_BIN="$(postgres_bin || true)"
+  MLFLOW_STORE="postgresql+psycopg2://$PG_USER@$HOST:$PG_PORT/mlflow"
+  PREFECT_DB=("${PG_CREDENTIALS[@]}" "PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://$PG_USER@$HOST:$PG_PORT/prefect")
+else
+  MLFLOW_STORE="sqlite:///$STACK_DIR/mlflow.db"
+  PG_CREDENTIALS=()
+  PREFECT_DB=()
+fi
+
 # The command that runs a service in the foreground (from the repository), into the array CMD. Only
 # the MLflow server (it proxies artifacts to S3) gets the S3 credentials, and the serve process only
-# when the dataset itself is on S3 (DIFFUSION_DATA_SOURCE=s3://…: its runs download it).
+# when the dataset itself is on S3 (DIFFUSION_DATA_SOURCE=s3://…: its runs download it). Only the
+# MLflow and Prefect servers get the PostgreSQL password.
 command_of() {
   local serve_credentials=()
   [[ "${DIFFUSION_DATA_SOURCE:-}" == s3://* ]] && serve_credentials=("${S3_CREDENTIALS[@]}")
   case "$1" in
+    postgres) CMD=("${AS_PG_USER[@]}" env "${NO_SECRETS[@]}" "$PG_BIN/postgres" -D "$PG_DATA" -p "$PG_PORT" -c "listen_addresses=$HOST"
+                   -c unix_socket_directories=) ;;
     s3) CMD=(env "${NO_SECRETS[@]}" "$PYTHON" infra/s3_server.py --host "$HOST" --port "$S3_PORT"
              --state-dir "$STACK_DIR/s3" --bucket "$BUCKET") ;;
-    mlflow) CMD=(env "${NO_SECRETS[@]}" "${S3_CREDENTIALS[@]}" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
-                 "$PYTHON" -m mlflow server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 --backend-store-uri "sqlite:///$STACK_DIR/mlflow.db"
+    mlflow) CMD=(env "${NO_SECRETS[@]}" "${S3_CREDENTIALS[@]}" "${PG_CREDENTIALS[@]}" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+                 "$PYTHON" -m mlflow server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 --backend-store-uri "$MLFLOW_STORE"
                  --artifacts-destination "$ARTIFACTS_DESTINATION") ;;
-    prefect) CMD=(env "${NO_SECRETS[@]}" "PREFECT_HOME=$STACK_DIR/prefect" "$PYTHON" -m prefect server start
+    prefect) CMD=(env "${NO_SECRETS[@]}" "${PREFECT_DB[@]}" "PREFECT_HOME=$STACK_DIR/prefect" "$PYTHON" -m prefect server start
                   --host "$HOST" --port "$PREFECT_PORT") ;;
     serve) CMD=(env "${NO_SECRETS[@]}" "${serve_credentials[@]}"
                 "DIFFUSION_RUNS_DIR=${DIFFUSION_RUNS_DIR:-$STACK_DIR/runs}" "DIFFUSION_DATA_DIR=${DIFFUSION_DATA_DIR:-$STACK_DIR/data}" "$PYTHON" -m flows.deploy) ;;
@@ -73,6 +124,7 @@ command_of() {
 # Exit 0 when the service answers as healthy.
 healthy() {
   case "$1" in
+    postgres) "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" ;;
     s3) curl -sf -o /dev/null -I "http://$HOST:$S3_PORT/$BUCKET" ;;  # the bucket exists (after the restore)
     mlflow) curl -sf -o /dev/null "http://$HOST:$MLFLOW_PORT/health" ;;
     prefect) curl -sf "http://$HOST:$PREFECT_PORT/api/health" | grep -q true ;;
@@ -82,6 +134,33 @@ healthy() {
 
 pid_file() { echo "$STACK_DIR/pids/$1.pid"; }
 
+# A new PostgreSQL cluster in $PG_DATA (owned by the server's user), its superuser $PG_USER with the
+# password, which reaches initdb through a pipe (no file, no command line). Once only.
+init_postgres() {
+  [[ -f "$PG_DATA/PG_VERSION" ]] && return 0
+  mkdir -p "$PG_DATA"
+  ((EUID == 0)) && chown "$PG_OS_USER:" "$PG_DATA"
+  chmod 700 "$PG_DATA"
+  echo "postgres: initdb $PG_DATA (log $STACK_DIR/logs/postgres.log)"
+  PGPASSWORD="$PG_PASSWORD" "${AS_PG_USER[@]}" env -u STACK_POSTGRES_PASSWORD sh -c \
+    'printf "%s\n" "$PGPASSWORD" | exec "$1/initdb" -D "$2" -U "$3" --pwfile=/dev/stdin --auth=scram-sha-256 -E UTF8 --no-locale' \
+    initdb "$PG_BIN" "$PG_DATA" "$PG_USER" >>"$STACK_DIR/logs/postgres.log" 2>&1 \
+    || { echo "postgres: initdb failed; last lines of $STACK_DIR/logs/postgres.log:" >&2
+         tail -n 30 "$STACK_DIR/logs/postgres.log" >&2; return 1; }
+}
+
+# The databases of MLflow and Prefect, created when missing.
+create_databases() {
+  local name
+  for name in "${PG_DATABASES[@]}"; do
+    if [[ -z "$(PGPASSWORD="$PG_PASSWORD" "$PG_BIN/psql" -h "$HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -tAq \
+                -c "SELECT 1 FROM pg_database WHERE datname = '$name'")" ]]; then
+      PGPASSWORD="$PG_PASSWORD" "$PG_BIN/createdb" -h "$HOST" -p "$PG_PORT" -U "$PG_USER" "$name"
+      echo "postgres: database $name created"
+    fi
+  done
+}
+
 running() {
   local pid
   [[ -f "$(pid_file "$1")" ]] && pid="$(cat "$(pid_file "$1")")" && kill -0 "$pid" 2>/dev/null
@@ -89,6 +168,7 @@ running() {
 
 start() {
   local name="$1" log="$STACK_DIR/logs/$1.log"
+  if [[ "$name" == postgres ]]; then init_postgres; fi
   if running "$name"; then
     echo "$name: already running (pid $(cat "$(pid_file "$name")"))"
   else
@@ -147,21 +227,38 @@ status() {
   return $ok
 }
 
-# What the stack needs besides the project: curl for the health checks, moto for the S3 endpoint.
+# What the stack needs besides the project: curl for the health checks, moto for the S3 endpoint; with
+# STACK_DB=postgres, PostgreSQL's server, psycopg2, and a STACK_DIR that the server's user can enter.
 requirements() {
   command -v curl >/dev/null || { echo "infra/stack.sh needs curl (e.g. apt-get install curl)" >&2; return 1; }
   "$PYTHON" -c "import moto.server" 2>/dev/null \
     || { echo "$PYTHON lacks moto[server]: pip install -e '.[stack]'" >&2; return 1; }
+  [[ "$DB" == postgres ]] || return 0
+  [[ -n "$PG_BIN" ]] || { echo "STACK_DB=postgres needs PostgreSQL's server binaries (Debian: apt-get install" \
+                               "postgresql), or STACK_POSTGRES_BIN naming their folder" >&2; return 1; }
+  "$PYTHON" -c "import psycopg2" 2>/dev/null \
+    || { echo "$PYTHON lacks psycopg2 (MLflow's PostgreSQL driver): pip install -e '.[stack,postgres]'" >&2; return 1; }
+  if ((EUID == 0)); then
+    id -u "$PG_OS_USER" >/dev/null 2>&1 && command -v setpriv >/dev/null \
+      || { echo "as root, STACK_DB=postgres runs the server as user $PG_OS_USER (STACK_POSTGRES_OS_USER) with" \
+                "setpriv: that user or setpriv is missing" >&2; return 1; }
+    "${AS_PG_USER[@]}" test -x "$STACK_DIR" \
+      || { echo "the PostgreSQL server runs as $PG_OS_USER, who cannot enter STACK_DIR=$STACK_DIR: give its" \
+                "folders o+x (chmod) or choose another STACK_DIR" >&2; return 1; }
+  fi
 }
 
 mkdir -p "$STACK_DIR/pids" "$STACK_DIR/logs"
 case "${1:-}" in
   up)
     requirements
-    for name in "${SERVICES[@]}"; do start "$name"; done
+    for name in "${SERVICES[@]}"; do
+      start "$name"
+      if [[ "$name" == postgres ]]; then create_databases; fi
+    done
     echo "stack up. Client settings:"; client_env ;;
   down)
-    for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do stop "${SERVICES[i]}"; done ;;
+    for ((i = ${#ALL_SERVICES[@]} - 1; i >= 0; i--)); do stop "${ALL_SERVICES[i]}"; done ;;
   status) status ;;
   env) client_env ;;
   *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
