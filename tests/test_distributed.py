@@ -79,8 +79,9 @@ def test_failing_rank_fails_the_launch_quickly(ddp_config, tmp_path):
 
 SECRETS = {"AWS_ACCESS_KEY_ID": "canary-aws-key-id", "AWS_SECRET_ACCESS_KEY": "canary-aws-secret",
            "AWS_SESSION_TOKEN": "canary-aws-session", "MLFLOW_TRACKING_PASSWORD": "canary-mlflow-password",
-           "MLFLOW_TRACKING_TOKEN": "canary-mlflow-token", "GITHUB_TOKEN": "canary-github", "OPENAI_API_KEY": "canary-api",
-           "DATABASE_PASSWORD": "canary-db", "SIGNING_SECRET": "canary-signing", "UNRELATED_SETTING": "canary-other"}
+           "MLFLOW_TRACKING_TOKEN": "canary-mlflow-token", "GITHUB_TOKEN": "canary-github",
+           "OPENAI_API_KEY": "canary-api", "DATABASE_PASSWORD": "canary-db", "SIGNING_SECRET": "canary-signing",
+           "UNRELATED_SETTING": "canary-other"}
 TRAINING_NEEDS = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "MLFLOW_RUN_ID": "0" * 32,
                   "DIFFUSION_DATA_DIR": "data"}
 PRINT_ENVIRONMENT = "import json, os; print('ENV=' + json.dumps(dict(os.environ)))\n"
