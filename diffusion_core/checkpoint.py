@@ -35,7 +35,8 @@ CONFIG_FILE = "config.json"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, not safetensors, or does not match the config."""
+    """A checkpoint is missing, corrupt, not safetensors, or does not match the config; or the reports
+    (metrics.jsonl) a run resumes with are damaged."""
 
 
 def _state_dict_tensors(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

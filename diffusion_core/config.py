@@ -37,6 +37,9 @@ LR_DECAYS = ("none", "cosine")
 # model) still loads without them; a preset or override that sets one is refused with this pointer.
 RETIRED = {"evaluation.promotion_sigmas": "the registered model's gate (python -m flows.gate set --promotion-sigmas)",
            "evaluation.min_improvement": "the registered model's gate (python -m flows.gate set --min-improvement)"}
+# The fewest images the evaluator scores (evaluation.metrics): precision/recall look for each image's 3 nearest
+# neighbours among the others of its set, so a set needs 4; FID's covariance and KID's unbiased MMD need fewer.
+MIN_SCORED_IMAGES = 4
 
 
 class ConfigError(ValueError):
@@ -224,6 +227,16 @@ class Config:
                f"sample.steps={self.sample.steps} exceeds diffusion.timesteps={self.diffusion.timesteps}")
         _check(p, all(n <= self.diffusion.timesteps for n in self.sample.nfe_sweep),
                f"sample.nfe_sweep={self.sample.nfe_sweep} exceeds diffusion.timesteps={self.diffusion.timesteps}")
+        _check(p, self.sample.num_samples >= MIN_SCORED_IMAGES,
+               f"sample.num_samples={self.sample.num_samples} is too few: the pipeline scores every sampler setting "
+               "but the primary one on sample.num_samples images, and FID, KID and precision/recall need at least "
+               f"{MIN_SCORED_IMAGES}; set sample.num_samples >= {MIN_SCORED_IMAGES} "
+               "(`diffusion sample -n` takes any number)")
+        guided = [w for w in (self.sample.guidance, *self.sample.guidance_sweep) if w > 0] if self.conditional else []
+        _check(p, self.train.label_dropout > 0 or not guided,
+               f"train.label_dropout=0 with guidance weights {guided} in sample.guidance / sample.guidance_sweep: a "
+               "model that never saw the \"no class\" label cannot be guided; set train.label_dropout > 0 (0.1 is "
+               "usual), or sample.guidance=0 and sample.guidance_sweep=[] (or weights of 0 only)")
         _raise_if(p)
 
     @property

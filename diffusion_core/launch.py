@@ -1,6 +1,10 @@
 """Launch training under torchrun: one process per GPU (or N CPU processes with gloo), on one node
 or several (c10d rendezvous), as a subprocess in its own process group so that stopping the caller
 stops every rank.
+
+Ranks get only the environment training needs (rank_environment), never the launcher's credentials:
+the launcher prepares the dataset first (prepare_for_ranks), so ranks read it from data.data_dir and
+never reach the data source's storage.
 """
 
 from __future__ import annotations
@@ -18,9 +22,26 @@ import torch
 
 from .atomic import atomic_write_text
 from .config import Config, ConfigError
+from .data import prepare_dataset
 
 # Environment for every rank (allocator and thread tuning happen in-process: diffusion_core.runtime).
 RANK_ENV = {"PYTHONUNBUFFERED": "1"}
+# What ranks inherit from the launcher: the system (paths, locale, temporary folder, proxies, certificates),
+# Python, the accelerator, collective and math libraries, torch, the project's settings and MLflow's (the
+# tracking URI and run id of the metrics thread: diffusion_core.tracking); nothing else. Names are compared
+# in upper case.
+RANK_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "TEMP", "TMP",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE", "PYTHONPATH", "PYTHONHOME", "PYTHONHASHSEED", "PYTHONWARNINGS", "VIRTUAL_ENV",
+    "LD_LIBRARY_PATH", "DO_NOT_TRACK", "MPLBACKEND", "MPLCONFIGDIR",
+})
+RANK_ENV_PREFIXES = ("LC_", "XDG_", "CUDA_", "NVIDIA_", "NCCL_", "GLOO_", "OMP_", "MKL_", "KMP_", "TORCH",
+                     "PYTORCH_", "TRITON_", "MLFLOW_", "DIFFUSION_")
+# Whatever passes the list above is still withheld when its name marks a secret …
+SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "AUTH")
+# … except the one credential a rank uses: rank 0's metrics thread logs to an authenticated tracking server.
+RANK_CREDENTIALS = frozenset({"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"})
 
 
 def resolve_nproc(nproc_per_node: int | str) -> int:
@@ -60,9 +81,26 @@ def torchrun_command(config_file: Path, run_dir: Path, nproc_per_node: int | str
 
 
 def rank_environment(nproc: int) -> dict[str, str]:
-    env = {**os.environ, **RANK_ENV}
+    """The environment of torchrun and its `nproc` ranks: this process's variables that training needs
+    (RANK_ENV_NAMES, RANK_ENV_PREFIXES) less any secret (SECRET_MARKERS), plus RANK_ENV and a thread count."""
+    env = {name: value for name, value in os.environ.items() if rank_may_see(name)}
+    env.update(RANK_ENV)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return env
+
+
+def rank_may_see(name: str) -> bool:
+    upper = name.upper()
+    if upper in RANK_CREDENTIALS:
+        return True
+    needed = upper in RANK_ENV_NAMES or upper.startswith(RANK_ENV_PREFIXES)
+    return needed and not any(marker in upper for marker in SECRET_MARKERS)
+
+
+def prepare_for_ranks(config: Config) -> None:
+    """Fetch, verify and convert the dataset here, with this process's storage credentials, so that the
+    ranks (which get none) find it prepared in data.data_dir."""
+    prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
 
 
 def write_resolved_config(config: Config, run_dir: Path) -> Path:
@@ -107,8 +145,9 @@ def terminate_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 def launch_training(config: Config, run_dir: Path, nproc_per_node: int | str, *, resume: bool = True,
                     on_line: Callable[[str], None] = print, **multinode) -> int:
-    """Write the resolved config, run torchrun, return its exit code."""
+    """Prepare the dataset, write the resolved config, run torchrun, return its exit code."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_for_ranks(config)
     config_file = write_resolved_config(config, run_dir)
     cmd = torchrun_command(config_file, run_dir, nproc_per_node, resume=resume, **multinode)
     code, _ = run_process_group(cmd, rank_environment(resolve_nproc(nproc_per_node)), on_line)

@@ -8,7 +8,10 @@ goes on, the thread warns once and retries with backoff; reports that do not fit
 its pending list are read back from metrics.jsonl (which train() writes first) when it returns.
 Steps the run already holds in MLflow (reported before a crash, again after the resume) are not
 sent twice. At the end the thread gets `close_timeout_s` to deliver the rest; whatever is still
-unsent is named in a warning and stays in metrics.jsonl. mlflow is imported only when a run id is set.
+unsent is named in a warning and stays in metrics.jsonl. A refusal that retrying cannot change (an
+HTTP 4xx such as a deleted run, a bad value or no permission; not one of RETRIED_CLIENT_ERRORS) ends
+the sending: the thread warns once and stops, training goes on, every report stays in metrics.jsonl.
+mlflow is imported only when a run id is set.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ QUEUE_SIZE = 1000  # reports waiting for the thread
 MAX_PENDING = 10_000  # reports the thread holds while the server is away; beyond, metrics.jsonl is the backlog
 SEND_EVERY_S = 1.0
 MAX_BACKOFF_S = 30.0
+RETRIED_CLIENT_ERRORS = (408, 429, 499)  # HTTP 4xx that mean "later": request timeout, too many requests, cancelled
 log = logging.getLogger(__name__)
 
 
@@ -55,11 +59,14 @@ class AsyncMlflowMetrics:
         self._logged: set[int] | None = None  # steps the run holds in MLflow (read at the first contact)
         self._backlog = False  # some reports were dropped here: read metrics.jsonl again
         self._down_since: float | None = None
+        self._refused = False  # the server refused the reports for good: nothing more is sent
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        if self._refused:
+            return
         try:
             self._queue.put_nowait((step, dict(metrics)))
         except queue.Full:
@@ -69,7 +76,7 @@ class AsyncMlflowMetrics:
         """Give the thread close_timeout_s to deliver what is left; never raises."""
         self._stop.set()
         self._thread.join(self.close_timeout_s)
-        if self._thread.is_alive() or self._pending or self._backlog:
+        if not self._refused and (self._thread.is_alive() or self._pending or self._backlog):
             log.warning("MLflow run %s: %d training report(s) could not be sent; they are kept in %s",
                         self.run_id, len(self._pending) + self._queue.qsize(), self.metrics_file)
 
@@ -82,6 +89,8 @@ class AsyncMlflowMetrics:
                 self._send()
                 backoff = SEND_EVERY_S
             except Exception as exc:  # any failure of the server or the network: keep training, retry later
+                if refused_for_good(exc):
+                    return self._give_up(exc)
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     log.warning("MLflow is unreachable (%s); training goes on, metrics are kept in %s and sent "
@@ -97,9 +106,20 @@ class AsyncMlflowMetrics:
         """After the run ended with the server away: keep trying (every second) until close() gives up."""
         while True:
             time.sleep(SEND_EVERY_S)
-            with contextlib.suppress(Exception):
+            try:
                 self._send()
                 return
+            except Exception as exc:
+                if refused_for_good(exc):
+                    return self._give_up(exc)
+
+    def _give_up(self, exc) -> None:
+        """After a refusal for good (refused_for_good): drop what is pending and say so, once."""
+        self._refused = True
+        self._pending.clear()
+        log.warning("MLflow refused the training reports of run %s (HTTP %d, %s); retrying cannot change that, so "
+                    "no more are sent. Training goes on and every report is kept in %s", self.run_id,
+                    exc.get_http_status_code(), exc, self.metrics_file)
 
     def _drain(self) -> None:
         while True:
@@ -144,6 +164,17 @@ class AsyncMlflowMetrics:
                 row = json.loads(line)
                 rows[row.pop("step")] = row
         return rows
+
+
+def refused_for_good(exc: Exception) -> bool:
+    """True for an MLflow error that retrying cannot change: an HTTP 4xx answer (or a request the client
+    refuses to send), except those in RETRIED_CLIENT_ERRORS. Errors of the network or a 5xx are False."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status not in RETRIED_CLIENT_ERRORS
 
 
 @contextlib.contextmanager

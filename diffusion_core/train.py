@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
-from .checkpoint import build_denoiser, export_model, load_training_checkpoint, save_training_checkpoint
+from .checkpoint import (CheckpointError, build_denoiser, export_model, load_training_checkpoint,
+                         save_training_checkpoint)
 from .config import Config, ConfigError, config_from_dict
 from .data import prepare_dataset
 from .distributed import DistContext, destroy_process_group, init_process_group, resolve_device
@@ -275,12 +276,29 @@ def _save(run_dir: Path, step: int, config: Config, denoiser, ema: EMA, optimize
 
 
 def truncate_metrics(metrics_file: Path, step: int) -> None:
-    """Keep only the reports up to `step` (atomically), so a resumed run writes each step once."""
+    """Keep only the reports up to `step` (atomically), so a resumed run writes each step once.
+
+    A torn last line (a run killed while writing it) is dropped. Any other line that is not a report is
+    a CheckpointError naming the file and line: the run folder was damaged, and resuming would hide it."""
     if not metrics_file.is_file():
         return
-    lines = [line for line in metrics_file.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) < len(lines):
+    text = metrics_file.read_text()
+    lines = text.splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            report = json.loads(line)
+            reported_step = int(report["step"])
+        except (ValueError, TypeError, KeyError) as exc:
+            if number == len(lines):
+                break
+            raise CheckpointError(f"{metrics_file}, line {number}, is not a training report ({exc}): {line[:80]!r}; "
+                                  "repair or delete that line to resume, or use a new run folder") from exc
+        if reported_step <= step:
+            kept.append(line)
+    if len(kept) < len(lines) or not text.endswith("\n"):
         atomic_write_text(metrics_file, "".join(f"{line}\n" for line in kept))
 
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from diffusion_core.config import PRESET_DIR, ConfigError
+from diffusion_core.config import MIN_SCORED_IMAGES, PRESET_DIR, ConfigError
 
 PRESET_DIR_ENV = "DIFFUSION_PRESET_DIR"
 OVERRIDABLE_SECTIONS = ("model", "diffusion", "train", "sample", "evaluation")
@@ -33,9 +33,9 @@ BOUNDS = {
     "train.steps": (1, 1_000_000), "train.batch_size": (1, 1024),
     "diffusion.timesteps": (2, 4000),                     # DDPM sampling runs all T steps
     "model.base_channels": (4, 256), "model.num_res_blocks": (1, 4), "model.attention_heads": (1, 16),
-    "sample.num_samples": (1, 50_000), "sample.batch_size": (1, 4096), "sample.steps": (1, 4000),
+    "sample.num_samples": (MIN_SCORED_IMAGES, 50_000), "sample.batch_size": (1, 4096), "sample.steps": (1, 4000),
     "evaluation.num_samples": (10, 50_000), "evaluation.bootstrap": (0, 10_000),
-    "num_samples": (1, 50_000), "nproc_per_node": (1, os.cpu_count() or 1),
+    "num_samples": (MIN_SCORED_IMAGES, 50_000), "nproc_per_node": (1, os.cpu_count() or 1),
 }
 # List settings that size the work: (most entries, smallest entry, largest entry).
 LIST_BOUNDS = {"model.channel_mults": (5, 1, 8), "model.attention_levels": (5, 0, 4),

@@ -16,8 +16,8 @@ import mlflow
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 
-from diffusion_core.launch import (rank_environment, resolve_nproc, run_process_group, torchrun_command,
-                                   write_resolved_config)
+from diffusion_core.launch import (prepare_for_ranks, rank_environment, resolve_nproc, run_process_group,
+                                   torchrun_command, write_resolved_config)
 from diffusion_core.tracking import RUN_ID_ENV
 from diffusion_core.train import CHECKPOINT
 
@@ -40,7 +40,9 @@ def train_model(run_id: str, work_dir: str, config: dict[str, Any], nproc_per_no
     logger = get_run_logger()
     client = MlflowClient()
     run_dir = Path(work_dir)
-    config_file = write_resolved_config(config_from_dict(config), run_dir)
+    config = config_from_dict(config)
+    prepare_for_ranks(config)  # normally done already (prepare-dataset); the ranks get no storage credentials
+    config_file = write_resolved_config(config, run_dir)
     cmd = torchrun_command(config_file, run_dir, nproc_per_node, log_dir=run_dir / "torchrun")
     env = {**rank_environment(resolve_nproc(nproc_per_node)),
            RUN_ID_ENV: run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}

@@ -1,7 +1,7 @@
 import pytest
 
 from diffusion_core import ConfigError, load_config
-from diffusion_core.config import PRESET_DIR, config_from_dict
+from diffusion_core.config import MIN_SCORED_IMAGES, PRESET_DIR, config_from_dict
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
@@ -40,6 +40,32 @@ def test_override_precedence():
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config("smoke", [override], environ={})
+
+
+@pytest.mark.parametrize("sampling", [
+    {"sample.guidance": 2.0, "sample.guidance_sweep": []},
+    {"sample.guidance": 0.0},  # the default sweep (0, 1, 3, 5), which the pipeline samples
+    {"sample.guidance_sweep": [0.0, 0.5]},
+])
+def test_guidance_without_label_dropout_is_refused(sampling):
+    """A model that never saw the "no class" label has no ε̂(x, ∅) to guide with."""
+    with pytest.raises(ConfigError, match=r"train\.label_dropout=0 .*sample\.guidance / sample\.guidance_sweep") as err:
+        load_config("smoke", {"model.num_classes": 10, "train.label_dropout": 0.0, **sampling}, environ={})
+    assert "set train.label_dropout > 0" in str(err.value) and "sample.guidance_sweep=[]" in str(err.value)
+
+
+def test_label_dropout_0_is_fine_without_guidance():
+    unguided = load_config("smoke", {"model.num_classes": 10, "train.label_dropout": 0.0,
+                                     "sample.guidance_sweep": [0.0]}, environ={})
+    unconditional = load_config("smoke", {"train.label_dropout": 0.0}, environ={})  # no sweep is sampled
+    assert unguided.train.label_dropout == unconditional.train.label_dropout == 0.0
+
+
+@pytest.mark.parametrize("num_samples", [1, MIN_SCORED_IMAGES - 1])
+def test_too_few_samples_to_score_are_refused(num_samples):
+    with pytest.raises(ConfigError, match=rf"sample\.num_samples={num_samples} .* at least {MIN_SCORED_IMAGES}"):
+        load_config("smoke", {"sample.num_samples": num_samples}, environ={})
+    assert load_config("smoke", {"sample.num_samples": MIN_SCORED_IMAGES}, environ={}).sample.num_samples == 4
 
 
 def test_unknown_preset_lists_choices():

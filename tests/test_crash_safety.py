@@ -8,11 +8,12 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 from safetensors import safe_open
 
 from diffusion_core import load_config, train
-from diffusion_core.checkpoint import load_training_checkpoint
+from diffusion_core.checkpoint import CheckpointError, load_training_checkpoint
 
 
 def saved_step(checkpoint) -> int:
@@ -57,6 +58,31 @@ def test_sigkill_then_resume_equals_uninterrupted(smoke_overrides, tmp_path):
     assert all(torch.equal(a.model[k], b.model[k]) for k in b.model)
     assert all(torch.equal(a.ema[k], b.ema[k]) for k in b.ema)
     assert reported_steps(killed) == reported_steps(tmp_path / "straight") == list(range(5, 61, 5))
+
+
+def test_resume_drops_a_torn_last_report(smoke_overrides, tmp_path):
+    """A kill while a report is being written leaves half a line at the end of metrics.jsonl; the resumed run
+    drops it and holds every report once, each a whole line."""
+    overrides = {**smoke_overrides, "train.steps": 10, "train.checkpoint_every": 10, "train.log_every": 5}
+    train(load_config("smoke", overrides), tmp_path, progress=False)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 15, "loss": 0.2')  # step 15's report, cut short
+    train(load_config("smoke", {**overrides, "train.steps": 20}), tmp_path, progress=False)
+    assert reported_steps(tmp_path) == [5, 10, 15, 20]
+
+
+def test_a_damaged_report_before_the_last_stops_the_resume(smoke_overrides, tmp_path):
+    """Damage anywhere but at the end is no torn write: the resume refuses, naming the file and the line,
+    and leaves the file as it was."""
+    overrides = {**smoke_overrides, "train.steps": 10, "train.checkpoint_every": 10, "train.log_every": 5}
+    train(load_config("smoke", overrides), tmp_path, progress=False)
+    metrics = tmp_path / "metrics.jsonl"
+    first, second = metrics.read_text().splitlines()
+    damaged = f"{first[:7]}\n{second}\n"
+    metrics.write_text(damaged)
+    with pytest.raises(CheckpointError, match=f"{metrics}, line 1,"):
+        train(load_config("smoke", {**overrides, "train.steps": 20}), tmp_path, progress=False)
+    assert metrics.read_text() == damaged
 
 
 def test_kill_during_write_keeps_previous_file(tmp_path):

@@ -77,6 +77,67 @@ def test_failing_rank_fails_the_launch_quickly(ddp_config, tmp_path):
     assert "rank" in output.lower()
 
 
+SECRETS = {"AWS_ACCESS_KEY_ID": "canary-aws-key-id", "AWS_SECRET_ACCESS_KEY": "canary-aws-secret",
+           "AWS_SESSION_TOKEN": "canary-aws-session", "GITHUB_TOKEN": "canary-github",
+           "OPENAI_API_KEY": "canary-api", "DATABASE_PASSWORD": "canary-db", "SIGNING_SECRET": "canary-signing",
+           "UNRELATED_SETTING": "canary-other"}
+# MLflow's tracking credentials are what rank 0's metrics thread logs with: the one credential ranks get.
+TRAINING_NEEDS = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "MLFLOW_RUN_ID": "0" * 32,
+                  "DIFFUSION_DATA_DIR": "data", "MLFLOW_TRACKING_PASSWORD": "tracking-password",
+                  "MLFLOW_TRACKING_TOKEN": "tracking-token"}
+PRINT_ENVIRONMENT = "import json, os; print('ENV=' + json.dumps(dict(os.environ)))\n"
+
+
+def test_ranks_see_no_secrets(ddp_config, tmp_path, monkeypatch):
+    """Every rank (a fresh process under torchrun) gets what training reads, and no other credential of the
+    launcher."""
+    for name, value in {**SECRETS, **TRAINING_NEEDS}.items():
+        monkeypatch.setenv(name, value)
+    script = tmp_path / "print_environment.py"
+    script.write_text(PRINT_ENVIRONMENT)
+    cmd = torchrun_command(write_resolved_config(ddp_config, tmp_path), tmp_path, 2)
+    module_at = cmd.index("-m", cmd.index("--standalone"))
+    cmd[module_at:module_at + 2] = [str(script)]
+    lines: list[str] = []
+    code, _ = run_process_group(cmd, rank_environment(2), lines.append)
+    assert code == 0, "\n".join(lines[-30:])
+    seen = [json.loads(line.split("ENV=", 1)[1]) for line in lines if "ENV=" in line]
+    assert sorted(env["RANK"] for env in seen) == ["0", "1"]
+    for env in seen:
+        assert not set(SECRETS) & set(env) and not set(SECRETS.values()) & set(env.values())
+        assert {name: env.get(name) for name in TRAINING_NEEDS} == TRAINING_NEEDS
+        assert (env["PATH"], env["PYTHONPATH"]) == (os.environ["PATH"], os.environ["PYTHONPATH"])
+
+
+def test_ranks_train_from_an_s3_source_without_its_credentials(ddp_config, mnist_raw_source, tmp_path, monkeypatch):
+    """The launcher fetches the dataset with its credentials; the ranks, which have none, read the prepared file."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        for name in ("DIFFUSION_DATA_SOURCE", "DIFFUSION_DATA_DIR"):  # would override the config's S3 source
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "launcher-key",
+                            "AWS_SECRET_ACCESS_KEY": "launcher-secret", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        bucket = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+        bucket.create_bucket(Bucket="data")
+        for raw in mnist_raw_source.glob("*.gz"):
+            bucket.upload_file(str(raw), "data", f"mnist/{raw.name}")
+        config = dataclasses.replace(ddp_config, data=dataclasses.replace(
+            ddp_config.data, source="s3://data/mnist", data_dir=str(tmp_path / "data")))
+        lines: list[str] = []
+        assert launch_training(config, tmp_path / "run", 2, on_line=lines.append) == 0, "\n".join(lines[-30:])
+    finally:
+        server.stop()
+    assert _ckpt(tmp_path / "run").step == 6
+
+
 def _start_nodes(config_file: Path, tmp_path: Path) -> list[subprocess.Popen]:
     """Two torchrun launchers, one process each, meeting by c10d rendezvous on 127.0.0.1 (as two machines
     would at node 0's address); each in its own process group, its output in node<r>.log. Node 1 starts

@@ -16,6 +16,7 @@ import torchvision.transforms.functional as TF
 
 from diffusion_core import load_model
 from diffusion_core.cli import main
+from diffusion_core.config import MIN_SCORED_IMAGES, ConfigError, DataConfig
 from diffusion_core.data import prepare_dataset
 from diffusion_core.evaluation import compute_metrics, evaluate, resolve_extractor, train_classifier
 from diffusion_core.evaluation.classifier import accuracy, load_classifier
@@ -204,6 +205,23 @@ def test_kid_with_fewer_images_than_its_default_subset_size(lenet, real):
     train, test = real
     m = metrics(train[:50], test[:300], lenet)
     assert math.isfinite(m["kid"]) and math.isfinite(m["kid_std"]) and m["kid_std"] > 0
+
+
+def test_the_fewest_scored_images_is_the_least_precision_recall_can_use(lenet, real):
+    """Precision/recall need each image's 3 nearest neighbours among the others of its set: 4 images."""
+    train, test = real
+    m = metrics(train[:MIN_SCORED_IMAGES], test[:MIN_SCORED_IMAGES], lenet)
+    assert all(math.isfinite(m[k]) for k in ("fid", "kid", "precision", "recall"))
+    with pytest.raises(ValueError, match=f"at least {MIN_SCORED_IMAGES} images"):
+        metrics(train[:MIN_SCORED_IMAGES - 1], test, lenet)
+
+
+def test_evaluate_refuses_too_few_images_before_any_work(real, tmp_path):
+    """Refused before the dataset is even looked for (its source here does not exist)."""
+    data = DataConfig(source=str(tmp_path / "nowhere"), data_dir=str(tmp_path / "data"))
+    with pytest.raises(ConfigError, match=f"at least {MIN_SCORED_IMAGES}"):
+        evaluate(real[0][:MIN_SCORED_IMAGES - 1], data=data, progress=False, device="cpu")
+    assert not (tmp_path / "data").exists()
 
 
 # --- evaluate(), the reference cache, the CLI ---------------------------------------------------------------------

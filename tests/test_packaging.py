@@ -1,4 +1,4 @@
-"""A non-editable install (pip install . into a fresh virtual environment) is a complete program:
+"""A non-editable install (the project's wheel in a fresh virtual environment) is a complete program:
 the presets and the shipped classifier come with the package, nothing is read from a checkout."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -22,25 +23,39 @@ NOT_SOURCE = shutil.ignore_patterns(".git", ".cache", "runs", "data", "mlruns", 
 def test_non_editable_install_trains_a_preset_outside_the_checkout(smoke_overrides, tmp_path):
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=NOT_SOURCE)
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)  # dependencies from the system environment
-    python = env_dir / "bin" / "python"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                    "--no-build-isolation", "--no-index", "--quiet", str(source)],
-                   env=env, check=True, capture_output=True, text=True, cwd=tmp_path)
+    # the wheel is built by this interpreter's setuptools (the dev extra's), offline ...
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    _run(*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--wheel-dir", "wheels", source,
+         cwd=tmp_path)
     shutil.rmtree(source)  # nothing may come from the source tree any more
+    # ... and installed into a fresh environment whose dependencies are this interpreter's packages (a .pth
+    # file names its site-packages: their own .pth files, such as an editable install of the project, are not run)
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    env_site = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                         cwd=tmp_path).strip())
+    ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    (env_site / "dependencies.pth").write_text("".join(f"{path}\n" for path in ours))
+    _run(*pip, "--python", python, "install", "--no-deps", "--no-index", "--ignore-installed",
+         next((tmp_path / "wheels").glob("diffusion_pipeline-*.whl")), cwd=tmp_path)
 
-    where = subprocess.run([str(python), "-c", "import diffusion_core; print(diffusion_core.__file__)"],
-                           env=env, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    where = _run(python, "-c", "import diffusion_core; print(diffusion_core.__file__)", cwd=tmp_path)
     assert Path(where.strip()).is_relative_to(env_dir), where
     args = [str(env_dir / "bin" / "diffusion"), "train", "--preset", "smoke", "--run-dir", str(tmp_path / "run")]
     for key, value in smoke_overrides.items():
         args += ["--set", f"{key}={value}"]
-    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "trained to step 20" in done.stdout
+    assert "trained to step 20" in _run(*args, cwd=tmp_path)
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def _run(*args, cwd: Path, timeout: float = 600) -> str:
+    """Run a command in `cwd` outside the checkout's environment (no PYTHONPATH, no active virtual
+    environment); its stdout, or a failure showing its stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run([str(a) for a in args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args}: {done.stderr[-3000:]}"
+    return done.stdout
 
 
 @pytest.mark.parametrize("missing", ["moto", "curl"])

@@ -10,8 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from mlflow import MlflowClient
 
 from diffusion_core import load_config, train
 from diffusion_core.checkpoint import load_training_checkpoint
+from diffusion_core.tracking import AsyncMlflowMetrics
 
 pytestmark = pytest.mark.slow
 
@@ -160,3 +163,66 @@ def test_ipython_is_imported_before_the_metrics_thread_starts(tmp_path):
                           env={**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})  # nothing listens
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "True"
+
+
+class AnsweringServer(ThreadingHTTPServer):
+    """An HTTP server on 127.0.0.1 that answers every request with one status and body, and counts them."""
+
+    def __init__(self, status: int, body: str) -> None:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.requests += 1
+                payload = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json" if body.startswith("{") else "text/plain")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.requests = 0
+        self.uri = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+DELETED_RUN = json.dumps({"error_code": "INVALID_PARAMETER_VALUE",  # what MLflow answers for a deleted run
+                          "message": "The run 0123 must be in the 'active' state. Current state is deleted."})
+
+
+@pytest.mark.parametrize("status, body", [(400, DELETED_RUN), (403, "forbidden"), (404, "no such run")])
+def test_a_permanent_refusal_stops_the_retries(status, body, tmp_path, monkeypatch, caplog):
+    """A 4xx that retrying cannot change: the thread warns once and stops asking; reports still never raise."""
+    server = AnsweringServer(status, body)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    metrics = AsyncMlflowMetrics("0123", tmp_path / "metrics.jsonl", close_timeout_s=5)
+    metrics(5, {"loss": 0.5})
+    wait_for(lambda: not metrics._thread.is_alive(), 20, "the metrics thread to give up")
+    asked = server.requests
+    metrics(10, {"loss": 0.4})  # training goes on
+    time.sleep(3)  # a retrying thread would have asked again by now (backoff 2 s after the first failure)
+    metrics.close()
+    server.shutdown()
+    assert server.requests == asked >= 1
+    refusals = [r.getMessage() for r in caplog.records if r.name == "diffusion_core.tracking"]
+    assert len(refusals) == 1 and f"HTTP {status}" in refusals[0] and "metrics.jsonl" in refusals[0]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_passing_refusal_is_retried(status, tmp_path, monkeypatch):
+    """Too many requests, or a server error: the thread keeps trying."""
+    server = AnsweringServer(status, "try again later")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    metrics = AsyncMlflowMetrics("0123", tmp_path / "metrics.jsonl", close_timeout_s=0.1)
+    metrics(5, {"loss": 0.5})
+    wait_for(lambda: server.requests >= 2, 20, "a second try")
+    assert metrics._thread.is_alive()
+    metrics.close()
+    server.shutdown()

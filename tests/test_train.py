@@ -172,6 +172,7 @@ def test_learning_rate_warmup():
 def test_label_dropout_is_honoured(smoke_overrides, tmp_path, label_dropout):
     """With p = 1 only the "no class" row of the class embedding ever gets a gradient; with p = 0 it never does."""
     config = load_config("smoke", {**smoke_overrides, "model.num_classes": 10, "train.label_dropout": label_dropout,
+                                   "sample.guidance_sweep": [0.0],  # p = 0 gives a model that cannot be guided
                                    "train.steps": 4, "train.checkpoint_every": 4, "train.log_every": 4})
     torch.manual_seed(config.train.seed)
     initial = build_denoiser(config).net.class_embedding.weight.detach().clone()  # the run's initial weights

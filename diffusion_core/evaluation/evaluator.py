@@ -21,7 +21,7 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..checkpoint import LoadedModel
-from ..config import ConfigError, DataConfig, SampleConfig
+from ..config import MIN_SCORED_IMAGES, ConfigError, DataConfig, SampleConfig
 from ..data import PreparedDataset, prepare_dataset
 from ..distributed import DistContext, resolve_device
 from ..samplers import generate_batches
@@ -153,6 +153,9 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
             raise ConfigError(f"labels must have shape [{num_samples}] (one per image), got {tuple(labels.shape)}")
     else:
         raise ConfigError(f"evaluate() takes a LoadedModel or a uint8 image tensor, not {type(source).__name__}")
+    if num_samples < MIN_SCORED_IMAGES:
+        raise ConfigError(f"{num_samples} images are too few to score: FID, KID and precision/recall need at least "
+                          f"{MIN_SCORED_IMAGES} (num_samples, -n)")
     setup = _setup(data, extractor, split, inception_weights, progress)
     spec = setup.prepared.spec
     image_shape = (spec.channels, spec.image_size, spec.image_size)

@@ -27,6 +27,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
+from ..config import MIN_SCORED_IMAGES
 from .extractors import Extractor, feature_network
 from .reference import ReferenceSet
 
@@ -88,8 +89,9 @@ def compute_metrics(images: torch.Tensor, reference: torch.Tensor | ReferenceSet
     """
     real = reference.images if isinstance(reference, ReferenceSet) else reference
     smaller = min(len(images), len(real))
-    if smaller <= PRC_NEIGHBORHOOD:
-        raise ValueError(f"need more than {PRC_NEIGHBORHOOD} images per set for precision/recall, got {smaller}")
+    if smaller < MIN_SCORED_IMAGES:
+        raise ValueError(f"need at least {MIN_SCORED_IMAGES} images per set (precision/recall's {PRC_NEIGHBORHOOD} "
+                         f"nearest neighbours), got {smaller}")
     cuda = torch.cuda.is_available() if cuda is None else cuda
     net = feature_network(extractor, cuda)
 
