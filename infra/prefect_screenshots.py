@@ -8,14 +8,17 @@ headless Chromium (the browser driver of infra/mlflow_screenshots.py).
 
 What each picture shows (pages of the Prefect server at --url; nothing is written to it):
 
-- `prefect-artifact-summary.png`: the key page `/artifacts/key/train-eval-<model>`: the newest run's
-  summary (its primary FID ± σ at its N beside the champion's, the decision and its reason, the rule,
-  links to the MLflow run, the model version and the sample grid, and the grid itself when MLflow is a
-  server) above the key's history, one entry per run.
-- `prefect-artifact-table.png`: the key page `/artifacts/key/scores-<model>`: the newest run's scores
-  of every sampler setting.
+- `prefect-artifact-summary.png`: the newest artifact of the key `train-eval-<model>`
+  (`/artifacts/artifact/<id>`): the run's primary FID ± σ at its N beside the champion's, the decision
+  and its reason, the rule, links to the MLflow run, the model version and the sample grid, and the grid
+  itself when MLflow is a server. (`/artifacts/key/train-eval-<model>` lists the key's history, one
+  entry per run.)
+- `prefect-artifact-table.png`: the newest artifact of the key `scores-<model>`: the run's scores of
+  every sampler setting.
 
-The pages are drawn in the UI's light colours (the browser reports a light colour-scheme preference).
+The pages are drawn in the UI's light colour scheme: the script puts that choice into the browser's
+localStorage before the pages load, as if a user had chosen it. The UI calls the API address the server
+was started with (`PREFECT_UI_API_URL`, default port 4200): a server on another port needs it set.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for the PNG files (default: docs/)")
     parser.add_argument("--chromium", default=next(filter(None, map(shutil.which, (
         "chromium", "chromium-browser", "google-chrome"))), None), help="the browser (default: found on PATH)")
-    parser.add_argument("--width", type=int, default=1400)
+    parser.add_argument("--width", type=int, default=1800)
     args = parser.parse_args(argv)
     if not args.chromium:
         parser.error("no Chromium on PATH (apt-get install chromium): give --chromium")
@@ -58,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     browser = Browser(args.chromium, args.width)
     try:
-        browser.call("Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": "light"}])
-        browser.shoot(f"{url}/artifacts/key/{summary['key']}", ("Decision:", "MLflow run", "champion before"),
-                      args.out / "prefect-artifact-summary.png", height=1250, sidebar=None)
-        browser.shoot(f"{url}/artifacts/key/{scores['key']}", ("images_per_s", first_setting),
-                      args.out / "prefect-artifact-table.png", height=700, sidebar=None)
+        browser.set_local_storage(url, {"color-scheme": json.dumps("light")})  # the UI's setting; it starts dark
+        browser.shoot(f"{url}/artifacts/artifact/{summary['id']}", ("Decision:", "MLflow run", "champion before"),
+                      args.out / "prefect-artifact-summary.png", height=1140, sidebar=None)
+        browser.shoot(f"{url}/artifacts/artifact/{scores['id']}", ("images_per_s", first_setting),
+                      args.out / "prefect-artifact-table.png", height=560, sidebar=None)
     finally:
         browser.close()
 
