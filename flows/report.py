@@ -67,11 +67,13 @@ class RunLinks:
         return f"{self.artifact_uri.rstrip('/')}/{self.grid_path}"
 
     def run(self) -> str:
+        """Markdown for the MLflow run: a link to its page, or its id."""
         if self.server is None:
             return f"`{self.run_id}`"
         return f"[{self.run_id}]({self.server}/#/experiments/{self.experiment_id}/runs/{self.run_id})"
 
     def model_version(self) -> str:
+        """Markdown for the registered version: a link to its page, or its `models:/` URI."""
         if self.server is None:
             return f"`models:/{self.model}/{self.version}`"
         return (f"[{self.model} v{self.version}]({self.server}/#/models/{urllib.parse.quote(self.model)}"
