@@ -1,4 +1,4 @@
-"""`diffusion` command line: prepare, train, sample, evaluate.
+"""`diffusion` command line: prepare, upload-dataset, train, sample, evaluate.
 
 Settings come from a preset file (`--preset`, see diffusion_core/presets/) plus `--set section.field=value`
 overrides; `diffusion train --preset mnist-cpu --set train.steps=500` for instance.
@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import DEFAULT_PRESET, ConfigError, load_config
-from .data import DataError
+from .data import DATASETS, DataError
 from .guidance import balanced_labels, parse_classes
 from .samplers import SAMPLERS, SPACINGS
 from .train import TrainingDiverged
@@ -36,6 +36,15 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     config = load_config(args.preset, args.overrides)
     prepared = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
     print(f"{prepared.spec.name}: {prepared.path} sha256={prepared.sha256}")
+
+
+def cmd_upload_dataset(args: argparse.Namespace) -> None:
+    from .data import upload_dataset
+
+    for uri in upload_dataset(args.dataset, args.source, args.to):
+        print(f"uploaded {uri}")
+    print(f"{args.dataset}: every file verified before the upload and again read back from {args.to}; "
+          f"use data.source={args.to} (or DIFFUSION_DATA_SOURCE)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -131,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="fetch, verify and convert a dataset once")
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("upload-dataset", help="put a dataset's verified raw files into an s3:// data source")
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    p.add_argument("--from", dest="source", required=True, metavar="DIR",
+                   help="local folder holding the original raw files (directly, or in raw/ or <Dataset>/raw/)")
+    p.add_argument("--to", required=True, metavar="s3://BUCKET/PREFIX",
+                   help="where data.source will read them (endpoint and AWS_* credentials from the environment)")
+    p.set_defaults(func=cmd_upload_dataset)
 
     p = sub.add_parser("train", help="train a model (resumes from the run folder's checkpoint)")
     _add_config_args(p)

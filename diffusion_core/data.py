@@ -7,6 +7,9 @@ Sources (`data.source`):
 Every raw file is checked against the MD5 the dataset's publishers (and torchvision) use. The
 canonical file holds uint8 images [N, C, H, W] and int64 labels per split, plus metadata with a
 sha256 over its content that identifies the dataset version in every later record.
+
+`upload_dataset` (`diffusion upload-dataset`) puts verified raw files from a local folder into an
+s3:// source, and checks the uploaded copy the way `prepare` will read it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import gzip
 import hashlib
 import json
 import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path
-from .storage import download_s3_prefix, is_s3_uri
+from .storage import download_s3_prefix, is_s3_uri, upload_s3_files
 
 CANONICAL_FORMAT = "diffusion-canonical-v1"
 SPLITS = ("train", "test")
@@ -189,6 +193,25 @@ def fetch_raw(spec: DatasetSpec, source: str, data_dir: Path) -> Path:
         folder = _find_local_raw(spec, Path(source).expanduser())
     verify_raw_files(spec, folder)
     return folder
+
+
+def upload_dataset(name: str, source: str | Path, uri: str) -> list[str]:
+    """Upload a dataset's raw files from the local folder `source` (as `data.source` finds them) to
+    `uri` (s3://bucket/prefix; endpoint and credentials from the environment). Every file's MD5 is
+    checked before anything is uploaded; then the files are fetched back from `uri` and checked again,
+    as `prepare` will. Returns the URIs written."""
+    spec = get_spec(name)
+    if not is_s3_uri(uri) or not uri[5:].partition("/")[0]:
+        raise DataError(f"{uri!r} is not an S3 location: give s3://bucket/prefix")
+    folder = _find_local_raw(spec, Path(source).expanduser())
+    verify_raw_files(spec, folder)
+    written = upload_s3_files([folder / file for file, _ in spec.files], uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            fetch_raw(spec, uri, Path(tmp))
+        except DataError as exc:
+            raise DataError(f"the uploaded copy at {uri} does not verify ({exc}): upload it again") from exc
+    return written
 
 
 def content_sha256(tensors: dict[str, torch.Tensor]) -> str:

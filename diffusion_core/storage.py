@@ -50,6 +50,30 @@ def with_retries(action: Callable[[], T], what: str, attempts: int = 4, base_del
     raise AssertionError("unreachable")
 
 
+def upload_s3_files(files: Iterable[Path], uri: str) -> list[str]:
+    """Upload each file to s3://bucket/prefix/<its name>, after checking that the bucket answers; return the
+    URIs written. Any failure is a DataError naming the object and what to check."""
+    from .data import DataError
+
+    bucket, prefix = split_s3_uri(uri)
+    client = s3_client()
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as exc:
+        raise DataError(f"bucket {bucket!r} cannot be reached ({exc}): create it, or check the endpoint "
+                        "(AWS_ENDPOINT_URL_S3 or MLFLOW_S3_ENDPOINT_URL) and the AWS_* credentials") from exc
+    written = []
+    for path in files:
+        key = f"{prefix}/{path.name}" if prefix else path.name
+        try:
+            with_retries(lambda path=path, key=key: client.upload_file(str(path), bucket, key),
+                         f"upload of {path} to s3://{bucket}/{key}")
+        except RuntimeError as exc:
+            raise DataError(f"{exc}. Check the bucket, endpoint and credentials in the environment.") from exc
+        written.append(f"s3://{bucket}/{key}")
+    return written
+
+
 def download_s3_prefix(uri: str, names: Iterable[str], target: Path) -> None:
     """Download s3://bucket/prefix/<name> for each name into `target` (atomically per file)."""
     from .data import DataError

@@ -50,6 +50,7 @@ from .parameters import check_run_parameters
 from .prepare import prepare_dataset_flow
 from .register import register_checkpoint
 from .registry import Score, select_champion
+from .report import publish_report
 from .sample import primary_setting, sample_images
 from .tracking import (ended_when_done, ensure_experiment, git_commit, log_params, registered_model_name, set_tags,
                        upload_artifacts)
@@ -150,6 +151,7 @@ def train_eval(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = 
         decision = select_champion(client, name, version, primary_score(client, run_id, config), gate.rule)
         set_tags(client, run_id, {"model_version": version, **decision.tags()})
         logger.info("%s version %s: %s (%s)", name, version, decision.tags()["champion.decision"], decision.reason)
+        publish_report(client, run_id, config, extractor, name, version, decision)
     return run_id
 
 

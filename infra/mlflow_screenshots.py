@@ -95,10 +95,12 @@ class Browser:
             self.evaluate(f"localStorage.setItem({json.dumps(key)}, {json.dumps(value)})")
 
     def shoot(self, url: str, texts: tuple[str, ...], path: Path, height: int,
-              then: Callable[[Browser], None] | None = None, timeout_s: float = 120, settle_s: float = 3) -> None:
+              then: Callable[[Browser], None] | None = None, timeout_s: float = 120, settle_s: float = 3,
+              sidebar: str | None = SIDEBAR) -> None:
         """Load `url` in a fresh document `height` px tall, wait until the page shows each of `texts` and its
-        images have loaded, hide the navigation sidebar, do `then` (clicks, choices), and save the page as
-        `path`. A page that does not show `texts` in time is saved as `<path>.failed.png` for a look, and raises."""
+        images have loaded, hide the navigation sidebar (click `sidebar`; None: leave the page as it is), do
+        `then` (clicks, choices), and save the page as `path`. A page that does not show `texts` in time is
+        saved as `<path>.failed.png` for a look, and raises."""
         self.call("Emulation.setDeviceMetricsOverride", width=self.width, height=height, deviceScaleFactor=1,
                   mobile=False)
         self.call("Page.navigate", url="about:blank")
@@ -111,7 +113,8 @@ class Browser:
                 missing = [t for t in texts if not self.evaluate(f"document.body.innerText.includes({json.dumps(t)})")]
                 raise TimeoutError(f"{url}: the page did not show {missing} in {timeout_s:.0f} s")
             time.sleep(0.5)
-        self.click(SIDEBAR)
+        if sidebar:
+            self.click(sidebar)
         if then:
             then(self)
         time.sleep(settle_s)  # column widths, charts and fonts after the data arrived

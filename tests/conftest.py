@@ -72,3 +72,38 @@ def smoke_cond_run(mnist_raw_source, data_dir, tmp_path_factory) -> Path:
                                    "model.num_classes": 10})
     train(config, run_dir, progress=False)
     return run_dir
+
+
+@pytest.fixture()
+def s3_endpoint(tmp_path, monkeypatch):
+    """A real S3 endpoint on 127.0.0.1 (infra/s3_server.py, the stack's store) with an empty bucket `data`;
+    the environment points boto3 at it (endpoint, credentials, region). Yields the endpoint URL."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(REPO / "infra" / "s3_server.py"), "--port", str(port),
+                               "--state-dir", str(tmp_path / "s3-state"), "--bucket", "data"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for key, value in {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test-key",
+                           "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        from diffusion_core.storage import s3_client
+
+        deadline = time.monotonic() + 60
+        while True:  # ready when the bucket answers (the server creates it after it starts listening)
+            try:
+                s3_client().head_bucket(Bucket="data")
+                break
+            except Exception:
+                assert server.poll() is None and time.monotonic() < deadline, "the S3 server did not start"
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,10 +1,11 @@
+import re
 import shutil
 import socket
 
 import pytest
 import torch
 
-from diffusion_core.data import DataError, load_split, prepare_dataset, read_metadata
+from diffusion_core.data import DataError, load_split, prepare_dataset, read_metadata, upload_dataset
 
 
 def test_prepare_real_mnist(data_dir):
@@ -77,3 +78,45 @@ def test_corrupt_cache_is_rebuilt(mnist_raw_copy, tmp_path):
 def test_unknown_dataset(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
         prepare_dataset("svhn", "download", tmp_path)
+
+
+def _bucket_keys(bucket: str) -> set[str]:
+    from diffusion_core.storage import s3_client
+
+    return {obj["Key"] for obj in s3_client().list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+
+def test_upload_dataset_puts_verified_files_where_prepare_reads_them(s3_endpoint, mnist_raw_source, data_dir,
+                                                                     tmp_path, capsys):
+    """`diffusion upload-dataset` against the stack's S3 store: the files from s3:// prepare to the very dataset
+    the local folder gives."""
+    from diffusion_core.cli import main
+
+    main(["upload-dataset", "--dataset", "mnist", "--from", str(mnist_raw_source), "--to", "s3://data/datasets/mnist"])
+    names = {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz"}
+    assert _bucket_keys("data") == {f"datasets/mnist/{name}" for name in names}
+    assert capsys.readouterr().out.count("uploaded s3://data/datasets/mnist/") == 4
+    from_s3 = prepare_dataset("mnist", "s3://data/datasets/mnist", tmp_path / "from-s3")
+    assert from_s3.sha256 == prepare_dataset("mnist", "unused: the cache is valid", data_dir).sha256
+
+
+def test_upload_dataset_refuses_a_corrupt_file_before_uploading_anything(s3_endpoint, mnist_raw_copy, tmp_path,
+                                                                          capsys):
+    from diffusion_core.cli import main
+
+    corrupt = tmp_path / "raw"
+    shutil.copytree(mnist_raw_copy, corrupt)
+    path = corrupt / "t10k-labels-idx1-ubyte.gz"  # the last file in upload order: nothing may go before the check
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF  # one flipped byte, same size
+    path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exited:
+        main(["upload-dataset", "--dataset", "mnist", "--from", str(corrupt), "--to", "s3://data/datasets/mnist"])
+    assert exited.value.code == 1
+    assert re.search(r"t10k-labels-idx1-ubyte.gz has MD5 [0-9a-f]{32}, expected ec29112d", capsys.readouterr().err)
+    assert _bucket_keys("data") == set()
+    with pytest.raises(DataError, match="'/tmp/x' is not an S3 location: give s3://bucket/prefix"):
+        upload_dataset("mnist", mnist_raw_copy, "/tmp/x")
+    with pytest.raises(DataError, match="bucket 'missing' cannot be reached .*create it"):
+        upload_dataset("mnist", mnist_raw_copy, "s3://missing/mnist")

@@ -520,3 +520,58 @@ def test_a_failed_lease_renewal_does_not_cut_a_decision_in_half(pipeline, tmp_pa
     decision = select_champion(client, name, new, Score(5.0, protocol, 0.1), DEFAULT_RULE)
     assert decision.promoted and str(client.get_registered_model(name).aliases[CHAMPION]) == new
     assert client.get_model_version(name, new).tags["champion.decision"] == "promoted"
+
+
+def test_prefect_shows_each_runs_result_and_decision_as_keyed_artifacts(pipeline):
+    """Read back through Prefect's API: the train-eval flow run holds a markdown summary (`train-eval-<model>`)
+    and a score table (`scores-<model>`) whose FID, σ, N, decision, reason and links are the MLflow run's."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    client = MlflowClient()
+    run = client.get_run(train_eval(preset="smoke", overrides=FAST, num_samples=16))
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    flow_run_id, version = tags["prefect.flow_run_id"], tags["model_version"]
+    with get_client(sync_client=True) as prefect:
+        def artifacts(key: str) -> list:
+            return prefect.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+        (summary,), (table,) = artifacts("train-eval-ddpm-mnist"), artifacts("scores-ddpm-mnist")
+        latest = prefect.read_latest_artifacts()
+    assert (summary.type, table.type) == ("markdown", "table")
+    assert {a.key: a.latest_id for a in latest if a.key in ("train-eval-ddpm-mnist", "scores-ddpm-mnist")} == {
+        "train-eval-ddpm-mnist": summary.id, "scores-ddpm-mnist": table.id}  # the newest of each key's history
+    text = summary.data
+    decision = tags["champion.decision"]
+    assert text.startswith(f"## ddpm-mnist v{version}: {decision}\n")
+    assert f"**Decision: {decision}.** {tags['champion.reason']}\n" in text
+    assert f"Rule (the model's gate): {tags['champion.rule']}\n" in text
+    this_run = re.search(r"^\| this run: v(\d+) \| (\S+) \| (\S+) \| (\d+) \| (\S+) \| (\S+) \|$", text, re.M)
+    assert this_run.group(1) == version and this_run.group(4) == params["eval.num_samples"]
+    assert float(this_run.group(2)) == pytest.approx(metrics["fid"], rel=5e-4)  # shown to 4 significant digits
+    assert float(this_run.group(3)) == pytest.approx(metrics["fid_std"], rel=5e-2)  # σ to 2
+    assert (this_run.group(5), this_run.group(6)) == (params["eval.primary"], params["eval.extractor_id"])
+    previous = tags["champion.previous_version"]
+    if previous == "none":
+        assert "| champion before: none | – |" in text
+    else:
+        before = re.search(rf"^\| champion before: v{previous} \| (\S+) \| (\S+) \|", text, re.M)
+        assert float(before.group(1)) == pytest.approx(float(tags["champion.previous_fid"]), rel=5e-4)
+        assert float(before.group(2)) == pytest.approx(float(tags["champion.previous_fid_std"]), rel=5e-2)
+    grid = f"{run.info.artifact_uri}/samples/ddim5.png"
+    assert (f"- MLflow run: `{run.info.run_id}`\n- Model version: `models:/ddpm-mnist/{version}`\n"
+            f"- Sample grid (samples/ddim5.png): `{grid}`") in text  # a SQLite store: ids and URIs, no UI links
+    assert "samples/ddim5.png" in _artifact_paths(client, run.info.run_id)
+
+    rows = json.loads(table.data)  # a table artifact's data is its rows as JSON
+    by_setting = {row["setting"]: row for row in rows}
+    assert set(by_setting) == {"ddim5", "ddpm20"}
+    primary, ddpm = by_setting["ddim5"], by_setting["ddpm20"]
+    assert (primary["primary"], primary["N"], primary["protocol"]) == ("yes", int(params["eval.num_samples"]),
+                                                                     params["eval.primary"])
+    assert (ddpm["primary"], ddpm["N"], ddpm["protocol"]) == ("no", 16, "ddpm20-linear")
+    for row in rows:
+        for metric in ("fid", "kid", "precision", "recall"):
+            assert row[metric] == pytest.approx(metrics[f"{metric}_lenet_{row['setting']}"], rel=5e-4), metric
+    assert primary["fid_std"] == pytest.approx(metrics["fid_std"], rel=5e-4) and ddpm["fid_std"] is None
