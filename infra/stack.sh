@@ -114,7 +114,7 @@ command_of() {
     mlflow) CMD=(env "${NO_SECRETS[@]}" "${S3_CREDENTIALS[@]}" "${PG_CREDENTIALS[@]}" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
                  "$PYTHON" -m mlflow server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 --backend-store-uri "$MLFLOW_STORE"
                  --artifacts-destination "$ARTIFACTS_DESTINATION") ;;
-    prefect) CMD=(env "${NO_SECRETS[@]}" "${PREFECT_DB[@]}" "PREFECT_HOME=$STACK_DIR/prefect" "$PYTHON" -m prefect server start
+    prefect) CMD=(env "${NO_SECRETS[@]}" "${PREFECT_DB[@]}" "PREFECT_HOME=$STACK_DIR/prefect" "PREFECT_UI_API_URL=$PREFECT_API_URL" "$PYTHON" -m prefect server start
                   --host "$HOST" --port "$PREFECT_PORT") ;;
     serve) CMD=(env "${NO_SECRETS[@]}" "${serve_credentials[@]}"
                 "DIFFUSION_RUNS_DIR=${DIFFUSION_RUNS_DIR:-$STACK_DIR/runs}" "DIFFUSION_DATA_DIR=${DIFFUSION_DATA_DIR:-$STACK_DIR/data}" "$PYTHON" -m flows.deploy) ;;
