@@ -12,6 +12,12 @@ unsent is named in a warning and stays in metrics.jsonl. A refusal that retrying
 HTTP 4xx such as a deleted run, a bad value or no permission; not one of RETRIED_CLIENT_ERRORS) ends
 the sending: the thread warns once and stops, training goes on, every report stays in metrics.jsonl.
 mlflow is imported only when a run id is set.
+
+Rank 0 also runs MLflow's system-metrics monitor for the run (`system/cpu_utilization_percentage`,
+`system/system_memory_usage_megabytes`, disk and network; GPU utilisation and memory where the
+`pynvml` package is installed, which the project does not require), every SYSTEM_METRICS_EVERY_S
+seconds unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise. Like the training metrics it
+never stops training: a monitor that cannot start is a warning, and one that loses the server stops.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ MAX_PENDING = 10_000  # reports the thread holds while the server is away; beyon
 SEND_EVERY_S = 1.0
 MAX_BACKOFF_S = 30.0
 RETRIED_CLIENT_ERRORS = (408, 429, 499)  # HTTP 4xx that mean "later": request timeout, too many requests, cancelled
+SYSTEM_METRICS_EVERY_S = 10.0
 log = logging.getLogger(__name__)
 
 
@@ -175,18 +182,32 @@ def refused_for_good(exc: Exception) -> bool:
         return False
     status = exc.get_http_status_code()
     return 400 <= status < 500 and status not in RETRIED_CLIENT_ERRORS
+def start_system_metrics(run_id: str):
+    """MLflow's system-metrics monitor logging to `run_id`, started; None (after a warning) if it cannot start."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_EVERY_S)
+    except Exception as exc:  # e.g. psutil missing: training goes on without system metrics
+        log.warning("MLflow run %s gets no system metrics: %s", run_id, exc)
+        return None
+    monitor.start()
+    return monitor
 
 
 @contextlib.contextmanager
 def mlflow_metrics_from_environ(run_dir: Path) -> Iterator[MetricsCallback | None]:
-    """On rank 0 with MLFLOW_RUN_ID set: the asynchronous MLflow callback for the run in `run_dir`,
-    closed on exit (also after an error, which it never hides). Otherwise None."""
+    """On rank 0 with MLFLOW_RUN_ID set: the asynchronous MLflow callback for the run in `run_dir`, and the
+    system-metrics monitor, both closed on exit (also after an error, which they never hide). Otherwise None."""
     run_id = os.environ.get(RUN_ID_ENV)
     if not run_id or int(os.environ.get("RANK", "0")) != 0:
         yield None
         return
     callback = AsyncMlflowMetrics(run_id, Path(run_dir) / "metrics.jsonl")
+    monitor = start_system_metrics(run_id)
     try:
         yield callback
     finally:
         callback.close()
+        if monitor is not None:
+            monitor.finish()

@@ -102,6 +102,8 @@ def test_train_eval_tracks_registers_and_crowns_the_first_model(pipeline, mnist_
     assert _artifact_paths(client, run_id) == {
         "config.json", "forward_process.png", "loss_curve.png", "metrics.jsonl", "evaluation.json",
         "checkpoints/last.safetensors", "model/MLmodel", "model/config.json", "model/model.safetensors",
+        "model/conda.yaml", "model/python_env.yaml", "model/requirements.txt", "model/input_example.json",
+        "model/serving_input_example.json",
         "samples/ddim5.png", "samples/ddim5.safetensors", "samples/ddpm20.png", "samples/ddpm20.safetensors"}
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "mnist" and sha256.startswith(dataset_input.dataset.digest)
