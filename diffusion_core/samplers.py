@@ -236,13 +236,15 @@ def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
 
 
 def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tuple[int, ...], settings: SampleConfig,
-                     *, device: torch.device | str, progress: bool = True, class_labels: torch.Tensor | None = None):
+                     *, device: torch.device | str, progress: bool = True, class_labels: torch.Tensor | None = None,
+                     first_batch: int = 0):
     """Yield uint8 image batches [b, C, H, W] on the CPU until `settings.num_samples` are made, drawn with
     `settings` (sampler, steps, eta, spacing, clip_x0, guidance; batch_size images per call).
 
     Batch k is seeded by (settings.seed, k), so memory stays bounded by one batch whatever N is, and the
     first images of a longer run equal those of a shorter one. `class_labels` [num_samples] (for a
-    conditional model) are sliced per batch.
+    conditional model) are sliced per batch. `first_batch` numbers the batches from there: batches
+    first_batch, first_batch + 1, … of a longer run (one shard of it, drawn on its own).
     """
     from .images import to_uint8
 
@@ -253,7 +255,7 @@ def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tupl
     tune_cpu_runtime()
     made = 0
     bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
-    for k in range((num_samples + batch_size - 1) // batch_size):
+    for k in range(first_batch, first_batch + (num_samples + batch_size - 1) // batch_size):
         b = min(batch_size, num_samples - made)
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + k)
         labels = None if class_labels is None else class_labels[made:made + b]

@@ -9,6 +9,11 @@
   rescore/champion     no schedule: re-score a registered model's champion under the model's gate
                        (flows.rescore), e.g. `prefect deployment run 'rescore/champion'
                        --param model=ddpm-mnist-cond`
+  sample-model/champion
+                       no schedule: N images of a registered version (default its champion) in resumable
+                       shards (flows.sample_model), e.g. `prefect deployment run 'sample-model/champion'
+                       --param model=ddpm-mnist-cond --param num_samples=10000`; its shards run on the
+                       Dask cluster at $DIFFUSION_DASK_ADDRESS when that is set
 
 Scheduled and triggered runs execute in subprocesses of this process, in its working folder, with
 its environment (PREFECT_API_URL, MLFLOW_TRACKING_URI, S3 settings: see .env.example). To run them
@@ -25,6 +30,7 @@ from prefect.schedules import Cron
 from diffusion_core.config import DEFAULT_PRESET
 
 from .rescore import rescore
+from .sample_model import DASK_ADDRESS_ENV, sample_model_flow
 from .train_eval import train_eval
 
 
@@ -38,7 +44,9 @@ def main() -> None:
     )
     adhoc = train_eval.to_deployment(name="adhoc", tags=["adhoc"])
     rescore_champion = rescore.to_deployment(name="champion", tags=["rescore"])
-    serve(nightly, adhoc, rescore_champion)
+    sample_champion = sample_model_flow(os.environ.get(DASK_ADDRESS_ENV)).to_deployment(
+        name="champion", tags=["sample"])
+    serve(nightly, adhoc, rescore_champion, sample_champion)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What a train-eval run may be asked to do through its parameters.
+"""What a train-eval (or sample-model) run may be asked to do through its parameters.
 
 Whoever can reach the Prefect API can start a deployment run with any parameters, so they are an
 interface to the worker. Overrides are first normalised to dotted keys (`{"train": {"steps": 5}}` is
@@ -36,6 +36,8 @@ BOUNDS = {
     "sample.num_samples": (MIN_SCORED_IMAGES, 50_000), "sample.batch_size": (1, 4096), "sample.steps": (1, 4000),
     "evaluation.num_samples": (10, 50_000), "evaluation.bootstrap": (0, 10_000),
     "num_samples": (MIN_SCORED_IMAGES, 50_000), "nproc_per_node": (1, os.cpu_count() or 1),
+    "shard_size": (1, 4096),                              # images per network call of flows.sample_model
+    "sample.seed": (0, 2**32 - 1),                        # batch k's generator is seeded seed·1,000,003 + k
 }
 # List settings that size the work: (most entries, smallest entry, largest entry).
 LIST_BOUNDS = {"model.channel_mults": (5, 1, 8), "model.attention_levels": (5, 0, 4),
@@ -132,3 +134,12 @@ def check_run_parameters(preset: str, overrides: Mapping[str, Any], nproc_per_no
     if num_samples is not None:
         _bounded("num_samples", num_samples)
     return preset, flat
+
+
+def check_sampling_parameters(num_samples: Any, shard_size: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Refuse (ConfigError naming the key) what a sampling run (flows.sample_model) may not ask for:
+    `num_samples` or `shard_size` outside BOUNDS, or sample `settings` ({"steps": 50}) that
+    check_overrides refuses as `sample.*` keys. Returns the settings as checked dotted keys."""
+    _bounded("num_samples", num_samples)
+    _bounded("shard_size", shard_size)
+    return check_overrides({f"sample.{key}": value for key, value in settings.items()})
