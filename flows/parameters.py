@@ -35,7 +35,7 @@ BOUNDS = {
     "model.base_channels": (4, 256), "model.num_res_blocks": (1, 4), "model.attention_heads": (1, 16),
     "sample.num_samples": (MIN_SCORED_IMAGES, 50_000), "sample.batch_size": (1, 4096), "sample.steps": (1, 4000),
     "evaluation.num_samples": (10, 50_000), "evaluation.bootstrap": (0, 10_000),
-    "num_samples": (MIN_SCORED_IMAGES, 50_000), "nproc_per_node": (1, os.cpu_count() or 1),
+    "num_samples": (1, 50_000), "nproc_per_node": (1, os.cpu_count() or 1),
     "shard_size": (1, 4096),                              # images per network call of flows.sample_model
     "sample.seed": (0, 2**32 - 1),                        # batch k's generator is seeded seed·1,000,003 + k
 }
