@@ -38,6 +38,7 @@ import torch
 from mlflow import MlflowClient
 
 from diffusion_core.checkpoint import LoadedModel, load_model
+from diffusion_core.config import ConfigError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 FID_TAG, FID_STD_TAG = "eval.fid", "eval.fid_std"
@@ -177,6 +178,17 @@ def champion_lock(name: str, timeout_s: float = LOCK_TIMEOUT_S, lease_s: float =
 def record_score(client: MlflowClient, name: str, version: str, score: Score) -> None:
     for key, value in score.tags().items():
         client.set_model_version_tag(name, version, key, value)
+
+
+def resolve_version(client: MlflowClient, name: str, version: str | None, alias: str) -> str:
+    """`version` as given, else the version `alias` points at; a ConfigError names the aliases there are."""
+    if version is not None:
+        return str(version)
+    aliases = client.get_registered_model(name).aliases
+    if alias not in aliases:
+        raise ConfigError(f"registered model {name!r} has no alias {alias!r} (it has: "
+                          f"{', '.join(sorted(aliases)) or 'none'}); give a version")
+    return str(aliases[alias])
 
 
 def current_champion(client: MlflowClient, name: str) -> tuple[str | None, Score | None]:

@@ -31,7 +31,7 @@ from diffusion_core.config import Config, ConfigError, load_config
 from .evaluate import evaluate_samples
 from .gate import Gate, read_gate
 from .prepare import prepare_dataset_flow
-from .registry import CHAMPION, load_registered_model, rescore_version
+from .registry import CHAMPION, load_registered_model, rescore_version, resolve_version
 from .sample import sample_images
 from .tracking import ended_when_done, set_tags
 from .train_eval import RUNS_DIR_ENV, create_run, log_setup, primary_score
@@ -50,12 +50,7 @@ def rescore(model: str, version: str | None = None, alias: str = CHAMPION) -> st
     """Score `model` version `version` (default: the one `alias` points at) under the model's gate; tag the
     version with the new score. Returns the MLflow run id of the re-score."""
     client = MlflowClient()
-    if version is None:
-        aliases = client.get_registered_model(model).aliases
-        if alias not in aliases:
-            raise ConfigError(f"registered model {model!r} has no alias {alias!r} (it has: "
-                              f"{', '.join(sorted(aliases)) or 'none'}); give --version")
-        version = str(aliases[alias])
+    version = resolve_version(client, model, version, alias)
     gate = read_gate(client, model)
     if gate is None:
         raise ConfigError(f"registered model {model!r} has no gate yet (its first train-eval run creates one)")

@@ -56,7 +56,7 @@ from diffusion_core.images import grid_by_class, save_grid
 from diffusion_core.samplers import generate_batches
 
 from .parameters import NAME, check_sampling_parameters
-from .registry import CHAMPION, load_registered_model
+from .registry import CHAMPION, load_registered_model, resolve_version
 from .sample import SamplerSetting
 from .tracking import ended_when_done, ensure_experiment, log_params, upload_artifacts
 
@@ -181,12 +181,7 @@ def sample_model(model: str, version: str | None = None, alias: str = CHAMPION, 
                                                seed=seed).items() if value is not None}
     _check_request(model, version, alias, num_samples, shard_size, given, classes)
     client, logger = MlflowClient(), get_run_logger()
-    if version is None:
-        aliases = client.get_registered_model(model).aliases
-        if alias not in aliases:
-            raise ConfigError(f"registered model {model!r} has no alias {alias!r} (it has: "
-                              f"{', '.join(sorted(aliases)) or 'none'}); give a version")
-        version = str(aliases[alias])
+    version = resolve_version(client, model, version, alias)
     uri = f"models:/{model}/{version}"
     loaded = _model(uri)
     settings, drawn = _request(loaded, given, num_samples, shard_size, classes)
