@@ -3,7 +3,8 @@
 Two kinds:
   - the training checkpoint, one file `checkpoints/last.safetensors` holding the model, the EMA, the
     optimizer state and the RNG states (tensor names prefixed `model.`, `ema.`, `optim.`, `rng.`) with
-    the config and scalar state as JSON in the file's metadata. Replaced atomically (temp + rename),
+    the config and scalar state as JSON in the file's metadata: the step, the step this run started at
+    (0, or the step of the model it continues), its learning-rate plan and the dataset version. Replaced atomically (temp + rename),
     so a kill mid-write leaves the previous checkpoint valid.
   - the exported model, a folder with `model.safetensors` (the EMA weights) and `config.json`: what
     sampling, evaluation and the model registry use.
@@ -69,11 +70,14 @@ class TrainingState:
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]
     dataset_sha256: str | None  # None in checkpoints written before it was recorded
+    start_step: int = 0  # the step this run began at: 0, or the step of the trained model it continues
+    lr_plan: dict[str, Any] | None = None  # train.LearningRatePlan fields; None in checkpoints written before it
 
 
 def save_training_checkpoint(path: str | Path, *, step: int, config: Config, model: torch.nn.Module,
                              ema_model: torch.nn.Module, ema_updates: int, optimizer: torch.optim.Optimizer,
-                             rng: dict[str, torch.Tensor], dataset_sha256: str) -> Path:
+                             rng: dict[str, torch.Tensor], dataset_sha256: str, start_step: int = 0,
+                             lr_plan: dict[str, Any] | None = None) -> Path:
     opt_state = optimizer.state_dict()
     tensors = {
         **_state_dict_tensors("model.", model.state_dict()),
@@ -89,6 +93,8 @@ def save_training_checkpoint(path: str | Path, *, step: int, config: Config, mod
         "config": json.dumps(config.to_dict()),
         "dataset_sha256": dataset_sha256,
         "optimizer_param_groups": json.dumps(opt_state["param_groups"]),
+        "start_step": str(start_step),
+        **({"lr_plan": json.dumps(lr_plan)} if lr_plan is not None else {}),
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -114,6 +120,8 @@ def load_training_checkpoint(path: str | Path) -> TrainingState:
         optimizer={"state": state, "param_groups": json.loads(meta["optimizer_param_groups"])},
         rng=_take(tensors, "rng."),
         dataset_sha256=meta.get("dataset_sha256"),
+        start_step=int(meta.get("start_step", 0)),
+        lr_plan=json.loads(meta["lr_plan"]) if "lr_plan" in meta else None,
     )
 
 

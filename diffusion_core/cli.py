@@ -56,9 +56,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.nproc_per_node is not None:  # re-run this command under torchrun, one process per rank
         from .launch import launch_training
 
-        sys.exit(launch_training(config, run_dir, args.nproc_per_node, resume=not args.no_resume))
+        sys.exit(launch_training(config, run_dir, args.nproc_per_node, resume=not args.no_resume,
+                                 continue_from=args.continue_from, allow_new_data=args.allow_new_data))
     with mlflow_metrics_from_environ(run_dir) as on_metrics:  # an orchestrator's MLflow run (MLFLOW_RUN_ID), if any
-        result = train(config, run_dir, resume=not args.no_resume, on_metrics=on_metrics)
+        result = train(config, run_dir, resume=not args.no_resume, on_metrics=on_metrics,
+                       continue_from=args.continue_from, allow_new_data=args.allow_new_data)
     print(f"trained to step {result.step}: loss {result.final_loss:.4f}, {result.images_per_s:.0f} images/s; "
           f"model in {run_dir / 'model'}")
 
@@ -154,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder (default runs/<preset>)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the run folder")
     p.add_argument("--nproc-per-node", default=None, help="processes under torchrun (an integer or 'auto')")
+    p.add_argument("--continue-from", metavar="CHECKPOINT",
+                   help="a trained run's checkpoints/last.safetensors: start from its full state and train "
+                        "train.steps more under train.continue_schedule (when the run folder has nothing to resume)")
+    p.add_argument("--allow-new-data", action="store_true",
+                   help="with --continue-from: continue on a dataset version other than the one it was trained on")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample images from a trained model")

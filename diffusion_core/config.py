@@ -33,6 +33,7 @@ ENV_OVERRIDES = {"DIFFUSION_DATA_SOURCE": "data.source", "DIFFUSION_DATA_DIR": "
 
 
 LR_DECAYS = ("none", "cosine")
+CONTINUE_SCHEDULES = ("restart", "constant")
 # Settings that moved out of the config, and where they went: a stored record (config.json of an older run or
 # model) still loads without them; a preset or override that sets one is refused with this pointer.
 RETIRED = {"evaluation.promotion_sigmas": "the registered model's gate (python -m flows.gate set --promotion-sigmas)",
@@ -90,6 +91,8 @@ class TrainConfig:
     lr: float = 1e-3             # AdamW peak learning rate
     warmup_steps: int = 200      # linear learning-rate warm-up from 0, in steps
     lr_decay: str = "none"       # after warm-up: "none" (constant) or "cosine" (to 0 at train.steps)
+    continue_schedule: str = "restart"  # continuing a trained model for train.steps more: "restart" (warm-up and
+                                 # lr_decay again over those steps) or "constant" (train.lr throughout; the EMA anneals)
     weight_decay: float = 0.0    # AdamW decoupled weight decay
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0       # max global gradient norm; 0 disables clipping
@@ -122,6 +125,8 @@ class TrainConfig:
         _check(p, 0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(p, 0 <= self.ema_std < 0.28, f"train.ema_std must be in [0, 0.28) (0 = fixed decay), got {self.ema_std}")
         _check(p, self.lr_decay in LR_DECAYS, f"train.lr_decay={self.lr_decay!r} is unknown; choose one of {', '.join(LR_DECAYS)}")
+        _check(p, self.continue_schedule in CONTINUE_SCHEDULES, f"train.continue_schedule={self.continue_schedule!r} "
+               f"is unknown; choose one of {', '.join(CONTINUE_SCHEDULES)}")
         _check(p, self.noise_levels in NOISE_LEVEL_DISTRIBUTIONS,
                f"train.noise_levels={self.noise_levels!r} is unknown; choose one of {', '.join(NOISE_LEVEL_DISTRIBUTIONS)}")
         _check(p, self.log_snr_std > 0, f"train.log_snr_std must be > 0, got {self.log_snr_std}")

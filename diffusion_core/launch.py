@@ -59,7 +59,8 @@ def resolve_nproc(nproc_per_node: int | str) -> int:
 
 def torchrun_command(config_file: Path, run_dir: Path, nproc_per_node: int | str, *, nnodes: int = 1,
                      node_rank: int = 0, rdzv_endpoint: str | None = None, rdzv_id: str = "diffusion",
-                     resume: bool = True, log_dir: Path | None = None) -> list[str]:
+                     resume: bool = True, log_dir: Path | None = None, continue_from: Path | str | None = None,
+                     allow_new_data: bool = False) -> list[str]:
     """The torchrun command line. One node: `--standalone`. Several: c10d rendezvous at `rdzv_endpoint`
     (host:port of node 0), the same command on every node with its own `node_rank`. With `log_dir`,
     each rank's output is also kept in a file there and printed whole lines at a time, tagged `[rankN]:`."""
@@ -77,6 +78,10 @@ def torchrun_command(config_file: Path, run_dir: Path, nproc_per_node: int | str
     cmd += ["-m", "diffusion_core.cli", "train", "--preset", str(config_file), "--run-dir", str(run_dir)]
     if not resume:
         cmd.append("--no-resume")
+    if continue_from is not None:
+        cmd += ["--continue-from", str(continue_from)]
+    if allow_new_data:
+        cmd.append("--allow-new-data")
     return cmd
 
 
@@ -144,11 +149,11 @@ def terminate_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def launch_training(config: Config, run_dir: Path, nproc_per_node: int | str, *, resume: bool = True,
-                    on_line: Callable[[str], None] = print, **multinode) -> int:
+                    on_line: Callable[[str], None] = print, **options) -> int:
     """Prepare the dataset, write the resolved config, run torchrun, return its exit code."""
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_for_ranks(config)
     config_file = write_resolved_config(config, run_dir)
-    cmd = torchrun_command(config_file, run_dir, nproc_per_node, resume=resume, **multinode)
+    cmd = torchrun_command(config_file, run_dir, nproc_per_node, resume=resume, **options)
     code, _ = run_process_group(cmd, rank_environment(resolve_nproc(nproc_per_node)), on_line)
     return code

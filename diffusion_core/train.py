@@ -6,6 +6,13 @@ and each rank takes its slice. So a run is a function of the seed alone; resumin
 continues it exactly; and DDP with W ranks computes the same update as one process with the same
 global batch.
 
+Resuming and continuing are different things. Resuming (the run folder holds a checkpoint) finishes the
+same run, bit for bit; given more train.steps, its learning-rate plan is re-planned from the rate it has
+reached (LearningRatePlan.extended), never jumping. Continuing (`continue_from`: another run's training
+checkpoint, e.g. the registered champion's) is a new run that starts from that run's full state
+(weights, EMA, optimizer, RNG streams, step and so data-order position) and trains train.steps more
+under train.continue_schedule; the checkpoint's config and dataset version are checked first.
+
 Run folder layout (`run_dir`):
   checkpoints/last.safetensors   training checkpoint (atomic)     model/   exported EMA model
   metrics.jsonl                  one JSON line per report         forward_process.png, loss_curve.png
@@ -17,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -56,6 +63,10 @@ class TrainResult:
     dataset_sha256: str
 
 
+class ContinuationMismatch(ConfigError):
+    """The training state to continue from was made with other settings or other data."""
+
+
 def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int = 0, decay: str = "none") -> float:
     """Linear warm-up from peak/warmup to peak over `warmup_steps`; then constant (`decay` "none"),
     or half a cosine from peak down to 0 at `total_steps` ("cosine", Loshchilov & Hutter 2017).
@@ -66,6 +77,44 @@ def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int = 
         return peak
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True)
+class LearningRatePlan:
+    """The learning rate of steps [start, end): `learning_rate(step − start, peak, warmup, end − start, decay)`.
+    A fresh run plans [0, train.steps); a continuation [s, s + train.steps) from the step s it continues."""
+
+    start: int
+    end: int
+    peak: float
+    warmup: int
+    decay: str
+
+    @classmethod
+    def for_run(cls, train_config, start: int, continuing: bool = False) -> LearningRatePlan:
+        """The plan of `train.steps` steps from `start`: warm-up then train.lr_decay; a continuation with
+        train.continue_schedule "constant" keeps train.lr throughout (the optimizer state is warm)."""
+        cfg = train_config
+        if continuing and cfg.continue_schedule == "constant":
+            return cls(start, start + cfg.steps, cfg.lr, 0, "none")
+        return cls(start, start + cfg.steps, cfg.lr, cfg.warmup_steps, cfg.lr_decay)
+
+    def at(self, step: int) -> float:
+        return learning_rate(step - self.start, self.peak, self.warmup, self.end - self.start, self.decay)
+
+    def extended(self, step: int, end: int) -> LearningRatePlan:
+        """This plan with its last step moved to `end`, as seen from `step` (a resumed run given other
+        train.steps): unchanged up to `step`, so the rate never jumps. Before the decay has begun only the end
+        moves; after, the decay is re-planned from the rate reached at `step` down to 0 at `end`."""
+        if end == self.end or self.decay == "none" or step < self.start + self.warmup or step >= end:
+            return LearningRatePlan(self.start, end, self.peak, self.warmup, self.decay)
+        rate = self.at(step)
+        if rate <= 0:
+            raise ConfigError(f"this run's learning rate has decayed to {rate:g} at step {step} of its plan "
+                              f"[{self.start}, {self.end}); training it to step {end} would not learn. Continue the "
+                              "trained model as a new run instead (diffusion train --continue-from "
+                              "<run>/checkpoints/last.safetensors), which plans a schedule of its own")
+        return LearningRatePlan(step, end, rate, 0, self.decay)
 
 
 class GlobalBatches:
@@ -87,28 +136,37 @@ class GlobalBatches:
         return self._perm[position * self.batch_size:(position + 1) * self.batch_size]
 
 
-def _check_resumable(saved: dict, config: Config) -> None:
-    """A run may be resumed with more steps or other reporting intervals, nothing else."""
-    free = {"steps", "log_every", "checkpoint_every", "device"}
+RESUME_FREE = frozenset({"steps", "log_every", "checkpoint_every", "device"})
+# Continuing a trained model may also change how it is optimised from here on, not what it learns.
+CONTINUE_FREE = RESUME_FREE | {"lr", "warmup_steps", "lr_decay", "continue_schedule", "grad_clip", "bf16", "compile",
+                               "ema_decay"}
+
+
+def _check_resumable(saved: dict, config: Config, free: frozenset[str] = RESUME_FREE,
+                     error: type[ConfigError] = ConfigError, what: str = "the run folder holds a checkpoint",
+                     fix: str = "use a new run folder, or pass the same settings to resume") -> None:
+    """A run may be resumed with more steps or other reporting intervals, nothing else (continued: `free`)."""
     current = config.to_dict()
     saved = config_from_dict(saved).to_dict()  # fills settings added since the checkpoint with their defaults
     saved_train = {k: v for k, v in saved["train"].items() if k not in free}
     current_train = {k: v for k, v in current["train"].items() if k not in free}
-    differs = [s for s in ("model", "diffusion") if saved[s] != current[s]]
-    differs += [f"train.{k}" for k in current_train if saved_train.get(k) != current_train[k]]
+    differs = [f"{s}.{k}: {saved[s].get(k)!r} → {v!r}" for s in ("model", "diffusion")
+               for k, v in current[s].items() if saved[s].get(k) != v]
+    differs += [f"train.{k}: {saved_train.get(k)!r} → {v!r}" for k, v in current_train.items() if saved_train.get(k) != v]
     if saved["data"]["dataset"] != current["data"]["dataset"]:
-        differs.append("data.dataset")
+        differs.append(f"data.dataset: {saved['data']['dataset']!r} → {current['data']['dataset']!r}")
     if differs:
-        raise ConfigError(
-            f"the run folder holds a checkpoint made with other settings ({', '.join(differs)}); "
-            "use a new run folder, or pass the same settings to resume"
-        )
+        raise error(f"{what} made with other settings ({'; '.join(differs)}); {fix}")
 
 
 def train(config: Config, run_dir: str | Path, *, resume: bool = True, progress: bool = True,
-          on_metrics: MetricsCallback | None = None) -> TrainResult:
-    """Train `config` in `run_dir` (resuming from its checkpoint if there is one). DDP when launched
-    by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA; rank 0 alone writes files and reports."""
+          on_metrics: MetricsCallback | None = None, continue_from: str | Path | None = None,
+          allow_new_data: bool = False) -> TrainResult:
+    """Train `config` in `run_dir` (resuming from its checkpoint if there is one). With `continue_from`
+    (a training checkpoint of another run) and nothing to resume, start from that state and train
+    train.steps more; its config must match (CONTINUE_FREE may differ) and so must its dataset version
+    unless `allow_new_data`, else ContinuationMismatch names both. DDP when launched by torchrun
+    (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA; rank 0 alone writes files and reports."""
     ctx = DistContext.from_environ()
     cfg = config.train
     if cfg.batch_size % ctx.world_size:
@@ -117,13 +175,15 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = True, progress:
     tune_cpu_runtime()
     init_process_group(ctx, device)
     try:
-        return _train(config, Path(run_dir), ctx, device, resume, progress, on_metrics)
+        return _train(config, Path(run_dir), ctx, device, resume, progress, on_metrics,
+                      None if continue_from is None else Path(continue_from), allow_new_data)
     finally:
         destroy_process_group()
 
 
 def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device, resume: bool,
-           progress: bool, on_metrics: MetricsCallback | None) -> TrainResult:
+           progress: bool, on_metrics: MetricsCallback | None, continue_from: Path | None,
+           allow_new_data: bool) -> TrainResult:
     cfg = config.train
     if ctx.is_main:  # one process fetches and converts; the others wait and then read the cache
         dataset = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
@@ -148,8 +208,9 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         schedule, cfg.noise_levels, log_snr_mean=cfg.log_snr_mean, log_snr_std=cfg.log_snr_std).float().to(device)
     torch.manual_seed(cfg.seed + 2 + ctx.rank)  # dropout: independent per rank
 
-    start_step = 0
+    start_step = origin = 0
     checkpoint_path = run_dir / CHECKPOINT
+    plan = LearningRatePlan.for_run(cfg, 0)
     if resume and checkpoint_path.is_file():
         state = load_training_checkpoint(checkpoint_path)
         _check_resumable(state.config, config)
@@ -157,6 +218,24 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
             raise ConfigError(f"the checkpoint in {run_dir} was trained on dataset version {state.dataset_sha256}, "
                               f"but {config.data.data_dir} holds version {dataset.sha256}; resume with the same "
                               "data, or use a new run folder")
+        origin = state.start_step
+        saved_plan = (LearningRatePlan(**state.lr_plan) if state.lr_plan is not None
+                      else LearningRatePlan.for_run(config_from_dict(state.config).train, 0))
+        plan = saved_plan.extended(state.step, origin + cfg.steps)
+    elif continue_from is not None:
+        state = load_training_checkpoint(continue_from)
+        _check_resumable(state.config, config, CONTINUE_FREE, ContinuationMismatch,
+                         f"the training state {continue_from} was", "train it fresh, or continue with its settings")
+        if state.dataset_sha256 != dataset.sha256 and not allow_new_data:
+            raise ContinuationMismatch(
+                f"the training state {continue_from} was trained on dataset version {state.dataset_sha256}, but "
+                f"{config.data.data_dir} holds version {dataset.sha256}; continue on the new data explicitly "
+                "(allow_new_data, --allow-new-data) or train fresh")
+        origin = state.step
+        plan = LearningRatePlan.for_run(cfg, origin, continuing=True)
+    else:
+        state = None
+    if state is not None:
         denoiser.net.load_state_dict(state.model)
         ema.model.load_state_dict(state.ema)
         ema.num_updates = state.ema_updates
@@ -165,6 +244,7 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         if f"torch_rank{ctx.rank}" in state.rng:
             torch.set_rng_state(state.rng[f"torch_rank{ctx.rank}"])
         start_step = state.step
+    end_step = origin + cfg.steps
 
     objective: torch.nn.Module = TrainingObjective(denoiser)
     if ctx.enabled:  # gradients are averaged across ranks inside backward()
@@ -175,7 +255,7 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(run_dir / "metrics.jsonl", start_step)  # reports past the checkpoint are redone
-        if start_step == 0:
+        if start_step == origin:  # a new run (fresh or continuing), not a resumed one
             save_forward_process_grid(schedule, to_model_space(images_u8[:4].cpu()), run_dir / "forward_process.png")
 
     image_shape = tuple(images_u8.shape[1:])
@@ -183,10 +263,10 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
     bad_step = torch.full((), -1, device=device, dtype=torch.long)
     last_report_step, last_report_time = start_step, time.perf_counter()
     result_loss, result_ips = float("nan"), 0.0
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not (progress and ctx.is_main),
+    bar = tqdm(total=end_step, initial=start_step, desc="train", disable=not (progress and ctx.is_main),
                dynamic_ncols=True)
     denoiser.train()
-    for step in range(start_step, cfg.steps):
+    for step in range(start_step, end_step):
         index = batches.indices(step).to(device)  # the global batch; this rank takes its slice `mine`
         x0 = to_model_space(images_u8[index[mine]])
         if t_probs is None:
@@ -199,7 +279,7 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
             cond["class_labels"] = drop_labels(labels[index], cfg.label_dropout, config.model.num_classes,
                                                noise_rng)[mine]
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_decay)
+            group["lr"] = plan.at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = objective(x0, t, noise, **cond)
         optimizer.zero_grad(set_to_none=True)
@@ -213,7 +293,7 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
 
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.checkpoint_every == 0:
+        if done % cfg.log_every == 0 or done == end_step or done % cfg.checkpoint_every == 0:
             if ctx.enabled:  # one sync per report: average the loss, agree on divergence
                 dist.all_reduce(loss_sum)
                 loss_sum /= ctx.world_size
@@ -239,16 +319,17 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
                     f.write(json.dumps({"step": done, **metrics}) + "\n")
                 if on_metrics is not None:
                     on_metrics(done, metrics)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _save(run_dir, done, config, denoiser, ema, optimizer, noise_rng, ctx, dataset.sha256)
+            if done % cfg.checkpoint_every == 0 or done == end_step:
+                _save(run_dir, done, config, denoiser, ema, optimizer, noise_rng, ctx, dataset.sha256, origin, plan)
     bar.close()
 
     if ctx.is_main:
         export_model(run_dir / "model", ema.model, config,
-                     {"step": max(start_step, cfg.steps), "dataset_sha256": dataset.sha256})
+                     {"step": max(start_step, end_step), "start_step": origin, "dataset_sha256": dataset.sha256,
+                      "images_seen": max(start_step, end_step) * cfg.batch_size})
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     ctx.barrier()
-    return TrainResult(run_dir, max(start_step, cfg.steps), result_loss, result_ips, dataset.sha256)
+    return TrainResult(run_dir, max(start_step, end_step), result_loss, result_ips, dataset.sha256)
 
 
 class TrainingObjective(torch.nn.Module):
@@ -263,7 +344,7 @@ class TrainingObjective(torch.nn.Module):
 
 
 def _save(run_dir: Path, step: int, config: Config, denoiser, ema: EMA, optimizer, noise_rng, ctx: DistContext,
-          dataset_sha256: str) -> None:
+          dataset_sha256: str, start_step: int, plan: LearningRatePlan) -> None:
     rng = {"noise": noise_rng.get_state(), f"torch_rank{ctx.rank}": torch.get_rng_state()}
     if ctx.enabled:  # every rank's dropout stream, so each resumes its own
         gathered: list = [None] * ctx.world_size
@@ -272,7 +353,7 @@ def _save(run_dir: Path, step: int, config: Config, denoiser, ema: EMA, optimize
     if ctx.is_main:
         save_training_checkpoint(run_dir / CHECKPOINT, step=step, config=config, model=denoiser.net,
                                  ema_model=ema.model, ema_updates=ema.num_updates, optimizer=optimizer, rng=rng,
-                                 dataset_sha256=dataset_sha256)
+                                 dataset_sha256=dataset_sha256, start_step=start_step, lr_plan=asdict(plan))
 
 
 def truncate_metrics(metrics_file: Path, step: int) -> None:

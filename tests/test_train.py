@@ -1,4 +1,5 @@
 import json
+import math
 import pickle
 
 import pytest
@@ -7,7 +8,7 @@ from safetensors.torch import load_file
 
 from diffusion_core import ConfigError, TrainingDiverged, load_config, load_model, train
 from diffusion_core.checkpoint import CheckpointError, build_denoiser, load_training_checkpoint
-from diffusion_core.train import GlobalBatches, learning_rate
+from diffusion_core.train import ContinuationMismatch, GlobalBatches, LearningRatePlan, learning_rate
 
 
 def test_smoke_run_writes_everything(smoke_run):
@@ -89,8 +90,8 @@ def test_resume_with_other_settings_is_refused(smoke_run, smoke_overrides):
         train(config, smoke_run, progress=False)
 
 
-def test_resume_on_another_dataset_version_is_refused(smoke_run, smoke_overrides, data_dir, tmp_path):
-    """The same dataset name with one pixel changed is another version: resuming names both sha256s."""
+def _other_dataset_version(data_dir, folder):
+    """MNIST with one training pixel changed, prepared in `folder`: another version. Returns its sha256."""
     from safetensors.torch import save_file
 
     from diffusion_core.data import canonical_path, content_sha256, get_spec, read_metadata
@@ -99,10 +100,16 @@ def test_resume_on_another_dataset_version_is_refused(smoke_run, smoke_overrides
     tensors = load_file(str(original))
     tensors["train.images"][0, 0, 0, 0] ^= 1
     other_sha = content_sha256(tensors)
-    other_dir = tmp_path / "data"
-    other_dir.mkdir()
-    save_file(tensors, str(canonical_path(get_spec("mnist"), other_dir)),
+    folder.mkdir()
+    save_file(tensors, str(canonical_path(get_spec("mnist"), folder)),
               metadata={**read_metadata(original), "sha256": other_sha})
+    return other_sha
+
+
+def test_resume_on_another_dataset_version_is_refused(smoke_run, smoke_overrides, data_dir, tmp_path):
+    """The same dataset name with one pixel changed is another version: resuming names both sha256s."""
+    other_dir = tmp_path / "data"
+    other_sha = _other_dataset_version(data_dir, other_dir)
     trained_on = json.loads((smoke_run / "model" / "config.json").read_text())["dataset_sha256"]
     config = load_config("smoke", {**smoke_overrides, "data.data_dir": str(other_dir), "train.steps": 30})
     with pytest.raises(ConfigError, match=f"{trained_on}.*{other_sha}"):
@@ -202,3 +209,93 @@ def test_written_files_have_normal_permissions(smoke_overrides, tmp_path):
                                           "metrics.jsonl", "loss_curve.png"}
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_extended_plan_never_jumps():
+    """A resumed cosine run given more steps: the rate is unchanged up to the resume step, continuous there, and
+    then half a cosine from the rate reached down to 0 at the new end (closed form)."""
+    plan = LearningRatePlan(0, 100, 1.0, 10, "cosine")
+    longer = plan.extended(40, 250)
+    reached = 0.5 * (1 + math.cos(math.pi * 30 / 90))  # the old plan's rate at step 40
+    assert longer.at(40) == pytest.approx(reached, rel=1e-12)
+    for step in (41, 100, 145, 249):
+        assert longer.at(step) == pytest.approx(reached * 0.5 * (1 + math.cos(math.pi * (step - 40) / 210)), rel=1e-12)
+    assert longer.at(250) == pytest.approx(0.0, abs=1e-12)
+    assert plan.extended(5, 250).at(5) == plan.at(5) == pytest.approx(0.6)  # still warming up: only the end moves
+    assert plan.extended(5, 250).at(130) == pytest.approx(0.5 * (1 + math.cos(math.pi * 120 / 240)))
+    assert plan.extended(40, 100) == plan
+    with pytest.raises(ConfigError, match="decayed to 0 at step 100.*--continue-from"):
+        plan.extended(100, 200)
+
+
+def test_resume_with_more_steps_keeps_the_learning_rate_continuous(smoke_overrides, tmp_path):
+    """Resume a cosine run from step 10 of 20 with train.steps 40: the first rate after the checkpoint is the one
+    the run had reached, decayed on along the longer cosine (closed form), not the jump the old rule made."""
+    base = {**smoke_overrides, "train.lr_decay": "cosine", "train.log_every": 1, "train.checkpoint_every": 10}
+    with pytest.raises(Crash):  # killed after the step-10 checkpoint of a 20-step plan
+        train(load_config("smoke", {**base, "train.steps": 20}), tmp_path, progress=False, on_metrics=_stop_after(11))
+    rates = {}
+    train(load_config("smoke", {**base, "train.steps": 40}), tmp_path, progress=False,
+          on_metrics=lambda step, m: rates.__setitem__(step, m["lr"]))
+    peak, warmup = 1e-3, 5
+    reached = peak * 0.5 * (1 + math.cos(math.pi * (10 - warmup) / (20 - warmup)))
+    assert sorted(rates) == list(range(11, 41))
+    for done in (11, 25, 40):  # the report at `done` shows the rate of step done − 1
+        assert rates[done] == pytest.approx(reached * 0.5 * (1 + math.cos(math.pi * (done - 1 - 10) / 30)), rel=1e-9)
+
+
+def _stop_after(step):
+    def callback(done, _metrics):
+        if done >= step:
+            raise Crash
+
+    return callback
+
+
+def test_continuing_equals_the_uninterrupted_run(smoke_overrides, tmp_path):
+    """Continue a 12-step run (constant rate after warm-up) for 8 more steps with the constant schedule: the
+    same weights, EMA and optimizer state as one 20-step run, since the whole state (RNG streams, data-order
+    position, EMA count) is carried over. Exported model records where it started and what it saw."""
+    base = {**smoke_overrides, "train.checkpoint_every": 4, "model.dropout": 0.1}
+    straight, first, second = tmp_path / "straight", tmp_path / "first", tmp_path / "second"
+    train(load_config("smoke", {**base, "train.steps": 20}), straight, progress=False)
+    train(load_config("smoke", {**base, "train.steps": 12}), first, progress=False)
+    continued = load_config("smoke", {**base, "train.steps": 8, "train.continue_schedule": "constant"})
+    result = train(continued, second, progress=False, continue_from=first / "checkpoints" / "last.safetensors")
+    a = load_training_checkpoint(straight / "checkpoints" / "last.safetensors")
+    b = load_training_checkpoint(second / "checkpoints" / "last.safetensors")
+    assert result.step == a.step == b.step == 20 and b.start_step == 12
+    for part in ("model", "ema"):
+        assert all(torch.equal(getattr(a, part)[k], getattr(b, part)[k]) for k in a.model), part
+    assert all(torch.equal(a.optimizer["state"][i]["exp_avg_sq"], b.optimizer["state"][i]["exp_avg_sq"])
+               for i in a.optimizer["state"])
+    info = json.loads((second / "model" / "config.json").read_text())
+    assert (info["step"], info["start_step"], info["images_seen"]) == (20, 12, 20 * 16)
+
+
+def test_restart_schedule_warms_up_again_from_the_continued_step(smoke_overrides, tmp_path):
+    base = {**smoke_overrides, "train.log_every": 1}
+    train(load_config("smoke", {**base, "train.steps": 10}), tmp_path / "first", progress=False)
+    rates = {}
+    config = load_config("smoke", {**base, "train.steps": 10, "train.lr_decay": "cosine"})
+    train(config, tmp_path / "second", progress=False, continue_from=tmp_path / "first/checkpoints/last.safetensors",
+          on_metrics=lambda step, m: rates.__setitem__(step, m["lr"]))
+    assert sorted(rates) == list(range(11, 21))
+    assert [rates[s] for s in (11, 15)] == pytest.approx([1e-3 / 5, 1e-3])  # warm-up over 5 steps from step 10
+    assert rates[20] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+
+
+def test_continuing_with_other_settings_or_data_is_refused_naming_both(smoke_run, smoke_overrides, data_dir, tmp_path):
+    state = smoke_run / "checkpoints" / "last.safetensors"
+    wider = load_config("smoke", {**smoke_overrides, "model.base_channels": 16})
+    with pytest.raises(ContinuationMismatch, match=r"model.base_channels: 8 → 16"):
+        train(wider, tmp_path / "a", progress=False, continue_from=state)
+    other_dir = tmp_path / "data"
+    other_sha = _other_dataset_version(data_dir, other_dir)
+    trained_on = load_training_checkpoint(state).dataset_sha256
+    on_new_data = load_config("smoke", {**smoke_overrides, "data.data_dir": str(other_dir), "train.steps": 2})
+    with pytest.raises(ContinuationMismatch, match=f"{trained_on}.*{other_sha}"):
+        train(on_new_data, tmp_path / "b", progress=False, continue_from=state)
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    result = train(on_new_data, tmp_path / "c", progress=False, continue_from=state, allow_new_data=True)
+    assert (result.step, result.dataset_sha256) == (22, other_sha)
