@@ -299,7 +299,7 @@ def main() -> None:
                         help="calibrate a new network on a busy machine from its one-thread CPU time (see calibration())")
     parser.add_argument("--images-per-s", type=float,
                         help="budget every arm at this many training images/s instead of measuring this machine "
-                             "(e.g. 320, the README's calibration of the mnist-cpu network, to train its image budgets)")
+                             "(e.g. 320, the mnist-cpu network's calibration in docs/training-recipe.md, for its image budgets)")
     parser.add_argument("--calibrate-only", action="store_true",
                         help="only measure each arm's training images/s (run on an idle machine, before the arms)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

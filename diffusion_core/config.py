@@ -26,7 +26,7 @@ from .unet import UNetConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # shipped in the package (pyproject package-data)
 # The preset of the README's first command, of `diffusion` commands without --preset and of the nightly deployment:
-# the mnist-cpu recipe made class-conditional, sampled with balanced classes (README, "Training recipe").
+# the mnist-cpu recipe made class-conditional, sampled with balanced classes (docs/training-recipe.md).
 DEFAULT_PRESET = "mnist-cpu-cond"
 # Environment variables that override a config field (documented in .env.example).
 ENV_OVERRIDES = {"DIFFUSION_DATA_SOURCE": "data.source", "DIFFUSION_DATA_DIR": "data.data_dir"}

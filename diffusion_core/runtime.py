@@ -1,7 +1,7 @@
 """Process-wide settings that make CPU training and sampling faster, applied where the network runs
 (training, and `generate_batches`, which every sampling path goes through) and by the benchmarks.
 
-Measured on a 2-core CPU (README, "Throughput"): with glibc's default malloc, every activation
+Measured on a 2-core CPU (docs/performance.md, "Throughput"): with glibc's default malloc, every activation
 larger than its mmap threshold is mapped fresh and unmapped when freed, so each training step pays
 thousands of page faults in system time; and setting only the trim threshold is far worse (it pins
 the mmap threshold at 128 KiB: 1.3 s of system time per `mnist-cpu` step). Both thresholds together

@@ -44,7 +44,7 @@ from .registry import PromotionRule, champion_lock
 GATE_TAG = "gate"
 HISTORY_TAG = "gate.history."
 OPERATOR_ENV = "DIFFUSION_OPERATOR"
-DEFAULT_RULE = PromotionRule(sigmas=2.0, min_improvement=0.0)  # 2 combined standard errors (README "Model comparison")
+DEFAULT_RULE = PromotionRule(sigmas=2.0, min_improvement=0.0)  # 2 combined standard errors (docs/evaluation.md#model-comparison)
 # What the protocol fixes: the feature extractor, the evaluation budget and the primary sampler's settings.
 PROTOCOL_KEYS = ("extractor", "evaluation.num_samples", "evaluation.bootstrap", "sample.sampler", "sample.steps",
                  "sample.eta", "sample.spacing", "sample.guidance", "sample.seed", "sample.clip_x0")

@@ -77,8 +77,8 @@ def _setting(config: Config, **changes) -> SamplerSetting:
 
 def primary_setting(config: Config) -> SamplerSetting:
     """The config's own sampler, steps, η and spacing (the preset's choice, from the recipe ablation in
-    the README) with the evaluation budget of images: the setting whose FID decides the champion, and
-    what `diffusion evaluate --model DIR` scores without flags (both are `primary_settings`)."""
+    docs/training-recipe.md) with the evaluation budget of images: the setting whose FID decides the
+    champion, and what `diffusion evaluate --model DIR` scores without flags (both are `primary_settings`)."""
     return SamplerSetting(primary_settings(config), config.conditional)
 
 

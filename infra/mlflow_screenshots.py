@@ -1,4 +1,4 @@
-"""Screenshots of the MLflow UI for the README (docs/mlflow-*.png), taken with headless Chromium.
+"""Screenshots of the MLflow UI for docs/operations.md (docs/mlflow-*.png), taken with headless Chromium.
 
     apt-get install chromium                          # any Chromium or Chrome; nothing is downloaded
     pip install -e '.[screenshots]'                   # websockets, for the DevTools protocol

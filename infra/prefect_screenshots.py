@@ -1,5 +1,5 @@
-"""Screenshots of the Prefect UI's artifact pages for the README (docs/prefect-artifact-*.png), taken with
-headless Chromium (the browser driver of infra/mlflow_screenshots.py).
+"""Screenshots of the Prefect UI's artifact pages for docs/operations.md (docs/prefect-artifact-*.png),
+taken with headless Chromium (the browser driver of infra/mlflow_screenshots.py).
 
     apt-get install chromium                          # any Chromium or Chrome; nothing is downloaded
     pip install -e '.[screenshots]'                   # websockets, for the DevTools protocol

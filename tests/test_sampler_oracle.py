@@ -12,7 +12,7 @@ The samplers draw their noise in a documented order (one tensor of x's shape per
 so a test redraws the very same z and compares the sampler's output with c · (1, x_T, z) element by
 element, to 1e-9. A one-index shift of any table, a skipped final step or an ignored η moves the output
 by orders of magnitude more. The oracle's mean c₀ and spread √(Σ c_k²) are the sampler's exact output
-distribution: `python tests/test_sampler_oracle.py` prints the README's table of them.
+distribution: `python tests/test_sampler_oracle.py` prints the table of them in docs/sampling.md.
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def test_log_snr_beats_linear_spacing_for_dpm_solver(steps):
 
 
 def readme_table() -> str:
-    """The README's table: exact mean and share of the true spread kept, per sampler, spacing and schedule."""
+    """docs/sampling.md's table: exact mean and share of the true spread kept, per sampler, spacing and schedule."""
     rows = ["| sampler | spacing | schedule | 10 steps | 20 steps | 50 steps |", "|---|---|---|---|---|---|"]
     for name in SAMPLERS:
         for spacing in ("linear", "log_snr"):
