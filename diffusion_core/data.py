@@ -4,7 +4,11 @@ Sources (`data.source`):
   - a local folder holding the original raw files (directly, or in `raw/` or `<Dataset>/raw/` below it);
   - `s3://bucket/prefix` holding the same files (boto3; endpoint and credentials from the environment);
   - `download`: the official mirrors (needs internet).
-Every raw file is checked against the MD5 the dataset's publishers (and torchvision) use. The
+Every raw file is checked against the MD5 the dataset's publishers (and torchvision) use, unless the
+source holds a manifest `MD5SUMS` (md5sum's format, "<md5>  <file>" per raw file): then it is a dataset
+version of the team's own (the published files with images added, say) and its files are checked
+against that. A cached canonical file is reused only while the MD5s it was built from are the ones the
+source names now, so a changed source is a new dataset version at the next prepare. The
 canonical file holds uint8 images [N, C, H, W] and int64 labels per split, plus metadata with a
 sha256 over its content that identifies the dataset version in every later record.
 
@@ -28,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path
-from .storage import download_s3_prefix, is_s3_uri, upload_s3_files
+from .storage import download_s3_prefix, is_s3_uri, read_s3_text, upload_s3_files
 
 CANONICAL_FORMAT = "diffusion-canonical-v1"
 SPLITS = ("train", "test")
@@ -130,9 +134,40 @@ def md5sum(path: Path) -> str:
     return file_digest(path, "md5")
 
 
-def verify_raw_files(spec: DatasetSpec, folder: Path) -> None:
-    """Every raw file present with its published MD5, or a DataError naming the file."""
-    for name, expected in spec.files:
+MANIFEST = "MD5SUMS"
+
+
+def parse_manifest(spec: DatasetSpec, text: str, where: str) -> dict[str, str]:
+    """The MD5 per raw file a source's MD5SUMS names; a DataError if it does not name exactly spec's files."""
+    md5s = {}
+    for line in text.splitlines():
+        if line.strip():
+            digest, _, name = line.strip().partition(" ")
+            md5s[name.strip().lstrip("*")] = digest.lower()
+    wanted = {name for name, _ in spec.files}
+    if set(md5s) != wanted or not all(len(d) == 32 for d in md5s.values()):
+        raise DataError(f"{where} must list the MD5 of each of {', '.join(sorted(wanted))} once "
+                        f"(`md5sum {' '.join(sorted(wanted))} > {MANIFEST}`); it lists {', '.join(sorted(md5s)) or 'nothing'}")
+    return md5s
+
+
+def source_md5s(spec: DatasetSpec, source: str) -> dict[str, str]:
+    """The MD5 each raw file must have at `source`: its MD5SUMS if it holds one, else the published ones."""
+    if source == "download":
+        text, where = None, ""
+    elif is_s3_uri(source):
+        where = source.rstrip("/") + "/" + MANIFEST
+        text = read_s3_text(where)
+    else:
+        root = Path(source).expanduser()
+        found = [f / MANIFEST for f in (root, root / "raw", root / spec.folder / "raw") if (f / MANIFEST).is_file()]
+        text, where = (found[0].read_text(), str(found[0])) if found else (None, "")
+    return dict(spec.files) if text is None else parse_manifest(spec, text, where)
+
+
+def verify_raw_files(spec: DatasetSpec, folder: Path, md5s: dict[str, str] | None = None) -> None:
+    """Every raw file present with its MD5 (`md5s`, default the published ones), or a DataError naming the file."""
+    for name, expected in (md5s or dict(spec.files)).items():
         path = folder / name
         if not path.is_file():
             raise DataError(f"{spec.name}: raw file {name} missing in {folder}")
@@ -181,8 +216,10 @@ def _download(spec: DatasetSpec, target: Path) -> None:
             )
 
 
-def fetch_raw(spec: DatasetSpec, source: str, data_dir: Path) -> Path:
-    """Make the verified raw files available locally; return their folder."""
+def fetch_raw(spec: DatasetSpec, source: str, data_dir: Path, md5s: dict[str, str] | None = None) -> Path:
+    """Make the raw files available locally, verified against `md5s` (default: what the source names);
+    return their folder."""
+    md5s = source_md5s(spec, source) if md5s is None else md5s
     if source == "download":
         folder = data_dir / "raw" / spec.name
         _download(spec, folder)
@@ -191,7 +228,7 @@ def fetch_raw(spec: DatasetSpec, source: str, data_dir: Path) -> Path:
         download_s3_prefix(source, [name for name, _ in spec.files], folder)
     else:
         folder = _find_local_raw(spec, Path(source).expanduser())
-    verify_raw_files(spec, folder)
+    verify_raw_files(spec, folder, md5s)
     return folder
 
 
@@ -204,8 +241,9 @@ def upload_dataset(name: str, source: str | Path, uri: str) -> list[str]:
     if not is_s3_uri(uri) or not uri[5:].partition("/")[0]:
         raise DataError(f"{uri!r} is not an S3 location: give s3://bucket/prefix")
     folder = _find_local_raw(spec, Path(source).expanduser())
-    verify_raw_files(spec, folder)
-    written = upload_s3_files([folder / file for file, _ in spec.files], uri)
+    verify_raw_files(spec, folder, source_md5s(spec, str(folder)))
+    manifest = [folder / MANIFEST] if (folder / MANIFEST).is_file() else []  # a version of the team's own
+    written = upload_s3_files([folder / file for file, _ in spec.files] + manifest, uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             fetch_raw(spec, uri, Path(tmp))
@@ -248,19 +286,25 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
-def prepare_dataset(name: str, source: str, data_dir: str | Path, *, verify_cache: bool = True) -> PreparedDataset:
-    """Raw files → canonical file, once. A valid cached file is reused (its content hash rechecked)."""
+def prepare_dataset(name: str, source: str, data_dir: str | Path, *, verify_cache: bool = True,
+                    consult_source: bool = True) -> PreparedDataset:
+    """Raw files → canonical file, once. A valid cached file is reused (its content hash rechecked) while
+    it is the version the source holds (without `consult_source`, as the training ranks do after their
+    launcher prepared the data: whatever version is cached)."""
     spec = get_spec(name)
     data_dir = Path(data_dir)
     path = canonical_path(spec, data_dir)
+    md5s = source_md5s(spec, source) if consult_source or not path.is_file() else None
     if path.is_file():
         try:
             meta = read_metadata(path)
-            if not verify_cache or content_sha256(load_file(str(path))) == meta["sha256"]:
+            same_source = md5s is None or json.loads(meta["raw_md5"]) == md5s  # else the source changed
+            if same_source and (not verify_cache or content_sha256(load_file(str(path))) == meta["sha256"]):
                 return PreparedDataset(spec, path, meta["sha256"])
         except Exception:
             pass  # unreadable or stale cache: rebuild it below
-    raw = fetch_raw(spec, source, data_dir)
+    md5s = source_md5s(spec, source) if md5s is None else md5s
+    raw = fetch_raw(spec, source, data_dir, md5s)
     tensors = {}
     for split, (images, labels) in spec.parse(raw).items():
         tensors[f"{split}.images"] = torch.from_numpy(np.ascontiguousarray(images))
@@ -268,7 +312,7 @@ def prepare_dataset(name: str, source: str, data_dir: str | Path, *, verify_cach
     sha = content_sha256(tensors)
     meta = {
         "format": CANONICAL_FORMAT, "dataset": spec.name, "sha256": sha,
-        "raw_md5": json.dumps(dict(spec.files)),
+        "raw_md5": json.dumps(md5s),
         "sizes": json.dumps({s: int(tensors[f"{s}.images"].shape[0]) for s in SPLITS}),
     }
     with atomic_path(path) as tmp:

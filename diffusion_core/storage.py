@@ -74,6 +74,24 @@ def upload_s3_files(files: Iterable[Path], uri: str) -> list[str]:
     return written
 
 
+def read_s3_text(uri: str) -> str | None:
+    """The text of the object at `uri`, or None when there is no such object (the client retries other
+    failures itself; what is left is a DataError naming the object)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from .data import DataError
+
+    bucket, key = split_s3_uri(uri)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise DataError(f"reading {uri} failed ({exc}). Check the bucket, prefix, endpoint and credentials.") from exc
+    except BotoCoreError as exc:
+        raise DataError(f"reading {uri} failed ({exc}). Check the bucket, prefix, endpoint and credentials.") from exc
+
+
 def download_s3_prefix(uri: str, names: Iterable[str], target: Path) -> None:
     """Download s3://bucket/prefix/<name> for each name into `target` (atomically per file)."""
     from .data import DataError

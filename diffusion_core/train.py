@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -185,11 +186,15 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
            progress: bool, on_metrics: MetricsCallback | None, continue_from: Path | None,
            allow_new_data: bool) -> TrainResult:
     cfg = config.train
-    if ctx.is_main:  # one process fetches and converts; the others wait and then read the cache
-        dataset = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
+    # One process fetches and converts; the others wait and then read the cache. Under torchrun the launcher
+    # prepared it (launch.prepare_for_ranks) and the ranks, which hold no storage credentials, read that.
+    launched = "TORCHELASTIC_RUN_ID" in os.environ
+    if ctx.is_main:
+        dataset = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir,
+                                  consult_source=not launched)
     ctx.barrier()
     if not ctx.is_main:
-        dataset = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
+        dataset = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir, consult_source=False)
     images_u8, labels = dataset.load("train")
     images_u8, labels = images_u8.to(device), labels.to(device)
     batches = GlobalBatches(images_u8.shape[0], cfg.batch_size, cfg.seed)

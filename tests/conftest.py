@@ -107,3 +107,24 @@ def s3_endpoint(tmp_path, monkeypatch):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def grow_mnist_source(source: Path, target: Path, added: int) -> Path:
+    """A new version of MNIST at `target`: the raw files of `source` with the first `added` training images
+    (and labels) appended again, plus the MD5SUMS that makes it a version of its own. Returns `target`."""
+    import gzip
+    import hashlib
+    import struct
+
+    target.mkdir(parents=True, exist_ok=True)
+    for f in source.glob("*.gz"):
+        shutil.copy(f, target / f.name)
+    for name, header in (("train-images-idx3-ubyte.gz", 16), ("train-labels-idx1-ubyte.gz", 8)):
+        data = gzip.decompress((target / name).read_bytes())
+        count = struct.unpack(">I", data[4:8])[0]
+        item = (len(data) - header) // count
+        grown = data[:4] + struct.pack(">I", count + added) + data[8:] + data[header:header + added * item]
+        (target / name).write_bytes(gzip.compress(grown))
+    sums = [f"{hashlib.md5(f.read_bytes()).hexdigest()}  {f.name}" for f in sorted(target.glob("*.gz"))]
+    (target / "MD5SUMS").write_text("\n".join(sums) + "\n")
+    return target

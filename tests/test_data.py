@@ -120,3 +120,24 @@ def test_upload_dataset_refuses_a_corrupt_file_before_uploading_anything(s3_endp
         upload_dataset("mnist", mnist_raw_copy, "/tmp/x")
     with pytest.raises(DataError, match="bucket 'missing' cannot be reached .*create it"):
         upload_dataset("mnist", mnist_raw_copy, "s3://missing/mnist")
+
+
+def test_a_source_with_its_own_md5sums_is_a_new_version_and_replaces_the_cache(mnist_raw_source, data_dir, tmp_path):
+    """Images added at the source (with its MD5SUMS): the next prepare in the same data folder is a new
+    version holding them (counted independently from the files), and a wrong MD5SUMS is refused."""
+    from conftest import grow_mnist_source
+
+    folder = tmp_path / "data"
+    shutil.copytree(data_dir, folder)
+    source = grow_mnist_source(mnist_raw_source, tmp_path / "source", added=64)
+    original = prepare_dataset("mnist", str(mnist_raw_source), folder)
+    grown = prepare_dataset("mnist", str(source), folder)
+    assert grown.sha256 != original.sha256
+    images, labels = grown.load("train")
+    base_images, base_labels = load_split(data_dir / "mnist.safetensors")
+    assert images.shape[0] == base_images.shape[0] + 64
+    assert torch.equal(images[-64:], base_images[:64]) and torch.equal(labels[-64:], base_labels[:64])
+    assert prepare_dataset("mnist", str(mnist_raw_source), folder).sha256 == original.sha256  # back: rebuilt
+    (source / "MD5SUMS").write_text((source / "MD5SUMS").read_text().replace("train-labels", "tran-labels"))
+    with pytest.raises(DataError, match="MD5SUMS must list the MD5 of each of"):
+        prepare_dataset("mnist", str(source), folder)
