@@ -160,6 +160,12 @@ def _check_resumable(saved: dict, config: Config, free: frozenset[str] = RESUME_
         raise error(f"{what} made with other settings ({'; '.join(differs)}); {fix}")
 
 
+def check_continuable(saved: dict, config: Config, what: str = "the training state") -> None:
+    """ContinuationMismatch naming each setting (both values) that a continuation may not change."""
+    _check_resumable(saved, config, CONTINUE_FREE, ContinuationMismatch, f"{what} was",
+                     "train it fresh, or continue with its settings")
+
+
 def train(config: Config, run_dir: str | Path, *, resume: bool = True, progress: bool = True,
           on_metrics: MetricsCallback | None = None, continue_from: str | Path | None = None,
           allow_new_data: bool = False) -> TrainResult:
@@ -229,8 +235,7 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         plan = saved_plan.extended(state.step, origin + cfg.steps)
     elif continue_from is not None:
         state = load_training_checkpoint(continue_from)
-        _check_resumable(state.config, config, CONTINUE_FREE, ContinuationMismatch,
-                         f"the training state {continue_from} was", "train it fresh, or continue with its settings")
+        check_continuable(state.config, config, f"the training state {continue_from}")
         if state.dataset_sha256 != dataset.sha256 and not allow_new_data:
             raise ContinuationMismatch(
                 f"the training state {continue_from} was trained on dataset version {state.dataset_sha256}, but "

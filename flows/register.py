@@ -30,7 +30,7 @@ from .registry import CHALLENGER
 from .tracking import registered_model_name, upload_artifacts
 
 MODEL_ARTIFACT = "model"
-VERSION_TAGS = ("dataset_sha256", "git_commit")  # run params copied onto the model version
+VERSION_TAGS = ("dataset_sha256", "git_commit", "config_sha256")  # run params copied onto the model version
 
 
 def register_model_folder(client: MlflowClient, run_id: str, folder: Path, name: str,
@@ -49,9 +49,10 @@ def register_model_folder(client: MlflowClient, run_id: str, folder: Path, name:
 
 
 @flow(name="register-checkpoint")
-def register_checkpoint(run_id: str, work_dir: str, config: dict[str, Any]) -> str:
-    """Register `work_dir/model` (logged to the run) under the name `config` (as submitted) gives, point
-    `challenger` at it; return the new version."""
+def register_checkpoint(run_id: str, work_dir: str, config: dict[str, Any],
+                        lineage: dict[str, str] | None = None) -> str:
+    """Register `work_dir/model` (logged to the run) under the name `config` (as submitted) gives, with
+    the `lineage` tags (flows.nightly), point `challenger` at it; return the new version."""
     client = MlflowClient()
     config = config_from_dict(config)
     params = client.get_run(run_id).data.params
@@ -60,7 +61,7 @@ def register_checkpoint(run_id: str, work_dir: str, config: dict[str, Any]) -> s
                      "guidance": config.sample.guidance} if config.conditional else {"num_classes": "none"})
     version = register_model_folder(client, run_id, Path(work_dir) / MODEL_ARTIFACT, name,
                                     {"preset": config.name, **{k: params[k] for k in VERSION_TAGS},
-                                     **{k: str(v) for k, v in conditioning.items()}})
+                                     **{k: str(v) for k, v in conditioning.items()}, **(lineage or {})})
     client.set_registered_model_alias(name, CHALLENGER, version)
     get_run_logger().info("registered %s version %s (alias %s)", name, version, CHALLENGER)
     return version

@@ -40,7 +40,7 @@ from mlflow import MlflowClient
 from diffusion_core.checkpoint import LoadedModel, load_model
 from diffusion_core.config import ConfigError
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 FID_TAG, FID_STD_TAG = "eval.fid", "eval.fid_std"
 SCORE_HISTORY_TAG = "eval.history."  # every score a version had before a re-score replaced it
 PROTOCOL_KEYS = ("extractor_id", "num_samples", "sampler", "dataset_sha256")
@@ -201,8 +201,8 @@ def current_champion(client: MlflowClient, name: str) -> tuple[str | None, Score
 
 def select_champion(client: MlflowClient, name: str, version: str, score: Score, rule: PromotionRule) -> Decision:
     """Tag `version` with its score; under the model's champion lock, compare it with the current
-    champion by `rule` (the model's gate), tag the decision on the version and, if it wins, move
-    `champion` to it (the last write)."""
+    champion by `rule` (the model's gate), tag the decision on the version and, if it wins, point
+    `previous` at the champion it replaces and move `champion` to it (the last write)."""
     record_score(client, name, version, score)
     with champion_lock(name):
         champion_version, champion = current_champion(client, name)
@@ -210,6 +210,8 @@ def select_champion(client: MlflowClient, name: str, version: str, score: Score,
         for key, value in decision.tags().items():
             client.set_model_version_tag(name, version, key, value)
         if decision.promoted:
+            if champion_version is not None:  # the champion it replaces stays one command away (flows.rollback)
+                client.set_registered_model_alias(name, PREVIOUS, champion_version)
             client.set_registered_model_alias(name, CHAMPION, version)
     return decision
 

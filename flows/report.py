@@ -91,8 +91,9 @@ def _fid(fid: float, std: float) -> tuple[str, str]:
     return f"{fid:.4g}", f"{std:.2g}"
 
 
-def summary_markdown(decision: Decision, links: RunLinks) -> str:
-    """The run's result and the champion decision as markdown (see the module docstring)."""
+def summary_markdown(decision: Decision, links: RunLinks, start: str = "") -> str:
+    """The run's result and the champion decision as markdown (see the module docstring); `start`: what the
+    run started from and why (flows.nightly)."""
     candidate, champion = decision.candidate, decision.champion
     name, version = links.model, links.version
     if decision.promoted:
@@ -108,6 +109,7 @@ def summary_markdown(decision: Decision, links: RunLinks) -> str:
         rows.append((f"champion before: v{decision.champion_version}", *_fid(champion.fid, champion.fid_std),
                      champion.protocol))
     lines = [f"## {name} v{version}: {'promoted' if decision.promoted else 'kept'}", "", outcome, "",
+             *([f"**Started from:** {start}", ""] if start else []),
              "| | FID | ± σ | N | sampler | extractor |", "|:--|--:|--:|--:|:--|:--|"]
     lines += [f"| {who} | {fid} | {std} | {protocol.get('num_samples', '–')} | {protocol.get('sampler', '–')} "
               f"| {protocol.get('extractor_id', '–')} |" for who, fid, std, protocol in rows]
@@ -138,14 +140,20 @@ def score_rows(metrics: dict[str, float], settings: list[SamplerSetting], extrac
              "images_per_s": _shown(metrics.get(f"sampling_images_per_s_{s.tag}"))} for s in settings]
 
 
+def publish_skip(model: str, run_link: str, reason: str) -> None:
+    """The summary artifact of a run that skipped training (flows.nightly's skip-unchanged)."""
+    create_markdown_artifact(f"## {model}: skipped\n\n{reason}\n\n- MLflow run: {run_link}\n",
+                             key=artifact_key(SUMMARY_PREFIX, model), description=f"train-eval of {model}: skipped")
+
+
 def publish_report(client: MlflowClient, run_id: str, config: Config, extractor: str, model: str, version: str,
-                   decision: Decision) -> None:
+                   decision: Decision, start: str = "") -> None:
     """Publish the run's summary and score table as keyed artifacts of the current Prefect flow run."""
     run = client.get_run(run_id)
     primary = primary_setting(config)
     links = RunLinks(server_url(mlflow.get_tracking_uri()), run.info.experiment_id, run_id, model, version,
                      run.info.artifact_uri, f"{SAMPLES_ARTIFACT}/{primary.tag}.png")
-    create_markdown_artifact(summary_markdown(decision, links), key=artifact_key(SUMMARY_PREFIX, model),
+    create_markdown_artifact(summary_markdown(decision, links, start), key=artifact_key(SUMMARY_PREFIX, model),
                              description=f"train-eval of {model} v{version}: result and champion decision")
     create_table_artifact(score_rows(run.data.metrics, sampler_settings(config), extractor, primary.tag),
                           key=artifact_key(SCORES_PREFIX, model),

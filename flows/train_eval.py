@@ -7,11 +7,14 @@ gate (flows.gate: the protocol every candidate of that model is scored with and 
 all before any work. That resolved config is submitted once: every step receives it as a flow
 parameter, and the MLflow copy (`config.json`, its sha256 as the param `config_sha256`) is a record,
 never read back. Steps (each a flow of its own, sharing the config, the MLflow run id and the working
-folder `$DIFFUSION_RUNS_DIR/<flow run id>`, default `runs/`): prepare-dataset → train (torchrun) →
+folder `$DIFFUSION_RUNS_DIR/<flow run id>`, default `runs/`): prepare-dataset → the policy's plan
+(flows.nightly: train fresh, continue the champion's training state, or skip a night with nothing new) →
+train (torchrun) →
 register-checkpoint (new version of `ddpm-<dataset>`, or `ddpm-<dataset>-cond` for a class-conditional
 model, alias `challenger`) → sample (DDPM and DDIM, plus the guidance and NFE sweeps)
 → evaluate (FID …) → champion selection on the primary sampler's FID and its standard error, by the
-gate's rule (see flows.registry).
+gate's rule (see flows.registry). A champion scored on another dataset version than this run's (new data
+at the source) is re-scored on this one first (flows.rescore), so the two are compared on the same data.
 
 The MLflow run (experiment `diffusion-<dataset>`, name `<preset>-<UTC time>-<flow run name>`)
 holds the resolved config as params and as `config.json`, the git commit, torch version, device and
@@ -31,12 +34,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import SourceType
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 from prefect import flow, get_run_logger
 from prefect.runtime import deployment, flow_run
+from prefect.states import Completed
 
 from diffusion_core.config import DEFAULT_PRESET, Config, load_config, parse_override
 from diffusion_core.distributed import DistContext, resolve_device
@@ -46,11 +51,12 @@ from diffusion_core.evaluation.extractors import canonical_name
 
 from .evaluate import evaluate_samples
 from .gate import Gate, ensure_gate
+from .nightly import POLICIES, check_policy, lineage_tags, plan_run
 from .parameters import check_run_parameters
 from .prepare import prepare_dataset_flow
 from .register import register_checkpoint
-from .registry import Score, select_champion
-from .report import publish_report
+from .registry import Score, current_champion, select_champion
+from .report import publish_report, publish_skip, server_url
 from .sample import primary_setting, sample_images
 from .tracking import (ended_when_done, ensure_experiment, git_commit, log_params, registered_model_name, set_tags,
                        upload_artifacts)
@@ -102,10 +108,11 @@ def primary_score(client: MlflowClient, run_id: str, config: Config) -> Score:
 
 def submitted_config(preset: str, overrides: dict[str, Any], nproc_per_node: int | str, num_samples: int | None,
                      ddim_steps: int | None, ddim_eta: float | None, extractor: str | None,
-                     client: MlflowClient, by: str) -> tuple[Config, str, Gate]:
+                     client: MlflowClient, by: str, policy: str = "fresh") -> tuple[Config, str, Gate]:
     """Check the parameters, resolve the config and fit it to its registered model's gate (created from
     this config when the model has none); a ConfigError names what is refused. Returns the config every
     step receives, the canonical extractor name and the gate."""
+    check_policy(policy)
     preset, flat = check_run_parameters(preset, overrides, nproc_per_node, num_samples)
     sampling = {"sample.num_samples": num_samples, "sample.steps": ddim_steps, "sample.eta": ddim_eta}
     flat = {**flat, **{k: v for k, v in sampling.items() if v is not None}}
@@ -121,7 +128,7 @@ def submitted_config(preset: str, overrides: dict[str, Any], nproc_per_node: int
 @flow(name="train-eval")
 def train_eval(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None, nproc_per_node: int | str = 1,
                num_samples: int | None = None, ddim_steps: int | None = None, ddim_eta: float | None = None,
-               extractor: str | None = None) -> str:
+               extractor: str | None = None, policy: str = "fresh") -> str:
     """Train `preset` + `overrides` ({"train.steps": 500, …}) on `nproc_per_node` ranks, register, sample
     and evaluate it: the primary setting (the config's sample.sampler with `ddim_steps` steps and
     η=`ddim_eta`, names kept from when the primary sampler was always DDIM; unset: the config's sample.*)
@@ -129,12 +136,15 @@ def train_eval(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = 
     (unset: sample.num_samples). The primary setting, the evaluation budget and the extractor (unset:
     the gate's) are the registered model's gate's (flows.gate); parameters that contradict it are refused.
     It becomes the champion if its primary FID beats the current champion's by more than the gate's
-    margin (flows.registry).
+    margin (flows.registry). `policy` (flows.nightly): "fresh" trains from scratch, "continue" continues
+    the champion's training state, "skip-unchanged" ends without training when data, code and config
+    equal the champion's (final state "Skipped").
     Parameters are checked against what a run may ask for (flows.parameters) before any work.
     Returns the MLflow run id."""
     client = MlflowClient()
     config, extractor, gate = submitted_config(preset, overrides or {}, nproc_per_node, num_samples, ddim_steps,
-                                               ddim_eta, extractor, client, f"train-eval run {flow_run.name}")
+                                               ddim_eta, extractor, client, f"train-eval run {flow_run.name}",
+                                               policy)
     submitted = config.to_dict()
     work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
     run_id = create_run(client, config, work_dir, config.name)
@@ -142,17 +152,40 @@ def train_eval(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = 
     logger.info("MLflow run %s, working folder %s, gate revision %d (%s)", run_id, work_dir, gate.revision, gate.rule)
     with ended_when_done(client, run_id):
         log_setup(client, run_id, config, work_dir, nproc_per_node, extractor, gate)
-        prepare_dataset_flow(run_id, submitted)
-        train_model(run_id, str(work_dir), submitted, nproc_per_node)
+        dataset_sha256 = prepare_dataset_flow(run_id, submitted)
         name = registered_model_name(config.data.dataset, config.conditional)
-        version = register_checkpoint(run_id, str(work_dir), submitted)
+        plan = plan_run(client, name, policy, config, dataset_sha256, git_commit(), config_sha256(config), work_dir)
+        set_tags(client, run_id, plan.tags())
+        logger.info("policy %s: %s", policy, plan.reason)
+        if plan.mode == "skip":
+            set_tags(client, run_id, {"mlflow.note.content": f"Skipped: {plan.reason}"})
+            experiment = client.get_run(run_id).info.experiment_id
+            base = server_url(mlflow.get_tracking_uri())
+            publish_skip(name, f"{base}/#/experiments/{experiment}/runs/{run_id}" if base else run_id, plan.reason)
+            return Completed(name="Skipped", message=plan.reason, data=run_id)
+        seconds = train_model(run_id, str(work_dir), submitted, nproc_per_node, plan.state_file, plan.new_data)
+        model_info = json.loads((work_dir / "model" / "config.json").read_text())
+        version = register_checkpoint(run_id, str(work_dir), submitted, lineage_tags(plan, run_id, model_info, seconds))
         sample_images(run_id, f"models:/{name}/{version}", submitted)
         evaluate_samples(run_id, submitted, extractor)
-        decision = select_champion(client, name, version, primary_score(client, run_id, config), gate.rule)
+        score = primary_score(client, run_id, config)
+        rescore_champion_on_new_data(client, name, score)
+        decision = select_champion(client, name, version, score, gate.rule)
         set_tags(client, run_id, {"model_version": version, **decision.tags()})
         logger.info("%s version %s: %s (%s)", name, version, decision.tags()["champion.decision"], decision.reason)
-        publish_report(client, run_id, config, extractor, name, version, decision)
+        publish_report(client, run_id, config, extractor, name, version, decision, plan.reason)
     return run_id
+
+
+def rescore_champion_on_new_data(client: MlflowClient, name: str, score: Score) -> None:
+    """Re-score `name`'s champion (flows.rescore) when it was scored on another dataset version than `score`."""
+    from .rescore import rescore  # rescore builds on this module's run helpers
+
+    version, champion = current_champion(client, name)
+    if champion is not None and champion.protocol["dataset_sha256"] != score.protocol["dataset_sha256"]:
+        get_run_logger().info("champion v%s was scored on dataset %s, this run on %s: re-scoring it first", version,
+                              champion.protocol["dataset_sha256"][:12], score.protocol["dataset_sha256"][:12])
+        rescore(model=name, version=version)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,10 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ddim-eta", type=float, help="DDIM η (default: sample.eta)")
     parser.add_argument("--extractor", help="FID features: lenet (offline) or inception (default: the registered "
                         "model's gate; lenet for a new model)")
+    parser.add_argument("--policy", default="fresh", choices=POLICIES,
+                        help="fresh: from scratch; continue: the champion's training state; skip-unchanged: no "
+                             "training when data, code and config equal the champion's (flows.nightly)")
     args = parser.parse_args(argv)
     run_id = train_eval(preset=args.preset, overrides=dict(parse_override(o) for o in args.overrides),
                         nproc_per_node=args.nproc_per_node, num_samples=args.num_samples, ddim_steps=args.ddim_steps,
-                        ddim_eta=args.ddim_eta, extractor=args.extractor)
+                        ddim_eta=args.ddim_eta, extractor=args.extractor, policy=args.policy)
     print(f"MLflow run {run_id}")
 
 

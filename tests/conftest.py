@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+PIPELINE_SECRET = "canary-secret-never-logged"  # the pipeline fixture's AWS secret: tests check it is never logged
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +108,23 @@ def s3_endpoint(tmp_path, monkeypatch):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, mnist_raw_source, data_dir):
+    """Environment of an embedded pipeline: data from the environment, MLflow and runs in a temporary
+    folder, Prefect's test harness as the API."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    root = tmp_path_factory.mktemp("pipeline")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DIFFUSION_RUNS_DIR": str(root / "runs"),
+           "DIFFUSION_ARTIFACT_LOCATION": str(root / "artifacts"), "DIFFUSION_DATA_SOURCE": str(mnist_raw_source),
+           "DIFFUSION_DATA_DIR": str(data_dir), "AWS_SECRET_ACCESS_KEY": PIPELINE_SECRET}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        with prefect_test_harness(server_startup_timeout=120):
+            yield root
 
 
 def grow_mnist_source(source: Path, target: Path, added: int) -> Path:

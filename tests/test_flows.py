@@ -23,34 +23,19 @@ from diffusion_core.launch import write_resolved_config
 from diffusion_core.samplers import generate_batches
 from flows.gate import DEFAULT_RULE, GATE_TAG, change_gate, history, read_gate
 from flows.parameters import PRESET_DIR_ENV
-from flows.registry import CHALLENGER, CHAMPION, PromotionRule, Score, load_registered_model, select_champion
+from flows.registry import (CHALLENGER, CHAMPION, PREVIOUS, PromotionRule, Score, load_registered_model,
+                            select_champion)
+from flows.rollback import rollback
 from flows.tracking import ensure_experiment
 from flows.train_eval import config_sha256
 from flows.train import TrainingFailed
 from flows.rescore import rescore
 from flows.train_eval import train_eval
+from conftest import PIPELINE_SECRET as SECRET
 
 REPO = Path(__file__).resolve().parent.parent
 # T = 20 keeps DDPM sampling cheap; DDIM then takes 5 of those steps.
 FAST = {"diffusion.timesteps": 20, "sample.steps": 5, "train.steps": 10}
-SECRET = "canary-secret-never-logged"
-
-
-@pytest.fixture(scope="session")
-def pipeline(tmp_path_factory, mnist_raw_source, data_dir):
-    """Environment of an embedded pipeline: data from the environment, MLflow and runs in a temporary
-    folder, Prefect's test harness as the API."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    root = tmp_path_factory.mktemp("pipeline")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DIFFUSION_RUNS_DIR": str(root / "runs"),
-           "DIFFUSION_ARTIFACT_LOCATION": str(root / "artifacts"), "DIFFUSION_DATA_SOURCE": str(mnist_raw_source),
-           "DIFFUSION_DATA_DIR": str(data_dir), "AWS_SECRET_ACCESS_KEY": SECRET}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        with prefect_test_harness(server_startup_timeout=120):
-            yield root
 
 
 def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -406,7 +391,7 @@ def test_champion_moves_only_when_better_beyond_the_noise_and_measured_the_same_
     nan, _ = new_version(float("nan"))
     assert not nan.promoted
     better, v6 = new_version(9.1)  # gain 0.9 > 0.85
-    assert better.promoted and champion() == v6
+    assert better.promoted and champion() == v6 and str(client.get_registered_model(name).aliases[PREVIOUS]) == v1
     tags = client.get_model_version(name, v6).tags
     assert (tags["champion.decision"], tags["champion.previous_version"], tags["champion.previous_fid"],
             tags["champion.previous_fid_std"], tags["champion.candidate_fid_std"]) == ("promoted", v1, "10.0", "0.3", "0.3")
@@ -415,7 +400,28 @@ def test_champion_moves_only_when_better_beyond_the_noise_and_measured_the_same_
     at_minimum, _ = new_version(8.1, 0.0, PromotionRule(0.0, 1.0))  # exactly the minimum improvement: kept
     assert not at_minimum.promoted and champion() == v6
     past_minimum, v8 = new_version(8.0, 0.0, PromotionRule(0.0, 1.0))
-    assert past_minimum.promoted and champion() == v8
+    assert past_minimum.promoted and champion() == v8 and str(client.get_registered_model(name).aliases[PREVIOUS]) == v6
+
+    with pytest.raises(ConfigError, match="say why"):
+        rollback(client, name, " ")
+    assert rollback(client, name, "v8 draws smudges", by="tester") == (v6, v8)  # one command back
+    aliases = client.get_registered_model(name).aliases
+    assert (str(aliases[CHAMPION]), str(aliases[PREVIOUS])) == (v6, v8)
+    record = json.loads(client.get_model_version(name, v8).tags["rollback.0001"])
+    assert (record["from"], record["to"], record["by"], record["reason"]) == (v8, v6, "tester", "v8 draws smudges")
+    assert json.loads(client.get_model_version(name, v6).tags["rollback.0001"]) == record
+    assert rollback(client, name, "undo") == (v8, v6)  # the same command undoes it
+
+
+def test_rollback_without_a_previous_champion_is_refused(pipeline, tmp_path):
+    client = MlflowClient()
+    name = "ddpm-rollback-test"
+    client.create_registered_model(name)
+    version = str(client.create_model_version(name, source=str(tmp_path)).version)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    with pytest.raises(ConfigError, match="no 'champion' and 'previous' aliases to swap.*has: champion"):
+        rollback(client, name, "bad night")
+    assert {k: str(v) for k, v in client.get_registered_model(name).aliases.items()} == {CHAMPION: version}
 
 
 @pytest.mark.parametrize("slow", ["worse", "better"])

@@ -1,0 +1,119 @@
+"""What a train-eval run starts from: its policy, decided before any training and recorded.
+
+  fresh            train from scratch (the adhoc default).
+  continue         continue the champion's full training state (weights, EMA, optimizer, RNG streams,
+                   step: the run's `checkpoints/last.safetensors`, named by the version's `lineage.state`
+                   tag) for train.steps more under train.continue_schedule. A champion whose state is
+                   missing or was trained with other settings (model, diffusion, the objective) cannot be
+                   continued: the run trains fresh and says why, naming both settings. New data at the
+                   source is continued on, and said so.
+  skip-unchanged   when the dataset version, the code commit and the resolved config all equal the
+                   champion's, end at once without training (Prefect state "Skipped", MLflow tags and
+                   note say why); otherwise as `continue`.
+
+Every registered version carries its lineage (LINEAGE_TAGS): the version it continued (`lineage.parent`),
+images seen and training seconds summed along the chain, the runs (nights) it took, and where its training
+state is.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+
+from diffusion_core.checkpoint import load_training_checkpoint
+from diffusion_core.config import Config, ConfigError
+from diffusion_core.train import CHECKPOINT, ContinuationMismatch, check_continuable
+
+from .registry import CHAMPION
+
+POLICIES = ("continue", "fresh", "skip-unchanged")
+STATE_TAG = "lineage.state"  # runs:/<run id>/checkpoints/last.safetensors: the version's full training state
+PARENT_TAG, MODE_TAG = "lineage.parent", "lineage.mode"
+IMAGES_TAG, SECONDS_TAG, RUNS_TAG = "lineage.images_seen", "lineage.train_seconds", "lineage.runs"
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ConfigError(f"policy={policy!r} is unknown; choose one of {', '.join(POLICIES)}")
+    return policy
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this run does: `mode` "fresh", "continue" or "skip", why, and for a continuation the parent
+    version, its tags and the local copy of its training state."""
+
+    policy: str
+    mode: str
+    reason: str
+    parent: str | None = None
+    parent_tags: dict[str, str] | None = None
+    state_file: str | None = None
+    new_data: bool = False
+
+    def tags(self) -> dict[str, str]:
+        return {"night.policy": self.policy, "night.mode": self.mode, "night.reason": self.reason,
+                "night.parent": self.parent or "none"}
+
+
+def plan_run(client: MlflowClient, name: str, policy: str, config: Config, dataset_sha256: str, commit: str,
+             config_sha256: str, work_dir: Path) -> Plan:
+    """Decide what the run does under `policy` against `name`'s current champion (see the module doc)."""
+    check_policy(policy)
+    if policy == "fresh":
+        return Plan(policy, "fresh", "policy fresh: trained from scratch")
+    champion = client.get_registered_model(name).aliases.get(CHAMPION) if _exists(client, name) else None
+    if champion is None:
+        return Plan(policy, "fresh", f"{name} has no champion yet: trained from scratch")
+    tags = client.get_model_version(name, str(champion)).tags
+    now = {"dataset_sha256": dataset_sha256, "git_commit": commit, "config_sha256": config_sha256}
+    changed = [f"{key} {tags.get(key, 'unrecorded')[:12]} → {value[:12]}" for key, value in now.items()
+               if tags.get(key) != value]
+    if policy == "skip-unchanged" and not changed:
+        return Plan(policy, "skip", f"nothing new since champion v{champion}: dataset version, code commit and "
+                    f"resolved config equal its own (data {dataset_sha256[:12]}, code {commit[:12]}, config "
+                    f"{config_sha256[:12]}); no training", str(champion), tags)
+    what = f"{', '.join(changed)}; " if changed else ""
+    if STATE_TAG not in tags:
+        return Plan(policy, "fresh", f"{what}champion v{champion} has no training state to continue (registered "
+                    "before continuation existed): trained from scratch")
+    target = work_dir / "continue-from"
+    target.mkdir(parents=True, exist_ok=True)
+    state_file = Path(mlflow.artifacts.download_artifacts(artifact_uri=tags[STATE_TAG], dst_path=str(target)))
+    state = load_training_checkpoint(state_file)
+    try:
+        check_continuable(state.config, config)
+    except ContinuationMismatch as exc:
+        return Plan(policy, "fresh", f"{what}champion v{champion} cannot be continued ({exc}): trained from scratch")
+    new_data = state.dataset_sha256 != dataset_sha256
+    data = (f"on new data (dataset {str(state.dataset_sha256)[:12]} → {dataset_sha256[:12]}) " if new_data else "")
+    return Plan(policy, "continue", f"{what}continued champion v{champion} {data}from step {state.step} for "
+                f"train.steps={config.train.steps} more ({config.train.continue_schedule} schedule)",
+                str(champion), tags, str(state_file), new_data)
+
+
+def _exists(client: MlflowClient, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
+
+
+def lineage_tags(plan: Plan, run_id: str, model_info: dict[str, Any], train_seconds: float) -> dict[str, str]:
+    """The lineage of the version this run registers: its parent and the chain's totals up to it."""
+    parent = plan.parent_tags if plan.mode == "continue" and plan.parent_tags else {}
+    return {PARENT_TAG: plan.parent if plan.mode == "continue" else "none", MODE_TAG: plan.mode,
+            IMAGES_TAG: str(model_info["images_seen"]),
+            SECONDS_TAG: f"{float(parent.get(SECONDS_TAG, 0.0)) + train_seconds:.1f}",
+            RUNS_TAG: str(int(parent.get(RUNS_TAG, 0)) + 1),
+            STATE_TAG: f"runs:/{run_id}/{CHECKPOINT.as_posix()}"}
