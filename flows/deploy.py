@@ -4,7 +4,10 @@
 
   train-eval/nightly   on the cron schedule $DIFFUSION_NIGHTLY_CRON (default "0 2 * * *", in
                        $DIFFUSION_NIGHTLY_TIMEZONE, default UTC) with the preset
-                       $DIFFUSION_NIGHTLY_PRESET (default mnist-cpu-cond)
+                       $DIFFUSION_NIGHTLY_PRESET (default mnist-cpu-cond); one run at a time (a
+                       deployment concurrency limit of 1): a run triggered while one runs waits
+                       for it ($DIFFUSION_NIGHTLY_ON_COLLISION=enqueue, the default) or is cancelled
+                       (cancel_new)
   train-eval/adhoc     no schedule: `prefect deployment run 'train-eval/adhoc' --param preset=smoke`
   rescore/champion     no schedule: re-score a registered model's champion under the model's gate
                        (flows.rescore), e.g. `prefect deployment run 'rescore/champion'
@@ -18,6 +21,10 @@
 Scheduled and triggered runs execute in subprocesses of this process, in its working folder, with
 its environment (PREFECT_API_URL, MLFLOW_TRACKING_URI, S3 settings: see .env.example). To run them
 on other machines instead, deploy to a work pool (see infra/README.md).
+
+With $DIFFUSION_ALERT_WEBHOOK_URL set, the alerts of flows.alerts (a failed or crashed train-eval run;
+no completed nightly run within $DIFFUSION_ALERT_NIGHTLY_WINDOW, default 26h) are installed on the
+Prefect server first, or updated; unset, one line says that alerts are off.
 """
 
 from __future__ import annotations
@@ -25,22 +32,48 @@ from __future__ import annotations
 import os
 
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.schedules import Cron
 
 from diffusion_core.config import DEFAULT_PRESET
 
+from .alerts import NIGHTLY_DEPLOYMENT, WEBHOOK_URL_ENV, install_from_env
 from .rescore import rescore
 from .sample_model import DASK_ADDRESS_ENV, sample_model_flow
 from .train_eval import train_eval
 
+COLLISION_ENV = "DIFFUSION_NIGHTLY_ON_COLLISION"
+
+
+def nightly_collision_strategy() -> ConcurrencyLimitStrategy:
+    """What happens to a nightly run triggered while another runs: $DIFFUSION_NIGHTLY_ON_COLLISION,
+    `enqueue` (default: it waits) or `cancel_new` (it is cancelled)."""
+    value = (os.environ.get(COLLISION_ENV) or "enqueue").strip().upper().replace("-", "_")
+    if value not in ConcurrencyLimitStrategy.__members__:
+        raise ValueError(f"{COLLISION_ENV}={os.environ[COLLISION_ENV]!r}: expected enqueue or cancel_new")
+    return ConcurrencyLimitStrategy[value]
+
+
+def set_up_alerts() -> None:
+    """Install the alerts (flows.alerts) when their webhook is configured; otherwise say they are off."""
+    installed = install_from_env()
+    if installed is None:
+        print(f"flows.deploy: alerts are off; set {WEBHOOK_URL_ENV} (see flows/alerts.py) to turn them on",
+              flush=True)
+    else:
+        print(f"flows.deploy: alerts installed: {', '.join(installed.automations)}", flush=True)
+
 
 def main() -> None:
+    collision = nightly_collision_strategy()
+    set_up_alerts()
     nightly = train_eval.to_deployment(
-        name="nightly",
+        name=NIGHTLY_DEPLOYMENT,
         schedule=Cron(os.environ.get("DIFFUSION_NIGHTLY_CRON") or "0 2 * * *",
                       timezone=os.environ.get("DIFFUSION_NIGHTLY_TIMEZONE") or "UTC"),
         parameters={"preset": os.environ.get("DIFFUSION_NIGHTLY_PRESET") or DEFAULT_PRESET},
         tags=["nightly"],
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=collision),
     )
     adhoc = train_eval.to_deployment(name="adhoc", tags=["adhoc"])
     rescore_champion = rescore.to_deployment(name="champion", tags=["rescore"])

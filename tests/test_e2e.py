@@ -5,6 +5,7 @@ developer can deselect it locally)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -12,9 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -354,3 +357,117 @@ def test_no_credential_in_logs_files_params_or_the_bucket(stack, first_run):
     runs = stack.mlflow.search_runs([stack.mlflow.get_experiment_by_name("diffusion-mnist").experiment_id])
     leaks += [r.info.run_id for r in runs if SECRET in json.dumps([r.data.params, r.data.tags])]
     assert len(runs) >= 1 and not leaks, leaks
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    """Records every POST as (time received, path, JSON body) in the server's `received` list."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.received.append((time.time(), self.path, body))  # type: ignore[attr-defined]
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+@pytest.fixture()
+def webhook():
+    """An HTTP listener on 127.0.0.1 (a thread of this process) standing in for the alerts' webhook."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    server.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _alerts(env: dict[str, str], command: str) -> subprocess.CompletedProcess:
+    """`python -m flows.alerts COMMAND` with `env`."""
+    return subprocess.run([sys.executable, "-m", "flows.alerts", command], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _states(stack, flow_run_id: str) -> list[tuple[datetime, str, str]]:
+    """A flow run's states from the Prefect API: (time, type, name), oldest first."""
+    states = _prefect_api(stack, f"/flow_run_states/?flow_run_id={flow_run_id}")
+    return sorted((datetime.fromisoformat(s["timestamp"]), s["type"], s["name"]) for s in states)
+
+
+def test_nightly_runs_one_at_a_time_and_alerts_reach_the_webhook(stack, webhook):
+    """Alerts installed with `python -m flows.alerts install` (a 15 s silence window instead of 26 h) and
+    two runs of train-eval/nightly due at the same moment, each refused before any work (a preset that does
+    not exist), so both fail. The second waits for the first (deployment concurrency limit 1, ENQUEUE):
+    it starts no earlier than the first ends. The listener receives a failure alert for each run within
+    60 s of its end, naming the run, its state and deployment, and the silence alert (no completed
+    nightly run) within 60 s of the window's end and not before it; the URL's token appears in no log. The
+    stack's own serve process, started without a webhook URL, said that alerts are off."""
+    token, window_s = "alert-url-token-never-logged", 15
+    env = {**stack.env, "DIFFUSION_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{webhook.server_port}/hook?token={token}",
+           "DIFFUSION_ALERT_NIGHTLY_WINDOW": f"{window_s}s"}
+    try:
+        before_install = time.time()
+        installed = _alerts(env, "install")
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        again = _alerts(env, "install")  # idempotent: the same automations, one of each
+        assert again.returncode == 0 and again.stdout == installed.stdout, (installed.stdout, again.stdout)
+        assert token not in installed.stdout + installed.stderr + again.stdout + again.stderr
+
+        nightly = _prefect_api(stack, "/deployments/name/train-eval/nightly")
+        due = (datetime.now(timezone.utc) + timedelta(seconds=12)).isoformat()  # past the runner's 10 s prefetch
+        url = f"{stack.env['PREFECT_API_URL']}/deployments/{nightly['id']}/create_flow_run"
+        ids = [requests.post(url, timeout=30, json={
+            "parameters": {"preset": "no-such-preset"},
+            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": due}}}).json()["id"] for _ in range(2)]
+        deadline = time.monotonic() + 300
+        while True:
+            runs = [_prefect_api(stack, f"/flow_runs/{i}") for i in ids]
+            states = {r["state_type"] for r in runs}
+            if states == {"FAILED"}:
+                break
+            assert not {"COMPLETED", "CANCELLED", "CRASHED"} & states, runs
+            assert time.monotonic() < deadline, [_states(stack, i) for i in ids]
+            time.sleep(2)
+        first, second = runs = sorted(runs, key=lambda r: r["start_time"])
+        assert all("no-such-preset" in r["state"]["message"] for r in runs), [r["state"]["message"] for r in runs]
+        first_end, second_states = datetime.fromisoformat(first["end_time"]), _states(stack, second["id"])
+        # Not even handed to a process (Pending: the runner starts its subprocess) until the first had ended …
+        assert max(at for at, kind, _ in second_states if kind == "PENDING") >= first_end, (first_end, second_states)
+        assert datetime.fromisoformat(second["start_time"]) >= first_end, runs  # … so it ran after it
+        assert "AwaitingConcurrencySlot" in [name for _, _, name in second_states], second_states
+        assert (nightly["global_concurrency_limit"]["limit"], nightly["concurrency_options"]["collision_strategy"]) == (
+            1, "ENQUEUE")
+
+        ends = [datetime.fromisoformat(r["end_time"]).timestamp() for r in runs]
+        deadline = max(ends + [before_install + window_s]) + 60
+        while True:  # the alerts by subject: (time received, body)
+            received = list(webhook.received)
+            failed = {r["name"]: (at, body) for at, _, body in received for r in runs
+                      if body["subject"] == f"train-eval run {r['name']} Failed"}
+            silent = [(at, body) for at, _, body in received
+                      if body["subject"] == "No completed run of train-eval/nightly"]
+            if len(failed) == 2 and silent:
+                break
+            assert time.time() < deadline, received
+            time.sleep(1)
+        assert all(path == f"/hook?token={token}" for _, path, _ in received), received
+        for run, end in zip(runs, ends):
+            at, body = failed[run["name"]]
+            assert at - end <= 60, (at, end)
+            for part in (run["name"], "Failed", "deployment: train-eval/nightly", run["id"], "no-such-preset"):
+                assert part in body["body"], (part, body)
+        at, body = silent[0]
+        assert before_install + window_s <= at <= before_install + window_s + 60, (at, before_install)
+        window = re.escape(str(timedelta(seconds=window_s)))  # 0:00:15
+        since, checked = re.search(rf"completed since (\S+) \(window {window}, checked at (\S+)\)",
+                                   body["body"]).groups()
+        assert datetime.fromisoformat(checked) - datetime.fromisoformat(since) == timedelta(seconds=window_s)
+        assert datetime.fromisoformat(since).timestamp() >= before_install - 1
+        logs = stack.root / "state" / "logs"
+        assert "alerts are off" in (logs / "serve.log").read_text()  # the stack's serve runs without the URL
+        assert not [p.name for p in logs.iterdir() if token in p.read_text(errors="replace")]
+    finally:  # the automations go, whatever happened
+        removed = _alerts(env, "remove")
+    assert removed.returncode == 0 and "diffusion-alerts" in removed.stdout, removed.stdout + removed.stderr
