@@ -4,7 +4,9 @@
 
   train-eval/nightly   on the cron schedule $DIFFUSION_NIGHTLY_CRON (default "0 2 * * *", in
                        $DIFFUSION_NIGHTLY_TIMEZONE, default UTC) with the preset
-                       $DIFFUSION_NIGHTLY_PRESET (default mnist-cpu-cond); one run at a time (a
+                       $DIFFUSION_NIGHTLY_PRESET (default mnist-cpu-cond) under the policy
+                       $DIFFUSION_NIGHTLY_POLICY (flows.nightly: continue, the default, continues the
+                       champion's training state; skip-unchanged; fresh); one run at a time (a
                        deployment concurrency limit of 1): a run triggered while one runs waits
                        for it ($DIFFUSION_NIGHTLY_ON_COLLISION=enqueue, the default) or is cancelled
                        (cancel_new)
@@ -38,6 +40,7 @@ from prefect.schedules import Cron
 from diffusion_core.config import DEFAULT_PRESET
 
 from .alerts import NIGHTLY_DEPLOYMENT, WEBHOOK_URL_ENV, install_from_env
+from .nightly import check_policy
 from .rescore import rescore
 from .sample_model import DASK_ADDRESS_ENV, sample_model_flow
 from .train_eval import train_eval
@@ -71,7 +74,8 @@ def main() -> None:
         name=NIGHTLY_DEPLOYMENT,
         schedule=Cron(os.environ.get("DIFFUSION_NIGHTLY_CRON") or "0 2 * * *",
                       timezone=os.environ.get("DIFFUSION_NIGHTLY_TIMEZONE") or "UTC"),
-        parameters={"preset": os.environ.get("DIFFUSION_NIGHTLY_PRESET") or DEFAULT_PRESET},
+        parameters={"preset": os.environ.get("DIFFUSION_NIGHTLY_PRESET") or DEFAULT_PRESET,
+                    "policy": check_policy(os.environ.get("DIFFUSION_NIGHTLY_POLICY") or "continue")},
         tags=["nightly"],
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=collision),
     )
