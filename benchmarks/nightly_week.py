@@ -1,0 +1,211 @@
+"""A simulated week of nightly retrains through the real deployment, against one uninterrupted run.
+
+    python benchmarks/nightly_week.py [--nights 4] [--night-steps 4500] [--reference-steps 18000] \
+        [--num-samples 10000] [--work /tmp/nightly-week] [--out benchmarks/results/nightly]
+
+Phases (each writes its JSON into --out and is skipped when that file exists, so an interrupted week
+goes on where it stopped; the training itself resumes from its run folder):
+  reference  `diffusion train --preset mnist-cpu --set train.steps=<reference-steps>` (18,000 steps is the
+             mnist-cpu-hour recipe), scored with `diffusion evaluate -n <num-samples>` → reference.json
+  week       the local stack (infra/stack.sh, fresh state on free ports, data from $DIFFUSION_DATA_SOURCE)
+             and <nights> runs of `prefect deployment run train-eval/nightly` back to back with
+             preset=mnist-cpu, policy=continue and train.steps=<night-steps> (the first night has no
+             champion and trains fresh; each later one continues the champion's training state under the
+             preset's train.continue_schedule, "restart"). Per night: the flow run's state and duration, the
+             champion's version, its FID under the gate (N = the preset's evaluation.num_samples) and its
+             lineage. The last champion is scored at <num-samples> → week.json
+  constant   the same nights 2… by `diffusion train --continue-from` with train.continue_schedule=constant,
+             from night 1's training state, scored at <num-samples> → constant.json
+Then docs/nightly-week.png: the champion's FID per night beside the uninterrupted run and the other schedule.
+Every JSON carries the fp32 matmul GFLOP/s measured in the same process before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from load_test import group_alive, kill_below, stack, stack_env
+
+from diffusion_core.runtime import matmul_gflops
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "ddpm-mnist"
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    """Run `cmd` (output shown as it comes); raise with its tail if it fails; return its output."""
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}:\n{proc.stdout[-3000:]}")
+    return proc.stdout
+
+
+def evaluate(model_dir: Path, num_samples: int, out: Path) -> dict:
+    run(["diffusion", "evaluate", "--model", str(model_dir), "-n", str(num_samples), "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def fid_of(score: dict) -> tuple[float, float]:
+    key = next(k for k in score if k.startswith("fid_") and not k.startswith("fid_std"))
+    return score[key], score[key.replace("fid_", "fid_std_", 1)]
+
+
+def write(path: Path, document: dict) -> None:
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
+
+
+def reference(args, work: Path, out: Path) -> None:
+    peak = matmul_gflops()
+    run_dir = work / "reference"
+    started = time.perf_counter()
+    run(["diffusion", "train", "--preset", "mnist-cpu", "--set", f"train.steps={args.reference_steps}",
+         "--run-dir", str(run_dir)])
+    train_s = time.perf_counter() - started
+    score = evaluate(run_dir, args.num_samples, work / "reference-score.json")
+    fid, std = fid_of(score)
+    write(out / "reference.json", {"what": f"mnist-cpu, {args.reference_steps} steps in one run", "fid": fid,
+                                   "fid_std": std, "score": score, "train_s": round(train_s, 1),
+                                   "matmul_gflops_fp32": {"before": round(peak, 1), "after": round(matmul_gflops(), 1)}})
+
+
+def week(args, work: Path, out: Path) -> None:
+    peak = matmul_gflops()
+    root = work / "stack"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    env = stack_env("sqlite", root, os.environ["DIFFUSION_DATA_SOURCE"])
+    env.update({"DIFFUSION_RUNS_DIR": str(root / "runs"), "DIFFUSION_DATA_DIR": str(root / "data")})
+    state = root / "state"
+    nights = []
+    try:
+        up = stack(env, "up", timeout=900)
+        if up.returncode != 0:
+            raise RuntimeError(f"infra/stack.sh up failed:\n{up.stdout}\n{up.stderr}")
+        exports = stack(env, "env", timeout=60).stdout.splitlines()
+        client_env = {**env, **dict(line.removeprefix("export ").split("=", 1) for line in exports)}
+        os.environ["MLFLOW_TRACKING_URI"] = client_env["MLFLOW_TRACKING_URI"]
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        for night in range(1, args.nights + 1):
+            started = time.perf_counter()
+            text = run([sys.executable, "-m", "prefect", "deployment", "run", "train-eval/nightly",
+                        "--param", "preset=mnist-cpu", "--param", "policy=continue",
+                        "--param", f"overrides={json.dumps({'train.steps': args.night_steps})}",
+                        "--param", "num_samples=16", "--watch", "--watch-timeout", "14400"], client_env)
+            wall_s = time.perf_counter() - started
+            champion = str(client.get_registered_model(MODEL).aliases["champion"])
+            newest = max(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
+            tags = client.get_model_version(MODEL, champion).tags
+            run_info = client.get_run(client.get_model_version(MODEL, champion).run_id)
+            nights.append({"night": night, "wall_s": round(wall_s, 1), "state": text.strip().splitlines()[-1],
+                           "version": str(newest.version), "version_fid": float(newest.tags["eval.fid"]),
+                           "decision": newest.tags["champion.decision"], "reason": newest.tags["champion.reason"],
+                           "champion": champion, "fid": float(tags["eval.fid"]), "fid_std": float(tags["eval.fid_std"]),
+                           "num_samples": int(tags["eval.num_samples"]),
+                           "lineage": {k: v for k, v in tags.items() if k.startswith("lineage.")},
+                           "model_dir": str(Path(run_info.data.tags["work_dir"]) / "model"),
+                           "state_file": str(Path(run_info.data.tags["work_dir"]) / "checkpoints" / "last.safetensors")})
+            print(json.dumps(nights[-1], indent=2), flush=True)
+            write(work / "week-nights.json", {"nights": nights})  # progress, for a look while it runs
+        keep = work / "week-models"
+        for night in nights:  # the stack's state is removed below; keep what later phases read
+            target = keep / f"night-{night['night']}"
+            shutil.copytree(Path(night["model_dir"]), target / "model", dirs_exist_ok=True)
+            (target / "checkpoints").mkdir(parents=True, exist_ok=True)
+            shutil.copy(night["state_file"], target / "checkpoints" / "last.safetensors")
+            night["model_dir"], night["state_file"] = str(target / "model"), str(target / "checkpoints" / "last.safetensors")
+    finally:
+        serve = state / "pids" / "serve.pid"
+        if serve.exists():
+            kill_below(int(serve.read_text()))
+        leaders = [int(p.read_text()) for p in (state / "pids").glob("*.pid")] if (state / "pids").is_dir() else []
+        stack(env, "down", timeout=300)
+        for pid in leaders:
+            if group_alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+    final = nights[-1]
+    score = evaluate(Path(final["model_dir"]), args.num_samples, work / "week-score.json")
+    fid, std = fid_of(score)
+    write(out / "week.json", {"what": f"{args.nights} nights of {args.night_steps} steps through train-eval/nightly "
+                              "(policy continue, continue_schedule restart)", "nights": nights, "fid": fid,
+                              "fid_std": std, "score": score,
+                              "matmul_gflops_fp32": {"before": round(peak, 1), "after": round(matmul_gflops(), 1)}})
+
+
+def constant(args, work: Path, out: Path) -> None:
+    peak = matmul_gflops()
+    nights = json.loads((out / "week.json").read_text())["nights"]
+    state = Path(nights[0]["state_file"])
+    for night in range(2, args.nights + 1):
+        run_dir = work / "constant" / f"night-{night}"
+        run(["diffusion", "train", "--preset", "mnist-cpu", "--set", f"train.steps={args.night_steps}",
+             "--set", "train.continue_schedule=constant", "--continue-from", str(state), "--run-dir", str(run_dir)])
+        state = run_dir / "checkpoints" / "last.safetensors"
+    score = evaluate(state.parent.parent, args.num_samples, work / "constant-score.json")
+    fid, std = fid_of(score)
+    write(out / "constant.json", {"what": f"night 1 of the week, then {args.nights - 1} continuations of "
+                                  f"{args.night_steps} steps with continue_schedule constant", "fid": fid,
+                                  "fid_std": std, "score": score,
+                                  "matmul_gflops_fp32": {"before": round(peak, 1), "after": round(matmul_gflops(), 1)}})
+
+
+def plot(args, out: Path) -> Path:
+    from diffusion_core.figures import new_figure, save_png
+
+    week_doc = json.loads((out / "week.json").read_text())
+    fig, ax = new_figure()
+    nights = week_doc["nights"]
+    ax.errorbar([n["night"] for n in nights], [n["fid"] for n in nights], yerr=[n["fid_std"] for n in nights],
+                marker="o", label=f"champion after each night (N = {nights[0]['num_samples']:,}, the gate's)")
+    for name, style in (("week", "C0"), ("reference", "C1"), ("constant", "C2")):
+        path = out / f"{name}.json"
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            ax.axhline(doc["fid"], color=style, linestyle="--", label=f"{doc['what']}: {doc['fid']:.2f} "
+                       f"± {doc['fid_std']:.2f} (N = {args.num_samples:,})")
+    ax.set(xlabel="night", ylabel="LeNet FID", title="nightly continuation against one uninterrupted run",
+           xticks=[n["night"] for n in nights])
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return save_png(fig, REPO / "docs" / "nightly-week.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nights", type=int, default=4)
+    parser.add_argument("--night-steps", type=int, default=4500, help="train.steps of a night (mnist-cpu: 4500)")
+    parser.add_argument("--reference-steps", type=int, default=18000, help="the uninterrupted run (mnist-cpu-hour: 18000)")
+    parser.add_argument("--num-samples", type=int, default=10000, help="images behind each final score")
+    parser.add_argument("--work", default="/tmp/nightly-week", help="run folders and the stack's state")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "nightly"))
+    parser.add_argument("--phases", default="reference,week,constant,plot")
+    args = parser.parse_args()
+    if not os.environ.get("DIFFUSION_DATA_SOURCE"):
+        parser.error("set DIFFUSION_DATA_SOURCE to a folder holding the MNIST raw files")
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"fp32 matmul {matmul_gflops():.0f} GFLOP/s; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    for phase in args.phases.split(","):
+        if phase == "plot":
+            print(f"wrote {plot(args, out)}")
+        elif (out / f"{phase}.json").is_file():
+            print(f"{phase}: {out / f'{phase}.json'} exists, skipped")
+        else:
+            {"reference": reference, "week": week, "constant": constant}[phase](args, work, out)
+
+
+if __name__ == "__main__":
+    main()
