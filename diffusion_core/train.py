@@ -233,6 +233,9 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         saved_plan = (LearningRatePlan(**state.lr_plan) if state.lr_plan is not None
                       else LearningRatePlan.for_run(config_from_dict(state.config).train, 0))
         plan = saved_plan.extended(state.step, origin + cfg.steps)
+        if plan != saved_plan and ctx.is_main:
+            print(f"train.steps changed: the learning-rate plan {saved_plan} is re-planned from step {state.step} "
+                  f"as {plan} (no jump: {saved_plan.at(state.step):.3g} there either way)", flush=True)
     elif continue_from is not None:
         state = load_training_checkpoint(continue_from)
         check_continuable(state.config, config, f"the training state {continue_from}")
