@@ -16,6 +16,9 @@ What each picture shows (pages of the server at --url; nothing is written to the
 - `mlflow-model-versions.png`: the registered model's page (`#/models/<name>`): versions with their aliases
   (`champion`, `challenger`) and tags (eval.fid, eval.fid_std, the protocol, champion.decision, …).
 - `mlflow-run.png`: the champion's run page: source file and git commit, registered version, tags, metrics.
+- `mlflow-lineage.png`: the champion version's page (`#/models/<name>/versions/<v>`): its tags, with the
+  lineage a nightly continuation leaves (`lineage.parent`, `lineage.images_seen`, `lineage.train_seconds`,
+  `lineage.runs`, `lineage.state`) and the decision that made it champion.
 - `mlflow-run-artifacts.png`: its artifacts, the sample grids listed and `fid_vs_nfe.png` shown (with
   `sample.nfe_sweep` set; else `loss_curve.png`) beside `loss_curve.png` and `forward_process.png`.
 
@@ -192,6 +195,9 @@ def open_in_tree(browser: Browser, names: tuple[str, ...]) -> None:
         browser.click("[role=treeitem] *, li *", name)
 
 
+PAGES = ("runs-table", "compare", "model-versions", "run", "run-artifacts", "lineage")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True, help="MLflow server, e.g. http://127.0.0.1:5000")
@@ -201,7 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chromium", default=next(filter(None, map(shutil.which, (
         "chromium", "chromium-browser", "google-chrome"))), None), help="the browser (default: found on PATH)")
     parser.add_argument("--width", type=int, default=1600)
+    parser.add_argument("--pages", default=",".join(PAGES), help=f"which pictures (default all: {', '.join(PAGES)})")
     args = parser.parse_args(argv)
+    pages = set(args.pages.split(","))
+    if pages - set(PAGES):
+        parser.error(f"unknown pages {', '.join(sorted(pages - set(PAGES)))}; choose from {', '.join(PAGES)}")
     if not args.chromium:
         parser.error("no Chromium on PATH (apt-get install chromium): give --chromium")
     url = args.url.rstrip("/")
@@ -228,17 +238,27 @@ def main(argv: list[str] | None = None) -> None:
     browser = Browser(args.chromium, args.width)
     try:
         browser.set_local_storage(url, ui_state(experiment))
-        browser.shoot(f"{page}/runs?{sort}", ("fid_std", "class_entropy", "promoted"),
-                      args.out / "mlflow-runs-table.png", height=420)
-        browser.shoot(f"{url}/#/compare-runs?{compare}", ("Run details", "train.steps"),
-                      args.out / "mlflow-compare.png", height=1170, then=plot_headline)
-        browser.shoot(f"{url}/#/models/{urllib.parse.quote(args.model)}", ("champion", "challenger", "eval.fid_std"),
-                      args.out / "mlflow-model-versions.png", height=1330)
-        browser.shoot(f"{page}/runs/{champion}", ("train_eval.py", args.model), args.out / "mlflow-run.png",
-                      height=1000)
-        browser.shoot(f"{page}/runs/{champion}/artifacts/{picture}", ("loss_curve.png", "forward_process.png"),
-                      args.out / "mlflow-run-artifacts.png", height=760,
-                      then=lambda b: open_in_tree(b, (SAMPLES_ARTIFACT, picture)))
+        shots = {
+            "runs-table": lambda: browser.shoot(f"{page}/runs?{sort}", ("fid_std", "class_entropy", "promoted"),
+                                                args.out / "mlflow-runs-table.png", height=420),
+            "compare": lambda: browser.shoot(f"{url}/#/compare-runs?{compare}", ("Run details", "train.steps"),
+                                             args.out / "mlflow-compare.png", height=1170, then=plot_headline),
+            "model-versions": lambda: browser.shoot(f"{url}/#/models/{urllib.parse.quote(args.model)}",
+                                                    ("champion", "challenger", "eval.fid_std"),
+                                                    args.out / "mlflow-model-versions.png", height=1330),
+            "run": lambda: browser.shoot(f"{page}/runs/{champion}", ("train_eval.py", args.model),
+                                         args.out / "mlflow-run.png", height=1000),
+            "run-artifacts": lambda: browser.shoot(f"{page}/runs/{champion}/artifacts/{picture}",
+                                                   ("loss_curve.png", "forward_process.png"),
+                                                   args.out / "mlflow-run-artifacts.png", height=760,
+                                                   then=lambda b: open_in_tree(b, (SAMPLES_ARTIFACT, picture))),
+            "lineage": lambda: browser.shoot(
+                f"{url}/#/models/{urllib.parse.quote(args.model)}/versions/{aliases['champion']}",
+                ("lineage.parent", "lineage.images_seen"), args.out / "mlflow-lineage.png", height=1200),
+        }
+        for name in PAGES:
+            if name in pages:
+                shots[name]()
     finally:
         browser.close()
 
