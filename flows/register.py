@@ -30,7 +30,8 @@ from .registry import CHALLENGER
 from .tracking import registered_model_name, upload_artifacts
 
 MODEL_ARTIFACT = "model"
-VERSION_TAGS = ("dataset_sha256", "git_commit", "config_sha256")  # run params copied onto the model version
+# run params copied onto the model version (when the run has them: config_sha256 is newer than the others)
+VERSION_TAGS = ("dataset_sha256", "git_commit", "config_sha256")
 
 
 def register_model_folder(client: MlflowClient, run_id: str, folder: Path, name: str,
@@ -60,7 +61,7 @@ def register_checkpoint(run_id: str, work_dir: str, config: dict[str, Any],
     conditioning = ({"num_classes": config.model.num_classes, "label_dropout": config.train.label_dropout,
                      "guidance": config.sample.guidance} if config.conditional else {"num_classes": "none"})
     version = register_model_folder(client, run_id, Path(work_dir) / MODEL_ARTIFACT, name,
-                                    {"preset": config.name, **{k: params[k] for k in VERSION_TAGS},
+                                    {"preset": config.name, **{k: params[k] for k in VERSION_TAGS if k in params},
                                      **{k: str(v) for k, v in conditioning.items()}, **(lineage or {})})
     client.set_registered_model_alias(name, CHALLENGER, version)
     get_run_logger().info("registered %s version %s (alias %s)", name, version, CHALLENGER)
