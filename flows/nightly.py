@@ -1,9 +1,12 @@
 """What a train-eval run starts from: its policy, decided before any training and recorded.
 
   fresh            train from scratch (the adhoc default).
-  continue         continue the champion's full training state (weights, EMA, optimizer, RNG streams,
+  continue         continue the training head's full training state (weights, EMA, optimizer, RNG streams,
                    step: the run's `checkpoints/last.safetensors`, named by the version's `lineage.state`
-                   tag) for train.steps more under train.continue_schedule. A champion whose state is
+                   tag) for train.steps more under train.continue_schedule. The head is the newest version
+                   descending from the champion that the gate did not find worse than it (see
+                   training_head): a night kept only because its gain was inside the noise is not thrown
+                   away, else the next night would repeat it bit for bit. A champion whose state is
                    missing or was trained with other settings (model, diffusion, the objective) cannot be
                    continued: the run trains fresh and says why, naming both settings. New data at the
                    source is continued on, and said so.
@@ -31,7 +34,7 @@ from diffusion_core.checkpoint import load_training_checkpoint
 from diffusion_core.config import Config, ConfigError
 from diffusion_core.train import CHECKPOINT, ContinuationMismatch, check_continuable
 
-from .registry import CHAMPION
+from .registry import CHAMPION, PromotionRule, Score
 
 POLICIES = ("continue", "fresh", "skip-unchanged")
 STATE_TAG = "lineage.state"  # runs:/<run id>/checkpoints/last.safetensors: the version's full training state
@@ -63,8 +66,37 @@ class Plan:
                 "night.parent": self.parent or "none"}
 
 
+def training_head(client: MlflowClient, name: str, champion: str, rule: PromotionRule) -> str:
+    """The version a `continue` night starts from: the newest version whose lineage.parent chain reaches
+    `champion` through versions each scored under the champion's protocol and not worse than the champion
+    beyond `rule`'s margin (the candidate − champion FID ≤ the margin); else the champion itself."""
+    scores = {}
+    parents = {}
+    for version in client.search_model_versions(f"name='{name}'"):
+        number = str(version.version)
+        parents[number] = version.tags.get(PARENT_TAG, "none")
+        scores[number] = Score.from_tags(version.tags)
+    best = scores.get(champion)
+    if best is None:
+        return champion
+
+    def acceptable(number: str) -> bool:
+        score = scores.get(number)
+        return (score is not None and score.protocol == best.protocol
+                and score.fid - best.fid <= rule.margin(score, best))  # a NaN FID is never acceptable
+
+    for number in sorted(parents, key=int, reverse=True):
+        chain, node = [], number
+        while node not in ("none", champion) and node in parents and node not in chain:
+            chain.append(node)
+            node = parents[node]
+        if node == champion and chain and all(acceptable(v) for v in chain):
+            return number
+    return champion
+
+
 def plan_run(client: MlflowClient, name: str, policy: str, config: Config, dataset_sha256: str, commit: str,
-             config_sha256: str, work_dir: Path) -> Plan:
+             config_sha256: str, work_dir: Path, rule: PromotionRule | None = None) -> Plan:
     """Decide what the run does under `policy` against `name`'s current champion (see the module doc)."""
     check_policy(policy)
     if policy == "fresh":
@@ -72,7 +104,8 @@ def plan_run(client: MlflowClient, name: str, policy: str, config: Config, datas
     champion = client.get_registered_model(name).aliases.get(CHAMPION) if _exists(client, name) else None
     if champion is None:
         return Plan(policy, "fresh", f"{name} has no champion yet: trained from scratch")
-    tags = client.get_model_version(name, str(champion)).tags
+    champion = str(champion)
+    tags = client.get_model_version(name, champion).tags
     now = {"dataset_sha256": dataset_sha256, "git_commit": commit, "config_sha256": config_sha256}
     changed = [f"{key} {tags.get(key, 'unrecorded')[:12]} → {value[:12]}" for key, value in now.items()
                if tags.get(key) != value]
@@ -81,8 +114,12 @@ def plan_run(client: MlflowClient, name: str, policy: str, config: Config, datas
                     f"resolved config equal its own (data {dataset_sha256[:12]}, code {commit[:12]}, config "
                     f"{config_sha256[:12]}); no training", str(champion), tags)
     what = f"{', '.join(changed)}; " if changed else ""
+    head = training_head(client, name, champion, rule) if rule is not None else champion
+    start = f"champion v{champion}" if head == champion else f"v{head} (the training head descending from champion v{champion})"
+    if head != champion:
+        tags = client.get_model_version(name, head).tags
     if STATE_TAG not in tags:
-        return Plan(policy, "fresh", f"{what}champion v{champion} has no training state to continue (registered "
+        return Plan(policy, "fresh", f"{what}{start} has no training state to continue (registered "
                     "before continuation existed): trained from scratch")
     target = work_dir / "continue-from"
     target.mkdir(parents=True, exist_ok=True)
@@ -91,12 +128,12 @@ def plan_run(client: MlflowClient, name: str, policy: str, config: Config, datas
     try:
         check_continuable(state.config, config)
     except ContinuationMismatch as exc:
-        return Plan(policy, "fresh", f"{what}champion v{champion} cannot be continued ({exc}): trained from scratch")
+        return Plan(policy, "fresh", f"{what}{start} cannot be continued ({exc}): trained from scratch")
     new_data = state.dataset_sha256 != dataset_sha256
     data = (f"on new data (dataset {str(state.dataset_sha256)[:12]} → {dataset_sha256[:12]}) " if new_data else "")
-    return Plan(policy, "continue", f"{what}continued champion v{champion} {data}from step {state.step} for "
+    return Plan(policy, "continue", f"{what}continued {start} {data}from step {state.step} for "
                 f"train.steps={config.train.steps} more ({config.train.continue_schedule} schedule)",
-                str(champion), tags, str(state_file), new_data)
+                head, tags, str(state_file), new_data)
 
 
 def _exists(client: MlflowClient, name: str) -> bool:

@@ -154,7 +154,8 @@ def train_eval(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = 
         log_setup(client, run_id, config, work_dir, nproc_per_node, extractor, gate)
         dataset_sha256 = prepare_dataset_flow(run_id, submitted)
         name = registered_model_name(config.data.dataset, config.conditional)
-        plan = plan_run(client, name, policy, config, dataset_sha256, git_commit(), config_sha256(config), work_dir)
+        plan = plan_run(client, name, policy, config, dataset_sha256, git_commit(), config_sha256(config), work_dir,
+                        gate.rule)
         set_tags(client, run_id, plan.tags())
         logger.info("policy %s: %s", policy, plan.reason)
         if plan.mode == "skip":

@@ -584,3 +584,33 @@ def test_prefect_shows_each_runs_result_and_decision_as_keyed_artifacts(pipeline
         for metric in ("fid", "kid", "precision", "recall"):
             assert row[metric] == pytest.approx(metrics[f"{metric}_lenet_{row['setting']}"], rel=5e-4), metric
     assert primary["fid_std"] == pytest.approx(metrics["fid_std"], rel=5e-4) and ddpm["fid_std"] is None
+
+
+def test_a_night_continues_the_newest_version_of_the_champions_line_the_gate_did_not_find_worse(pipeline, tmp_path):
+    """The training head: versions descending from the champion whose FID is not worse than the champion's
+    beyond the margin (2·√(σ² + σ²) = 0.85 here) carry the line on; a worse one, another protocol, or a fresh
+    version outside the line does not."""
+    from flows.nightly import training_head
+
+    client = MlflowClient()
+    name = "ddpm-head-test"
+    client.create_registered_model(name)
+    protocol = {"extractor_id": "lenet-mnist-abc", "num_samples": "1000", "sampler": "ddim50-eta0-linear",
+                "dataset_sha256": "f" * 64}
+    rule = PromotionRule(2.0, 0.0)
+
+    def version(fid: float, parent: str, **changes: str) -> str:
+        tags = {**Score(fid, {**protocol, **changes}, 0.3).tags(), "lineage.parent": parent}
+        return str(client.create_model_version(name, source=str(tmp_path), tags=tags).version)
+
+    v1 = version(10.0, "none")
+    assert training_head(client, name, v1, rule) == v1
+    v2 = version(9.5, v1)  # better, but inside the noise: kept, and the line goes on from it
+    assert training_head(client, name, v1, rule) == v2
+    version(10.9, v2)  # worse than the champion by 0.9 > 0.85
+    version(5.0, "none")  # a fresh version: not of this line
+    version(9.0, v2, num_samples="500")  # scored another way
+    assert training_head(client, name, v1, rule) == v2
+    v6 = version(10.8, v2)  # worse by 0.8, inside the margin
+    assert training_head(client, name, v1, rule) == v6
+    assert training_head(client, name, v2, rule) == v2  # were v2 the champion, v6 would be 1.3 worse: not the head
