@@ -10,7 +10,7 @@ goes on where it stopped; the training itself resumes from its run folder):
   week       the local stack (infra/stack.sh, fresh state on free ports, data from $DIFFUSION_DATA_SOURCE)
              and <nights> runs of `prefect deployment run train-eval/nightly` back to back with
              preset=mnist-cpu, policy=continue and train.steps=<night-steps> (the first night has no
-             champion and trains fresh; each later one continues the champion's training state under the
+             champion and trains fresh; each later one continues the training head of the champion's line under the
              preset's train.continue_schedule, "restart"). Per night: the flow run's state and duration, the
              champion's version, its FID under the gate (N = the preset's evaluation.num_samples) and its
              lineage. The last champion is scored at <num-samples> → week.json

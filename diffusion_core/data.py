@@ -159,9 +159,9 @@ def source_md5s(spec: DatasetSpec, source: str) -> dict[str, str]:
         where = source.rstrip("/") + "/" + MANIFEST
         text = read_s3_text(where)
     else:
-        root = Path(source).expanduser()
-        found = [f / MANIFEST for f in (root, root / "raw", root / spec.folder / "raw") if (f / MANIFEST).is_file()]
-        text, where = (found[0].read_text(), str(found[0])) if found else (None, "")
+        folder = _local_raw_folder(spec, Path(source).expanduser())
+        manifest = None if folder is None else folder / MANIFEST
+        text, where = (manifest.read_text(), str(manifest)) if manifest and manifest.is_file() else (None, "")
     return dict(spec.files) if text is None else parse_manifest(spec, text, where)
 
 
@@ -179,16 +179,26 @@ def verify_raw_files(spec: DatasetSpec, folder: Path, md5s: dict[str, str] | Non
             )
 
 
+def _local_candidates(spec: DatasetSpec, source: Path) -> list[Path]:
+    return [source, source / "raw", source / spec.folder / "raw"]
+
+
+def _local_raw_folder(spec: DatasetSpec, source: Path) -> Path | None:
+    """The first of the folders `data.source` may name that holds all the raw files, or None."""
+    return next((folder for folder in _local_candidates(spec, source)
+                 if all((folder / name).is_file() for name, _ in spec.files)), None)
+
+
 def _find_local_raw(spec: DatasetSpec, source: Path) -> Path:
     if not source.is_dir():
         raise DataError(
             f"data source folder {source} does not exist. Point data.source at the folder that holds "
             f"{', '.join(n for n, _ in spec.files)}, an s3://bucket/prefix, or 'download' (needs internet)."
         )
-    candidates = [source, source / "raw", source / spec.folder / "raw"]
-    for folder in candidates:
-        if all((folder / name).is_file() for name, _ in spec.files):
-            return folder
+    folder = _local_raw_folder(spec, source)
+    if folder is not None:
+        return folder
+    candidates = _local_candidates(spec, source)
     raise DataError(
         f"{spec.name}: none of {', '.join(str(c) for c in candidates)} holds all of "
         f"{', '.join(n for n, _ in spec.files)}. Copy the original files there, or use data.source=download."
@@ -294,7 +304,7 @@ def prepare_dataset(name: str, source: str, data_dir: str | Path, *, verify_cach
     spec = get_spec(name)
     data_dir = Path(data_dir)
     path = canonical_path(spec, data_dir)
-    md5s = source_md5s(spec, source) if consult_source or not path.is_file() else None
+    md5s = source_md5s(spec, source) if consult_source else None
     if path.is_file():
         try:
             meta = read_metadata(path)
@@ -303,7 +313,8 @@ def prepare_dataset(name: str, source: str, data_dir: str | Path, *, verify_cach
                 return PreparedDataset(spec, path, meta["sha256"])
         except Exception:
             pass  # unreadable or stale cache: rebuild it below
-    md5s = source_md5s(spec, source) if md5s is None else md5s
+    if md5s is None:  # nothing usable cached: this is a prepare after all
+        md5s = source_md5s(spec, source)
     raw = fetch_raw(spec, source, data_dir, md5s)
     tensors = {}
     for split, (images, labels) in spec.parse(raw).items():

@@ -84,11 +84,9 @@ def read_s3_text(uri: str) -> str | None:
     bucket, key = split_s3_uri(uri)
     try:
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+    except (ClientError, BotoCoreError) as exc:
+        if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
-        raise DataError(f"reading {uri} failed ({exc}). Check the bucket, prefix, endpoint and credentials.") from exc
-    except BotoCoreError as exc:
         raise DataError(f"reading {uri} failed ({exc}). Check the bucket, prefix, endpoint and credentials.") from exc
 
 

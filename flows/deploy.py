@@ -6,7 +6,7 @@
                        $DIFFUSION_NIGHTLY_TIMEZONE, default UTC) with the preset
                        $DIFFUSION_NIGHTLY_PRESET (default mnist-cpu-cond) under the policy
                        $DIFFUSION_NIGHTLY_POLICY (flows.nightly: continue, the default, continues the
-                       champion's training state; skip-unchanged; fresh); one run at a time (a
+                       training state of the champion's line; skip-unchanged; fresh); one run at a time (a
                        deployment concurrency limit of 1): a run triggered while one runs waits
                        for it ($DIFFUSION_NIGHTLY_ON_COLLISION=enqueue, the default) or is cancelled
                        (cancel_new)

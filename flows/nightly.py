@@ -14,15 +14,13 @@
                    champion's, end at once without training (Prefect state "Skipped", MLflow tags and
                    note say why); otherwise as `continue`.
 
-Every registered version carries its lineage (LINEAGE_TAGS): the version it continued (`lineage.parent`),
+Every registered version carries its lineage (lineage_tags): the version it continued (`lineage.parent`),
 images seen and training seconds summed along the chain, the runs (nights) it took, and where its training
 state is.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,12 +94,14 @@ def training_head(client: MlflowClient, name: str, champion: str, rule: Promotio
 
 
 def plan_run(client: MlflowClient, name: str, policy: str, config: Config, dataset_sha256: str, commit: str,
-             config_sha256: str, work_dir: Path, rule: PromotionRule | None = None) -> Plan:
-    """Decide what the run does under `policy` against `name`'s current champion (see the module doc)."""
+             config_sha256: str, work_dir: Path, rule: PromotionRule) -> Plan:
+    """Decide what the run does under `policy` against registered model `name`'s current champion (see the
+    module doc); `rule` is the model's promotion rule (its gate's), which decides the training head. The
+    registered model exists: its gate (flows.gate.ensure_gate) was read or made before."""
     check_policy(policy)
     if policy == "fresh":
         return Plan(policy, "fresh", "policy fresh: trained from scratch")
-    champion = client.get_registered_model(name).aliases.get(CHAMPION) if _exists(client, name) else None
+    champion = client.get_registered_model(name).aliases.get(CHAMPION)
     if champion is None:
         return Plan(policy, "fresh", f"{name} has no champion yet: trained from scratch")
     champion = str(champion)
@@ -112,10 +112,11 @@ def plan_run(client: MlflowClient, name: str, policy: str, config: Config, datas
     if policy == "skip-unchanged" and not changed:
         return Plan(policy, "skip", f"nothing new since champion v{champion}: dataset version, code commit and "
                     f"resolved config equal its own (data {dataset_sha256[:12]}, code {commit[:12]}, config "
-                    f"{config_sha256[:12]}); no training", str(champion), tags)
+                    f"{config_sha256[:12]}); no training", champion, tags)
     what = f"{', '.join(changed)}; " if changed else ""
-    head = training_head(client, name, champion, rule) if rule is not None else champion
-    start = f"champion v{champion}" if head == champion else f"v{head} (the training head descending from champion v{champion})"
+    head = training_head(client, name, champion, rule)
+    start = (f"champion v{champion}" if head == champion
+             else f"v{head} (the training head descending from champion v{champion})")
     if head != champion:
         tags = client.get_model_version(name, head).tags
     if STATE_TAG not in tags:
@@ -134,16 +135,6 @@ def plan_run(client: MlflowClient, name: str, policy: str, config: Config, datas
     return Plan(policy, "continue", f"{what}continued {start} {data}from step {state.step} for "
                 f"train.steps={config.train.steps} more ({config.train.continue_schedule} schedule)",
                 head, tags, str(state_file), new_data)
-
-
-def _exists(client: MlflowClient, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-        return True
-    except MlflowException:
-        return False
 
 
 def lineage_tags(plan: Plan, run_id: str, model_info: dict[str, Any], train_seconds: float) -> dict[str, str]:

@@ -50,6 +50,13 @@ def server_url(tracking_uri: str) -> str | None:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
 
 
+def run_markdown(server: str | None, experiment_id: str, run_id: str) -> str:
+    """Markdown for an MLflow run: a link to its page on `server`, or its id (a local store has no UI)."""
+    if server is None:
+        return f"`{run_id}`"
+    return f"[{run_id}]({server}/#/experiments/{experiment_id}/runs/{run_id})"
+
+
 @dataclass(frozen=True)
 class RunLinks:
     """Where a run's results are: the MLflow UI at `server` (None: a local store, no UI to link to)."""
@@ -68,9 +75,7 @@ class RunLinks:
 
     def run(self) -> str:
         """Markdown for the MLflow run: a link to its page, or its id."""
-        if self.server is None:
-            return f"`{self.run_id}`"
-        return f"[{self.run_id}]({self.server}/#/experiments/{self.experiment_id}/runs/{self.run_id})"
+        return run_markdown(self.server, self.experiment_id, self.run_id)
 
     def model_version(self) -> str:
         """Markdown for the registered version: a link to its page, or its `models:/` URI."""
@@ -140,9 +145,10 @@ def score_rows(metrics: dict[str, float], settings: list[SamplerSetting], extrac
              "images_per_s": _shown(metrics.get(f"sampling_images_per_s_{s.tag}"))} for s in settings]
 
 
-def publish_skip(model: str, run_link: str, reason: str) -> None:
+def publish_skip(client: MlflowClient, run_id: str, model: str, reason: str) -> None:
     """The summary artifact of a run that skipped training (flows.nightly's skip-unchanged)."""
-    create_markdown_artifact(f"## {model}: skipped\n\n{reason}\n\n- MLflow run: {run_link}\n",
+    link = run_markdown(server_url(mlflow.get_tracking_uri()), client.get_run(run_id).info.experiment_id, run_id)
+    create_markdown_artifact(f"## {model}: skipped\n\n{reason}\n\n- MLflow run: {link}\n",
                              key=artifact_key(SUMMARY_PREFIX, model), description=f"train-eval of {model}: skipped")
 
 

@@ -8,7 +8,8 @@ all before any work. That resolved config is submitted once: every step receives
 parameter, and the MLflow copy (`config.json`, its sha256 as the param `config_sha256`) is a record,
 never read back. Steps (each a flow of its own, sharing the config, the MLflow run id and the working
 folder `$DIFFUSION_RUNS_DIR/<flow run id>`, default `runs/`): prepare-dataset → the policy's plan
-(flows.nightly: train fresh, continue the champion's training state, or skip a night with nothing new) →
+(flows.nightly: train fresh, continue the training state of the champion's line, or skip a night with
+nothing new) →
 train (torchrun) →
 register-checkpoint (new version of `ddpm-<dataset>`, or `ddpm-<dataset>-cond` for a class-conditional
 model, alias `challenger`) → sample (DDPM and DDIM, plus the guidance and NFE sweeps)
@@ -34,7 +35,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import SourceType
@@ -56,7 +56,7 @@ from .parameters import check_run_parameters
 from .prepare import prepare_dataset_flow
 from .register import register_checkpoint
 from .registry import Score, current_champion, select_champion
-from .report import publish_report, publish_skip, server_url
+from .report import publish_report, publish_skip
 from .sample import primary_setting, sample_images
 from .tracking import (ended_when_done, ensure_experiment, git_commit, log_params, registered_model_name, set_tags,
                        upload_artifacts)
@@ -137,7 +137,7 @@ def train_eval(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = 
     the gate's) are the registered model's gate's (flows.gate); parameters that contradict it are refused.
     It becomes the champion if its primary FID beats the current champion's by more than the gate's
     margin (flows.registry). `policy` (flows.nightly): "fresh" trains from scratch, "continue" continues
-    the champion's training state, "skip-unchanged" ends without training when data, code and config
+    the training head (the newest version of the champion's line the gate did not find worse), "skip-unchanged" ends without training when data, code and config
     equal the champion's (final state "Skipped").
     Parameters are checked against what a run may ask for (flows.parameters) before any work.
     Returns the MLflow run id."""
@@ -160,9 +160,7 @@ def train_eval(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = 
         logger.info("policy %s: %s", policy, plan.reason)
         if plan.mode == "skip":
             set_tags(client, run_id, {"mlflow.note.content": f"Skipped: {plan.reason}"})
-            experiment = client.get_run(run_id).info.experiment_id
-            base = server_url(mlflow.get_tracking_uri())
-            publish_skip(name, f"{base}/#/experiments/{experiment}/runs/{run_id}" if base else run_id, plan.reason)
+            publish_skip(client, run_id, name, plan.reason)
             return Completed(name="Skipped", message=plan.reason, data=run_id)
         seconds = train_model(run_id, str(work_dir), submitted, nproc_per_node, plan.state_file, plan.new_data)
         model_info = json.loads((work_dir / "model" / "config.json").read_text())
@@ -204,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extractor", help="FID features: lenet (offline) or inception (default: the registered "
                         "model's gate; lenet for a new model)")
     parser.add_argument("--policy", default="fresh", choices=POLICIES,
-                        help="fresh: from scratch; continue: the champion's training state; skip-unchanged: no "
+                        help="fresh: from scratch; continue: the training state of the champion's line; skip-unchanged: no "
                              "training when data, code and config equal the champion's (flows.nightly)")
     args = parser.parse_args(argv)
     run_id = train_eval(preset=args.preset, overrides=dict(parse_override(o) for o in args.overrides),

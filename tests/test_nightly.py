@@ -1,5 +1,5 @@
 """Nights through the real flow: a fresh first night, a night with nothing new that skips, and a night after images
-were added at the source that continues the champion's training state on the new data and re-scores the
+were added at the source that continues the champion's line on the new data and re-scores the
 champion on it before comparing. Its own registry (a fresh MLflow store) and its own data folder."""
 
 from __future__ import annotations
