@@ -12,7 +12,10 @@ kid_std, and the confident share. Per pair of models and n: the gap in units of 
 seed-to-seed noise, and what the pipeline's rule (promote when the FID gap exceeds
 k·√(σ_a² + σ_b²), k = the project's default gate rule (flows.gate.DEFAULT_RULE), σ = each evaluation's own fid_std)
 decides over every pairing of one evaluation of each model: right, wrong or kept; and for the same
-model against itself (pairs of its seeds), how often it would promote a model over itself.
+model against itself (pairs of its seeds), how often it would promote a model over itself. Paired: both
+models are sampled from the same seeds (the same starting noise and, for stochastic samplers, the same
+noise along the way), so the spread over seeds of the per-seed gap FID_a(s) − FID_b(s) is the noise of a
+comparison of two evaluations made with one seed, as the gate's protocol makes them (`sample.seed`).
 Wall-clock figures are printed beside this machine's fp32 matmul peak, measured in the same run.
 """
 
@@ -77,19 +80,23 @@ def summarise(rows: list[dict], models: list[str], sizes: list[int], sigmas: flo
                      f"{statistics.mean(g['kid_std'] for g in group):.2g} | "
                      f"{statistics.mean(g['confident_fraction'] for g in group):.3f} |")
     lines += ["", f"Decisions by the rule (k = {sigmas:g}), over every pairing of one evaluation of each model:", "",
-              "| pair | N | FID gap / combined seed SD | better replaces worse | worse replaces better | "
-              "model replaces itself |", "|---|---:|---:|---:|---:|---:|"]
+              "| pair | N | FID gap / combined seed SD | paired: SD of the gap over seeds | gap / paired SD | "
+              "better replaces worse | worse replaces better | model replaces itself |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for a, b in itertools.combinations(models, 2):
         for n in sizes:
             ga, gb = by[(a, n)], by[(b, n)]
             ma, mb = statistics.mean(g["fid"] for g in ga), statistics.mean(g["fid"] for g in gb)
             better, worse = (ga, gb) if ma < mb else (gb, ga)
             gap = abs(ma - mb) / math.hypot(statistics.stdev(g["fid"] for g in ga), statistics.stdev(g["fid"] for g in gb))
+            # the same sampling seed gives both models the same starting noise: how much less the gap varies
+            paired_sd = statistics.stdev(x["fid"] - y["fid"] for x, y in zip(ga, gb))
             right = decisions(worse, better, sigmas)["promoted"]
             wrong = decisions(better, worse, sigmas)["promoted"]
             itself = statistics.mean(decisions([x], [y], sigmas)["promoted"]
                                      for group in (ga, gb) for x, y in itertools.permutations(group, 2))
-            lines.append(f"| {Path(a).name} / {Path(b).name} | {n} | {gap:.1f} | {right:.0%} | {wrong:.0%} | "
+            lines.append(f"| {Path(a).name} / {Path(b).name} | {n} | {gap:.1f} | {paired_sd:.2f} | "
+                         f"{abs(ma - mb) / paired_sd:.1f} | {right:.0%} | {wrong:.0%} | "
                          f"{itself:.0%} |")
     return "\n".join(lines)
 

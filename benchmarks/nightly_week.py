@@ -14,9 +14,14 @@ goes on where it stopped; the training itself resumes from its run folder):
              preset's train.continue_schedule, "restart"). Per night: the flow run's state and duration, the
              champion's version, its FID under the gate (N = the preset's evaluation.num_samples) and its
              lineage. The last champion is scored at <num-samples> → week.json
-  constant   the same nights 2… by `diffusion train --continue-from` with train.continue_schedule=constant,
-             from night 1's training state, scored at <num-samples> → constant.json
-Then docs/nightly-week.png: the champion's FID per night beside the uninterrupted run and the other schedule.
+  constant   the same nights 2… by `diffusion train --continue-from` from night 1's training state with
+             train.continue_schedule=constant, scored at <num-samples> → constant.json
+  power-ema  the same with EDM2's power-function EMA (train.ema_std=0.1) → power-ema.json
+  plot       docs/nightly-week.png: the champion's FID per night beside the uninterrupted run and the other
+             schedule
+  lineage    docs/mlflow-lineage.png: the stack brought up again on the week's state (ports change, the
+             registry and artifacts stay) and the champion version's page shot by infra/mlflow_screenshots.py
+             (needs Chromium and the `screenshots` extra)
 Every JSON carries the fp32 matmul GFLOP/s measured in the same process before and after. Run it on an
 otherwise idle machine: a second PyTorch job on the same cores does not halve the speed, it collapses it
 (one training measured 10 images/s beside another against 230 alone on 2 cores: their OpenMP threads wait
@@ -26,6 +31,7 @@ for each other), which changes only the wall times, never the models (training i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -99,16 +105,13 @@ def week(args, work: Path, out: Path) -> None:
                               "matmul_gflops_fp32": {"before": round(peak, 1), "after": round(matmul_gflops(), 1)}})
 
 
-def run_nights(args, work: Path) -> list[dict]:
-    """The nights through the stack's nightly deployment; their models and training states kept in `work`."""
-    progress = work / "week-nights.json"
-    root = work / "stack"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+@contextlib.contextmanager
+def local_stack(root: Path):
+    """infra/stack.sh up on the state under `root` (kept between calls), yield the client's environment (its
+    MLFLOW_TRACKING_URI also set in this process), then down, killing whatever the services left."""
     env = stack_env("sqlite", root, os.environ["DIFFUSION_DATA_SOURCE"])
     env.update({"DIFFUSION_RUNS_DIR": str(root / "runs"), "DIFFUSION_DATA_DIR": str(root / "data")})
-    state = root / "state"
-    nights = []
+    pids = root / "state" / "pids"
     try:
         up = stack(env, "up", timeout=900)
         if up.returncode != 0:
@@ -116,6 +119,25 @@ def run_nights(args, work: Path) -> list[dict]:
         exports = stack(env, "env", timeout=60).stdout.splitlines()
         client_env = {**env, **dict(line.removeprefix("export ").split("=", 1) for line in exports)}
         os.environ["MLFLOW_TRACKING_URI"] = client_env["MLFLOW_TRACKING_URI"]
+        yield client_env
+    finally:
+        if (pids / "serve.pid").exists():
+            kill_below(int((pids / "serve.pid").read_text()))
+        leaders = [int(p.read_text()) for p in pids.glob("*.pid")] if pids.is_dir() else []
+        stack(env, "down", timeout=300)
+        for pid in leaders:
+            if group_alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def run_nights(args, work: Path) -> list[dict]:
+    """The nights through the stack's nightly deployment; their models and training states kept in `work`."""
+    progress = work / "week-nights.json"
+    root = work / "stack"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    nights = []
+    with local_stack(root) as client_env:
         from mlflow import MlflowClient
 
         client = MlflowClient()
@@ -141,40 +163,50 @@ def run_nights(args, work: Path) -> list[dict]:
             print(json.dumps(nights[-1], indent=2), flush=True)
             write(progress, {"nights": nights})  # progress, for a look while it runs
         keep = work / "week-models"
-        for night in nights:  # the stack's state is removed below; keep what later phases read
+        for night in nights:  # a new week wipes the stack's folder; keep what later phases read
             target = keep / f"night-{night['night']}"
             shutil.copytree(Path(night["model_dir"]), target / "model", dirs_exist_ok=True)
             (target / "checkpoints").mkdir(parents=True, exist_ok=True)
             shutil.copy(night["state_file"], target / "checkpoints" / "last.safetensors")
             night["model_dir"], night["state_file"] = str(target / "model"), str(target / "checkpoints" / "last.safetensors")
         write(progress, {"nights": nights, "kept": True})
-    finally:
-        serve = state / "pids" / "serve.pid"
-        if serve.exists():
-            kill_below(int(serve.read_text()))
-        leaders = [int(p.read_text()) for p in (state / "pids").glob("*.pid")] if (state / "pids").is_dir() else []
-        stack(env, "down", timeout=300)
-        for pid in leaders:
-            if group_alive(pid):
-                os.killpg(pid, signal.SIGKILL)
     return nights
 
 
-def constant(args, work: Path, out: Path) -> None:
+def lineage(args, work: Path) -> None:
+    """docs/mlflow-lineage.png: the stack brought up again on the week's state, the champion version's page."""
+    with local_stack(work / "stack") as client_env:
+        run([sys.executable, str(REPO / "infra" / "mlflow_screenshots.py"), "--url", client_env["MLFLOW_TRACKING_URI"],
+             "--model", MODEL, "--pages", "lineage"])
+
+
+# The other ways to continue, each run as the nights 2… of the week from night 1's training state (the
+# week's nights use the preset's train.continue_schedule, "restart": warm-up and cosine decay every night).
+ARMS = {
+    "constant": {"train.continue_schedule": "constant"},  # train.lr every night; the fixed-decay EMA is sampled
+    "power-ema": {"train.continue_schedule": "constant", "train.ema_std": 0.1},  # the same with EDM2's power EMA
+}
+
+
+def arm(name: str, args, work: Path, out: Path) -> None:
+    """Nights 2… by `diffusion train --continue-from` under ARMS[name], from night 1's state → <name>.json."""
     peak = matmul_gflops()
     nights = json.loads((out / "week.json").read_text())["nights"]
     state = Path(nights[0]["state_file"])
+    sets = [f"{key}={value}" for key, value in {"train.steps": args.night_steps, **ARMS[name]}.items()]
+    started = time.perf_counter()
     for night in range(2, args.nights + 1):
-        run_dir = work / "constant" / f"night-{night}"
-        run(["diffusion", "train", "--preset", "mnist-cpu", "--set", f"train.steps={args.night_steps}",
-             "--set", "train.continue_schedule=constant", "--continue-from", str(state), "--run-dir", str(run_dir)])
+        run_dir = work / name / f"night-{night}"
+        run(["diffusion", "train", "--preset", "mnist-cpu", *[a for s in sets for a in ("--set", s)],
+             "--continue-from", str(state), "--run-dir", str(run_dir)])
         state = run_dir / "checkpoints" / "last.safetensors"
-    score = evaluate(state.parent.parent, args.num_samples, work / "constant-score.json")
+    train_s = time.perf_counter() - started
+    score = evaluate(state.parent.parent, args.num_samples, work / f"{name}-score.json")
     fid, std = fid_of(score)
-    write(out / "constant.json", {"what": f"night 1 of the week, then {args.nights - 1} continuations of "
-                                  f"{args.night_steps} steps with continue_schedule constant", "fid": fid,
-                                  "fid_std": std, "score": score,
-                                  "matmul_gflops_fp32": {"before": round(peak, 1), "after": round(matmul_gflops(), 1)}})
+    write(out / f"{name}.json", {"what": f"night 1, then {args.nights - 1} continuations of {args.night_steps} steps "
+                                 f"with {', '.join(sets[1:])}", "fid": fid, "fid_std": std, "score": score,
+                                 "train_s": round(train_s, 1),
+                                 "matmul_gflops_fp32": {"before": round(peak, 1), "after": round(matmul_gflops(), 1)}})
 
 
 def plot(args, out: Path) -> Path:
@@ -185,7 +217,7 @@ def plot(args, out: Path) -> Path:
     nights = week_doc["nights"]
     ax.errorbar([n["night"] for n in nights], [n["fid"] for n in nights], yerr=[n["fid_std"] for n in nights],
                 marker="o", label=f"champion after each night (N = {nights[0]['num_samples']:,}, the gate's)")
-    for name, style in (("week", "C0"), ("reference", "C1"), ("constant", "C2")):
+    for name, style in (("week", "C0"), ("reference", "C1"), ("constant", "C2"), ("power-ema", "C3")):
         path = out / f"{name}.json"
         if path.is_file():
             doc = json.loads(path.read_text())
@@ -206,7 +238,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=10000, help="images behind each final score")
     parser.add_argument("--work", default="/tmp/nightly-week", help="run folders and the stack's state")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "nightly"))
-    parser.add_argument("--phases", default="reference,week,constant,plot")
+    parser.add_argument("--phases", default="week,reference,constant,power-ema,plot,lineage")
     args = parser.parse_args()
     if not os.environ.get("DIFFUSION_DATA_SOURCE"):
         parser.error("set DIFFUSION_DATA_SOURCE to a folder holding the MNIST raw files")
@@ -217,10 +249,14 @@ def main() -> None:
     for phase in args.phases.split(","):
         if phase == "plot":
             print(f"wrote {plot(args, out)}")
+        elif phase == "lineage":
+            lineage(args, work)
         elif (out / f"{phase}.json").is_file():
             print(f"{phase}: {out / f'{phase}.json'} exists, skipped")
+        elif phase in ARMS:
+            arm(phase, args, work, out)
         else:
-            {"reference": reference, "week": week, "constant": constant}[phase](args, work, out)
+            {"reference": reference, "week": week}[phase](args, work, out)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ class GlobalBatches:
 RESUME_FREE = frozenset({"steps", "log_every", "checkpoint_every", "device"})
 # Continuing a trained model may also change how it is optimised from here on, not what it learns.
 CONTINUE_FREE = RESUME_FREE | {"lr", "warmup_steps", "lr_decay", "continue_schedule", "grad_clip", "bf16", "compile",
-                               "ema_decay"}
+                               "ema_decay", "ema_std"}
 
 
 def _check_resumable(saved: dict, config: Config, free: frozenset[str] = RESUME_FREE,

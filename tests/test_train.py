@@ -285,6 +285,23 @@ def test_restart_schedule_warms_up_again_from_the_continued_step(smoke_overrides
     assert rates[20] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
 
 
+def test_a_continuation_may_switch_to_the_power_function_ema(smoke_overrides, tmp_path):
+    """The EMA's kind is an optimisation setting: a fixed-decay run continued with train.ema_std goes on from its
+    EMA weights and update count n, with the power-function decay (1 − 1/n)^(γ+1) (EDM2 eq. 2), γ solving
+    σ_rel² = (γ + 1)/((γ + 2)²(γ + 3)) (eq. 3) for σ_rel = 0.1."""
+    base = {**smoke_overrides, "train.log_every": 1}
+    train(load_config("smoke", {**base, "train.steps": 10}), tmp_path / "first", progress=False)
+    decays = {}
+    config = load_config("smoke", {**base, "train.steps": 3, "train.ema_std": 0.1})
+    train(config, tmp_path / "second", progress=False, continue_from=tmp_path / "first/checkpoints/last.safetensors",
+          on_metrics=lambda step, m: decays.__setitem__(step, m["ema_decay"]))
+    gamma = 6.9369  # σ_rel(6.9369) = 0.1000 to 4 digits:
+    assert (gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)) == pytest.approx(0.1**2, rel=1e-4)
+    # logged after update n = step: the decay the next update (n + 1) uses
+    assert [decays[s] for s in (11, 13)] == pytest.approx([(1 - 1 / 12) ** (gamma + 1), (1 - 1 / 14) ** (gamma + 1)],
+                                                          rel=1e-4)
+
+
 def test_continuing_with_other_settings_or_data_is_refused_naming_both(smoke_run, smoke_overrides, data_dir, tmp_path):
     state = smoke_run / "checkpoints" / "last.safetensors"
     wider = load_config("smoke", {**smoke_overrides, "model.base_channels": 16})
