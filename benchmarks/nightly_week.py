@@ -154,6 +154,7 @@ def run_nights(args, work: Path) -> list[dict]:
             run_info = client.get_run(client.get_model_version(MODEL, champion).run_id)
             nights.append({"night": night, "wall_s": round(wall_s, 1), "state": text.strip().splitlines()[-1],
                            "version": str(newest.version), "version_fid": float(newest.tags["eval.fid"]),
+                           "version_fid_std": float(newest.tags["eval.fid_std"]),
                            "decision": newest.tags["champion.decision"], "reason": newest.tags["champion.reason"],
                            "champion": champion, "fid": float(tags["eval.fid"]), "fid_std": float(tags["eval.fid_std"]),
                            "num_samples": int(tags["eval.num_samples"]),
@@ -216,12 +217,18 @@ def plot(args, out: Path) -> Path:
     fig, ax = new_figure()
     nights = week_doc["nights"]
     ax.errorbar([n["night"] for n in nights], [n["fid"] for n in nights], yerr=[n["fid_std"] for n in nights],
-                marker="o", label=f"champion after each night (N = {nights[0]['num_samples']:,}, the gate's)")
-    for name, style in (("week", "C0"), ("reference", "C1"), ("constant", "C2"), ("power-ema", "C3")):
+                marker="o", capsize=3, label=f"champion after each night (N = {nights[0]['num_samples']:,}, the gate's)")
+    ax.errorbar([n["night"] + 0.05 for n in nights], [n["version_fid"] for n in nights],
+                yerr=[n.get("version_fid_std", 0.0) for n in nights], marker="s", capsize=3, color="C4",
+                label=f"the night's new version, the training head (N = {nights[0]['num_samples']:,})")
+    lines = {"week": ("C0", "the champion after the last night"), "reference": ("C1", "one uninterrupted run"),
+             "constant": ("C2", "nights 2… with the constant schedule"),
+             "power-ema": ("C3", "nights 2… constant, power-function EMA")}
+    for name, (style, what) in lines.items():  # each JSON's "what" says it in full
         path = out / f"{name}.json"
         if path.is_file():
             doc = json.loads(path.read_text())
-            ax.axhline(doc["fid"], color=style, linestyle="--", label=f"{doc['what']}: {doc['fid']:.2f} "
+            ax.axhline(doc["fid"], color=style, linestyle="--", label=f"{what}: {doc['fid']:.2f} "
                        f"± {doc['fid_std']:.2f} (N = {args.num_samples:,})")
     ax.set(xlabel="night", ylabel="LeNet FID", title="nightly continuation against one uninterrupted run",
            xticks=[n["night"] for n in nights])
