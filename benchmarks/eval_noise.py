@@ -96,7 +96,7 @@ def summarise(rows: list[dict], models: list[str], sizes: list[int], sigmas: flo
             itself = statistics.mean(decisions([x], [y], sigmas)["promoted"]
                                      for group in (ga, gb) for x, y in itertools.permutations(group, 2))
             lines.append(f"| {Path(a).name} / {Path(b).name} | {n} | {gap:.1f} | {paired_sd:.2f} | "
-                         f"{abs(ma - mb) / paired_sd:.1f} | {right:.0%} | {wrong:.0%} | "
+                         f"{abs(ma - mb) / paired_sd if paired_sd else math.inf:.1f} | {right:.0%} | {wrong:.0%} | "
                          f"{itself:.0%} |")
     return "\n".join(lines)
 

@@ -3,8 +3,9 @@
     python benchmarks/nightly_week.py [--nights 4] [--night-steps 4500] [--reference-steps 18000] \
         [--num-samples 10000] [--work /tmp/nightly-week] [--out benchmarks/results/nightly]
 
-Phases (each writes its JSON into --out and is skipped when that file exists, so an interrupted week
-goes on where it stopped; the training itself resumes from its run folder):
+Phases (reference, week and the arms each write their JSON into --out and are skipped when that file exists,
+so an interrupted week goes on where it stopped; the training itself resumes from its run folder; plot and
+lineage always run):
   reference  `diffusion train --preset mnist-cpu --set train.steps=<reference-steps>` (18,000 steps is the
              mnist-cpu-hour recipe), scored with `diffusion evaluate -n <num-samples>` → reference.json
   week       the local stack (infra/stack.sh, fresh state on free ports, data from $DIFFUSION_DATA_SOURCE)
@@ -17,11 +18,12 @@ goes on where it stopped; the training itself resumes from its run folder):
   constant   the same nights 2… by `diffusion train --continue-from` from night 1's training state with
              train.continue_schedule=constant, scored at <num-samples> → constant.json
   power-ema  the same with EDM2's power-function EMA (train.ema_std=0.1) → power-ema.json
-  plot       docs/nightly-week.png: the champion's FID per night beside the uninterrupted run and the other
-             schedule
+  plot       docs/nightly-week.png: the champion's and the night's new version's FID per night, beside the
+             final scores of the week, the uninterrupted run and the arms (those whose JSON exists)
   lineage    docs/mlflow-lineage.png: the stack brought up again on the week's state (ports change, the
              registry and artifacts stay) and the champion version's page shot by infra/mlflow_screenshots.py
-             (needs Chromium and the `screenshots` extra)
+             (needs Chromium and the `screenshots` extra). Not yet a lineage picture: MLflow 3's version page
+             lists its first five tags (champion.*), and a champion that never moved (v1) has no parent
 Every JSON carries the fp32 matmul GFLOP/s measured in the same process before and after. Run it on an
 otherwise idle machine: a second PyTorch job on the same cores does not halve the speed, it collapses it
 (one training measured 10 images/s beside another against 230 alone on 2 cores: their OpenMP threads wait
@@ -191,6 +193,8 @@ ARMS = {
 
 def arm(name: str, args, work: Path, out: Path) -> None:
     """Nights 2… by `diffusion train --continue-from` under ARMS[name], from night 1's state → <name>.json."""
+    if not (out / "week.json").is_file():
+        raise SystemExit(f"{name} continues night 1 of the week: run --phases week first ({out / 'week.json'} is missing)")
     peak = matmul_gflops()
     nights = json.loads((out / "week.json").read_text())["nights"]
     state = Path(nights[0]["state_file"])
@@ -249,11 +253,15 @@ def main() -> None:
     args = parser.parse_args()
     if not os.environ.get("DIFFUSION_DATA_SOURCE"):
         parser.error("set DIFFUSION_DATA_SOURCE to a folder holding the MNIST raw files")
+    phases = args.phases.split(",")
+    unknown = [p for p in phases if p not in ("week", "reference", *ARMS, "plot", "lineage")]
+    if unknown:
+        parser.error(f"unknown phases {', '.join(unknown)}: choose from week, reference, {', '.join(ARMS)}, plot, lineage")
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     print(f"fp32 matmul {matmul_gflops():.0f} GFLOP/s; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
-    for phase in args.phases.split(","):
+    for phase in phases:
         if phase == "plot":
             print(f"wrote {plot(args, out)}")
         elif phase == "lineage":

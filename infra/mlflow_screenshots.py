@@ -19,6 +19,8 @@ What each picture shows (pages of the server at --url; nothing is written to the
 - `mlflow-lineage.png`: the champion version's page (`#/models/<name>/versions/<v>`): its tags, with the
   lineage a nightly continuation leaves (`lineage.parent`, `lineage.images_seen`, `lineage.train_seconds`,
   `lineage.runs`, `lineage.state`) and the decision that made it champion.
+  Tried once on MLflow 3: the page listed only the first five tags (`champion.*`), so the lineage tags
+  were not in the picture (benchmarks/nightly_week.py, phase lineage); it is not in docs/ yet.
 - `mlflow-run-artifacts.png`: its artifacts, the sample grids listed and `fid_vs_nfe.png` shown (with
   `sample.nfe_sweep` set; else `loss_curve.png`) beside `loss_curve.png` and `forward_process.png`.
 
