@@ -16,6 +16,9 @@ model against itself (pairs of its seeds), how often it would promote a model ov
 models are sampled from the same seeds (the same starting noise and, for stochastic samplers, the same
 noise along the way), so the spread over seeds of the per-seed gap FID_a(s) − FID_b(s) is the noise of a
 comparison of two evaluations made with one seed, as the gate's protocol makes them (`sample.seed`).
+Per pair, N and seed, the gate's own estimate of that noise, σ_gap (the paired bootstrap of the gap,
+diffusion_core.evaluation.fid_gap_std), beside the SD it estimates, and what the paired rule (promote when
+the gap exceeds k·σ_gap) decides for each seed.
 Wall-clock figures are printed beside this machine's fp32 matmul peak, measured in the same run.
 """
 
@@ -34,6 +37,7 @@ import torch
 from diffusion_core import load_config, load_model
 from diffusion_core.data import get_spec
 from diffusion_core.evaluation import evaluate
+from diffusion_core.evaluation.evaluator import fid_gap_std
 from diffusion_core.runtime import matmul_gflops, tune_cpu_runtime
 from diffusion_core.samplers import generate_batches
 from flows.gate import DEFAULT_RULE
@@ -61,6 +65,42 @@ def decisions(champions: list[dict], candidates: list[dict], sigmas: float) -> d
     promoted = [champion["fid"] - candidate["fid"] > sigmas * math.hypot(champion["fid_std"], candidate["fid_std"])
                 for champion, candidate in itertools.product(champions, candidates)]
     return {"promoted": sum(promoted) / len(promoted), "pairings": len(promoted)}
+
+
+def paired_rows(sets: dict[str, list[torch.Tensor]], sizes: list[int], data, bootstrap: int) -> list[dict]:
+    """Per pair of models, N and sampling seed: σ_gap, the paired bootstrap standard error of the gap
+    between the two models' sets drawn from that seed."""
+    rows = []
+    for a, b in itertools.combinations(sets, 2):
+        for n in sizes:
+            for seed, (images_a, images_b) in enumerate(zip(sets[a], sets[b])):
+                rows.append({"pair": [a, b], "n": n, "seed": seed, "gap_std": fid_gap_std(
+                    images_a[:n], images_b[:n], data=data, bootstrap=bootstrap, seed=seed, device="cpu")})
+    return rows
+
+
+def summarise_paired(rows: list[dict], paired: list[dict], sigmas: float) -> str:
+    """The gate's paired estimate against the per-seed gap's real spread, and its decisions per seed."""
+    fid = {(row["model"], row["n"], row["seed"]): row for row in rows}
+    lines = ["", f"The paired rule (promote when the gap exceeds k·σ_gap, k = {sigmas:g}), one decision per seed "
+             "(both models sampled from it, as under the gate):", "",
+             "| pair | N | mean gap | SD of the gap over seeds | σ_gap (mean) | ratio | unpaired √(σ_a² + σ_b²) (mean) | "
+             "better replaces worse | worse replaces better |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in paired:
+        groups.setdefault((*row["pair"], row["n"]), []).append(row)
+    for (a, b, n), group in groups.items():
+        gaps = [fid[(a, n, g["seed"])]["fid"] - fid[(b, n, g["seed"])]["fid"] for g in group]  # FID_a − FID_b
+        sd = statistics.stdev(gaps)
+        sigma = statistics.mean(g["gap_std"] for g in group)
+        unpaired = statistics.mean(math.hypot(fid[(a, n, g["seed"])]["fid_std"], fid[(b, n, g["seed"])]["fid_std"])
+                                   for g in group)
+        sign = 1 if statistics.mean(gaps) > 0 else -1  # +: b is the better model
+        right = statistics.mean(sign * gap > sigmas * g["gap_std"] for gap, g in zip(gaps, group))
+        wrong = statistics.mean(-sign * gap > sigmas * g["gap_std"] for gap, g in zip(gaps, group))
+        lines.append(f"| {Path(a).name} / {Path(b).name} | {n} | {statistics.mean(gaps):+.2f} | {sd:.2f} | {sigma:.2f} | "
+                     f"{sigma / sd if sd else math.inf:.2f} | {unpaired:.2f} | {right:.0%} | {wrong:.0%} |")
+    return "\n".join(lines)
 
 
 def summarise(rows: list[dict], models: list[str], sizes: list[int], sigmas: float) -> str:
@@ -117,22 +157,26 @@ def main() -> None:
     sizes = sorted(args.n)
     print(f"fp32 matmul peak {matmul_gflops():.0f} GFLOP/s; {settings.sampler}-{settings.steps} "
           f"({settings.spacing}), seeds 0…{args.seeds - 1}, N = {sizes}, bootstrap {config.evaluation.bootstrap}")
-    rows = []
+    rows, sets_by_model = [], {}
     for model in args.models:
         loaded = load_model(model, "cpu")
         start = time.perf_counter()
         sets = sample_sets(loaded, settings, args.seeds, sizes[-1])
         sampled = time.perf_counter() - start
         data = loaded.config.data
+        sets_by_model[model] = sets
         for seed, images in enumerate(sets):
             for n in sizes:
                 rows.append({"model": model, "n": n, "seed": seed,
                              **score(images[:n], data, config.evaluation.bootstrap, seed)})
         print(f"{model}: sampled {args.seeds} × {sizes[-1]} in {sampled:.0f} s, scored in "
               f"{time.perf_counter() - start - sampled:.0f} s (fp32 matmul peak {matmul_gflops():.0f} GFLOP/s)")
+    paired = paired_rows(sets_by_model, sizes, data, config.evaluation.bootstrap)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"preset": args.preset, "rows": rows, "paired": paired,
+                                          "matmul_gflops_fp32": round(matmul_gflops(), 1)}, indent=1))
     print(summarise(rows, args.models, sizes, DEFAULT_RULE.sigmas))
+    print(summarise_paired(rows, paired, DEFAULT_RULE.sigmas))
 
 
 if __name__ == "__main__":

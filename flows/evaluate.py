@@ -14,6 +14,9 @@ conditional models) also get class_consistency and per-class FIDs, and the guida
 `sample.nfe_sweep`) as `fid_vs_nfe.png`. The primary setting's N (`evaluation.num_samples`) differs from
 the others' (`sample.num_samples`), and FID's bias with it, so the plots draw it as a point of its own,
 each line and point labelled with its N.
+
+`gap_spread` measures, for the promotion gate, the paired standard error of the FID gap between the
+champion's scored samples and a candidate's (both runs' `samples/<primary tag>.safetensors`).
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 from safetensors.torch import load_file
 
-from diffusion_core.config import config_from_dict
+from diffusion_core.config import Config, config_from_dict
 from diffusion_core.evaluation import evaluate, format_table
-from diffusion_core.evaluation.evaluator import sampler_tag
+from diffusion_core.evaluation.evaluator import fid_gap_std, sampler_tag
 from diffusion_core.evaluation.plots import plot_fid_vs_nfe, plot_guidance_sweep
 
+from .registry import GapSpread, Score
 from .sample import SAMPLES_ARTIFACT, primary_setting
 from .tracking import log_metrics, log_params, upload_artifacts
 
@@ -86,3 +91,38 @@ def evaluate_samples(run_id: str, config: dict[str, Any], extractor: str = "lene
     log_metrics(client, run_id, {**metrics, **headline_metrics(metrics, extractor, primary.tag)})
     log_params(client, run_id, {**{f"eval.{k}": v for k, v in context.items()}, "eval.primary": primary.protocol})
     get_run_logger().info("evaluation (%s):\n%s", context.get("extractor_id"), format_table(metrics))
+
+
+def gap_spread(client: MlflowClient, config: Config, extractor: str) -> GapSpread:
+    """σ_gap of two scores under `config`'s protocol (the gate's): the paired bootstrap standard error of
+    FID(candidate) − FID(champion) from the primary samples of the runs that scored them, with the
+    protocol's bootstrap count and seed. None (the gate then uses the unpaired error) when a score names
+    no run, a run's samples cannot be read or the two sets differ in size; the log says which."""
+    primary = primary_setting(config)
+    artifact = f"{SAMPLES_ARTIFACT}/{primary.tag}.safetensors"
+
+    def spread(champion: Score, candidate: Score) -> float | None:
+        logger = get_run_logger()
+        if config.evaluation.bootstrap < 2:
+            return None  # no bootstrap, no standard error (a gate with sigmas > 0 keeps one: flows.gate)
+        if not champion.run_id or not candidate.run_id:
+            logger.warning("no paired σ_gap: a score names no run (champion %s, candidate %s)", champion.run_id,
+                           candidate.run_id)
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                images = [load_file(client.download_artifacts(run, artifact, f"{tmp}/{k}"))["images"]
+                          for k, run in enumerate((champion.run_id, candidate.run_id))]
+            except (MlflowException, OSError) as exc:
+                logger.warning("no paired σ_gap: %s of runs %s and %s could not be read (%s)", artifact,
+                               champion.run_id, candidate.run_id, exc)
+                return None
+        if images[0].shape != images[1].shape:
+            logger.warning("no paired σ_gap: the scored sets differ in shape (%s, %s)", tuple(images[0].shape),
+                           tuple(images[1].shape))
+            return None
+        return fid_gap_std(images[0], images[1], data=config.data, extractor=extractor,
+                           bootstrap=config.evaluation.bootstrap, seed=primary.settings.seed,
+                           device=config.train.device)
+
+    return spread

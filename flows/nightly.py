@@ -21,6 +21,8 @@ state is.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,21 +69,26 @@ class Plan:
 def training_head(client: MlflowClient, name: str, champion: str, rule: PromotionRule) -> str:
     """The version a `continue` night starts from: the newest version whose lineage.parent chain reaches
     `champion` through versions each scored under the champion's protocol and not worse than the champion
-    beyond `rule`'s margin (the candidate − champion FID ≤ the margin); else the champion itself."""
-    scores = {}
-    parents = {}
+    beyond the margin (the candidate − champion FID ≤ the margin the gate judged it with against this
+    champion, else `rule`'s unpaired margin); else the champion itself."""
+    scores, parents, margins = {}, {}, {}
     for version in client.search_model_versions(f"name='{name}'"):
         number = str(version.version)
         parents[number] = version.tags.get(PARENT_TAG, "none")
         scores[number] = Score.from_tags(version.tags)
+        if version.tags.get("champion.previous_version") == champion:
+            with contextlib.suppress(ValueError):
+                margins[number] = float(version.tags.get("champion.margin", "none"))
     best = scores.get(champion)
     if best is None:
         return champion
 
     def acceptable(number: str) -> bool:
         score = scores.get(number)
-        return (score is not None and score.protocol == best.protocol
-                and score.fid - best.fid <= rule.margin(score, best))  # a NaN FID is never acceptable
+        if score is None or score.protocol != best.protocol:
+            return False
+        margin = margins[number] if number in margins else rule.margin(score, best)
+        return score.fid - best.fid <= margin  # a NaN FID is never acceptable
 
     for number in sorted(parents, key=int, reverse=True):
         chain, node = [], number

@@ -5,8 +5,12 @@ version of `ddpm-<dataset>` with the alias `challenger`. After evaluation the ve
 its FID and that FID's standard error (`eval.fid`, `eval.fid_std`) and with everything the FID
 depends on (`eval.extractor_id`, `eval.num_samples`, `eval.sampler`, `eval.dataset_sha256`: the
 protocol). `champion` moves to the new version only if the current champion was scored with the same
-protocol and the new FID is lower by more than the rule's margin, max(k·√(σ_new² + σ_champion²),
-minimum improvement): a gap inside the measurement's own noise keeps the champion. The rule and the
+protocol and the new FID is lower by more than the rule's margin, max(k·σ_gap, minimum improvement):
+a gap inside the measurement's own noise keeps the champion. σ_gap is the standard error of the gap
+itself, from a paired bootstrap of the two scored sample sets (each score names the run that holds its
+samples, `eval.run_id`; diffusion_core.evaluation.fid_gap_std). The gate fixes the sampling seed, so
+both sets start from the same noise and the noise they share cancels in the gap: σ_gap is smaller than
+√(σ_new² + σ_champion²), the unpaired error the rule falls back to when either set cannot be read. The rule and the
 protocol belong to the registered model (its gate, flows.gate), never to the run being judged. The
 decision, its rule, both scores and their standard errors are tagged on the version.
 
@@ -30,8 +34,8 @@ import json
 import math
 import tempfile
 from datetime import datetime, timezone
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 
 import mlflow
 import torch
@@ -42,6 +46,7 @@ from diffusion_core.config import ConfigError
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 FID_TAG, FID_STD_TAG = "eval.fid", "eval.fid_std"
+SCORE_RUN_TAG = "eval.run_id"  # the MLflow run whose samples/<primary tag>.safetensors the score was computed from
 SCORE_HISTORY_TAG = "eval.history."  # every score a version had before a re-score replaced it
 PROTOCOL_KEYS = ("extractor_id", "num_samples", "sampler", "dataset_sha256")
 LOCK_TIMEOUT_S = 900  # how long a decision waits for another run's decision on the same model
@@ -57,39 +62,47 @@ def load_registered_model(uri: str, device: torch.device | str = "cpu") -> Loade
 
 @dataclass(frozen=True)
 class Score:
-    """A version's FID, its standard error (0 when not measured) and the protocol it was measured with
-    (two scores are comparable only when their protocols are equal)."""
+    """A version's FID, its standard error (0 when not measured), the protocol it was measured with (two
+    scores are comparable only when their protocols are equal) and the MLflow run holding the scored
+    samples (None when not recorded)."""
 
     fid: float
     protocol: dict[str, str]
     fid_std: float = 0.0
+    run_id: str | None = None
 
     def tags(self) -> dict[str, str]:
         return {FID_TAG: repr(self.fid), FID_STD_TAG: repr(self.fid_std),
-                **{f"eval.{key}": self.protocol[key] for key in PROTOCOL_KEYS}}
+                **{f"eval.{key}": self.protocol[key] for key in PROTOCOL_KEYS},
+                **({SCORE_RUN_TAG: self.run_id} if self.run_id else {})}
 
     @classmethod
     def from_tags(cls, tags: Mapping[str, str]) -> Score | None:
         if FID_TAG not in tags:
             return None
         return cls(float(tags[FID_TAG]), {key: tags.get(f"eval.{key}", "") for key in PROTOCOL_KEYS},
-                   float(tags.get(FID_STD_TAG, 0.0)))
+                   float(tags.get(FID_STD_TAG, 0.0)), tags.get(SCORE_RUN_TAG) or None)
+
+
+GapSpread = Callable[[Score, Score], float | None]  # (champion, candidate) → σ_gap, None when not measurable
 
 
 @dataclass(frozen=True)
 class PromotionRule:
-    """Promote when the champion's FID minus the candidate's exceeds
-    max(sigmas · √(σ_candidate² + σ_champion²), min_improvement)."""
+    """Promote when the champion's FID minus the candidate's exceeds max(sigmas · σ_gap, min_improvement),
+    σ_gap the paired standard error of that gap; without it, the unpaired √(σ_candidate² + σ_champion²)."""
 
     sigmas: float
     min_improvement: float
 
-    def margin(self, candidate: Score, champion: Score) -> float:
-        return max(self.sigmas * math.hypot(candidate.fid_std, champion.fid_std), self.min_improvement)
+    def margin(self, candidate: Score, champion: Score, gap_std: float | None = None) -> float:
+        spread = math.hypot(candidate.fid_std, champion.fid_std) if gap_std is None else gap_std
+        return max(self.sigmas * spread, self.min_improvement)
 
     def __str__(self) -> str:
-        return (f"promote if champion FID − candidate FID > max({self.sigmas:g}·√(σ_candidate² + σ_champion²), "
-                f"{self.min_improvement:g})")
+        return (f"promote if champion FID − candidate FID > max({self.sigmas:g}·σ_gap, {self.min_improvement:g}); "
+                "σ_gap: the gap's paired bootstrap standard error (unpaired √(σ_candidate² + σ_champion²) when "
+                "either sample set is missing)")
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,8 @@ class Decision:
     champion_version: str | None
     champion: Score | None
     rule: PromotionRule
+    gap_std: float | None = None  # the paired σ_gap the margin used; None: unpaired (or no comparison)
+    margin: float | None = None  # the margin the gain was held against; None when there was no comparison
 
     @property
     def candidate_fid(self) -> float:
@@ -117,12 +132,17 @@ class Decision:
                 "champion.candidate_fid_std": repr(self.candidate.fid_std),
                 "champion.previous_version": self.champion_version or "none",
                 "champion.previous_fid": "none" if previous is None else repr(previous.fid),
-                "champion.previous_fid_std": "none" if previous is None else repr(previous.fid_std)}
+                "champion.previous_fid_std": "none" if previous is None else repr(previous.fid_std),
+                "champion.gap_std": "none" if self.gap_std is None else repr(self.gap_std),
+                "champion.margin": "none" if self.margin is None else repr(self.margin)}
 
 
-def _judge(score: Score, champion_version: str | None, champion: Score | None, rule: PromotionRule) -> Decision:
-    def decide(promoted: bool, reason: str) -> Decision:
-        return Decision(promoted, reason, score, champion_version, champion, rule)
+def _judge(score: Score, champion_version: str | None, champion: Score | None, rule: PromotionRule,
+           gap_spread: GapSpread | None = None) -> Decision:
+    """The decision on `score` against the champion's; `gap_spread(champion, score)` measures σ_gap
+    (only when the two are comparable)."""
+    def decide(promoted: bool, reason: str, gap_std: float | None = None, margin: float | None = None) -> Decision:
+        return Decision(promoted, reason, score, champion_version, champion, rule, gap_std, margin)
 
     if champion_version is None:
         return decide(True, "no champion yet")
@@ -130,12 +150,16 @@ def _judge(score: Score, champion_version: str | None, champion: Score | None, r
         differs = sorted(k for k in PROTOCOL_KEYS if champion is None or champion.protocol[k] != score.protocol[k])
         return decide(False, f"champion v{champion_version} was scored differently ({', '.join(differs)}): "
                       "not comparable, kept (re-score it under this protocol: python -m flows.rescore)")
-    margin = rule.margin(score, champion)
+    gap_std = gap_spread(champion, score) if gap_spread is not None else None
+    margin = rule.margin(score, champion, gap_std)
     gain = champion.fid - score.fid
     better = gain > margin  # a NaN FID is never better
     verdict = "beyond" if better else "within"
+    spread = (f"paired σ_gap {gap_std:.2g}" if gap_std is not None
+              else f"unpaired √(σ² + σ²) {math.hypot(score.fid_std, champion.fid_std):.2g}")
     return decide(better, f"FID {score.fid:.4g} ± {score.fid_std:.2g} vs champion v{champion_version}'s "
-                  f"{champion.fid:.4g} ± {champion.fid_std:.2g}: gain {gain:.3g} {verdict} the margin {margin:.3g}")
+                  f"{champion.fid:.4g} ± {champion.fid_std:.2g}: gain {gain:.3g} {verdict} the margin {margin:.3g} "
+                  f"({spread})", gap_std, margin)
 
 
 def _ensure_single_slot_limit(limit: str) -> None:
@@ -191,22 +215,34 @@ def resolve_version(client: MlflowClient, name: str, version: str | None, alias:
     return str(aliases[alias])
 
 
+def version_score(client: MlflowClient, name: str, version: str) -> Score | None:
+    """The score tagged on `version`; where it does not name its run (scored before runs were recorded),
+    the run that holds its samples: its re-score's, else the run that registered it."""
+    model_version = client.get_model_version(name, version)
+    score = Score.from_tags(model_version.tags)
+    if score is None or score.run_id:
+        return score
+    return replace(score, run_id=model_version.tags.get("eval.rescored_by") or model_version.run_id or None)
+
+
 def current_champion(client: MlflowClient, name: str) -> tuple[str | None, Score | None]:
     """(version, score) of the version `champion` points at, or (None, None)."""
     version = client.get_registered_model(name).aliases.get(CHAMPION)
     if version is None:
         return None, None
-    return str(version), Score.from_tags(client.get_model_version(name, str(version)).tags)
+    return str(version), version_score(client, name, str(version))
 
 
-def select_champion(client: MlflowClient, name: str, version: str, score: Score, rule: PromotionRule) -> Decision:
+def select_champion(client: MlflowClient, name: str, version: str, score: Score, rule: PromotionRule,
+                    gap_spread: GapSpread | None = None) -> Decision:
     """Tag `version` with its score; under the model's champion lock, compare it with the current
-    champion by `rule` (the model's gate), tag the decision on the version and, if it wins, point
-    `previous` at the champion it replaces and move `champion` to it (the last write)."""
+    champion by `rule` (the model's gate) with the paired σ_gap that `gap_spread(champion, score)`
+    measures (unpaired without it, or where it returns None), tag the decision on the version and, if it
+    wins, point `previous` at the champion it replaces and move `champion` to it (the last write)."""
     record_score(client, name, version, score)
     with champion_lock(name):
         champion_version, champion = current_champion(client, name)
-        decision = _judge(score, champion_version, champion, rule)
+        decision = _judge(score, champion_version, champion, rule, gap_spread)
         for key, value in decision.tags().items():
             client.set_model_version_tag(name, version, key, value)
         if decision.promoted:

@@ -49,7 +49,7 @@ from diffusion_core.launch import resolve_nproc, write_resolved_config
 
 from diffusion_core.evaluation.extractors import canonical_name
 
-from .evaluate import evaluate_samples
+from .evaluate import evaluate_samples, gap_spread
 from .gate import Gate, ensure_gate
 from .nightly import POLICIES, check_policy, lineage_tags, plan_run
 from .parameters import check_run_parameters
@@ -98,12 +98,12 @@ def log_setup(client: MlflowClient, run_id: str, config: Config, work_dir: Path,
 
 def primary_score(client: MlflowClient, run_id: str, config: Config) -> Score:
     """The run's headline FID and its standard error (the primary sampler on the evaluation budget, at the
-    config's guidance for a conditional model) and their protocol."""
+    config's guidance for a conditional model), their protocol, and the run (which holds the samples)."""
     run = client.get_run(run_id)
     params, metrics = run.data.params, run.data.metrics
     return Score(metrics["fid"], {"extractor_id": params["eval.extractor_id"], "num_samples": params["eval.num_samples"],
                                   "sampler": primary_setting(config).protocol,
-                                  "dataset_sha256": params["eval.dataset_sha256"]}, metrics.get("fid_std", 0.0))
+                                  "dataset_sha256": params["eval.dataset_sha256"]}, metrics.get("fid_std", 0.0), run_id)
 
 
 def submitted_config(preset: str, overrides: dict[str, Any], nproc_per_node: int | str, num_samples: int | None,
@@ -169,7 +169,7 @@ def train_eval(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = 
         evaluate_samples(run_id, submitted, extractor)
         score = primary_score(client, run_id, config)
         rescore_champion_on_new_data(client, name, score)
-        decision = select_champion(client, name, version, score, gate.rule)
+        decision = select_champion(client, name, version, score, gate.rule, gap_spread(client, config, extractor))
         set_tags(client, run_id, {"model_version": version, **decision.tags()})
         logger.info("%s version %s: %s (%s)", name, version, decision.tags()["champion.decision"], decision.reason)
         publish_report(client, run_id, config, extractor, name, version, decision, plan.reason)

@@ -168,6 +168,65 @@ def test_fid_std_matches_the_spread_of_independent_generated_sets():
     assert 0.8 * spread <= np.mean(estimates) <= 1.3 * spread, (np.mean(estimates), spread)
 
 
+def test_paired_gap_std_matches_the_spread_of_the_gap_over_independent_paired_draws():
+    """σ_gap is read as the standard error of FID(b) − FID(a) when image i of both sets starts from the
+    same noise. Oracle: Gaussian features, b_i correlated with a_i (ρ = 0.9) through shared normal
+    draws; the gaps of 300 independent paired draws spread by s. The paired bootstrap from single draws
+    must average within [0.8, 1.3]·s, and s must sit far below the unpaired √(σ_a² + σ_b²) the gate used
+    before (resampling a and b with different indices reads that, and fails the first check)."""
+    import numpy as np
+
+    from diffusion_core.evaluation.metrics import fid_bootstrap_std, fid_gap_bootstrap_std, frechet_distances
+
+    rng = np.random.default_rng(2)
+    dims, n, rho = 16, 500, 0.9
+    mix = rng.normal(size=(dims, dims)) / np.sqrt(dims)
+    real = torch.from_numpy(rng.normal(size=(20000, dims)) @ (np.eye(dims) + mix))
+    real_np = real.numpy()
+    real_mu, real_sigma = real_np.mean(0), np.cov(real_np, rowvar=False)
+
+    def paired_draw() -> tuple[np.ndarray, np.ndarray]:
+        z, w = rng.normal(size=(n, dims)), rng.normal(size=(n, dims))
+        a = z @ mix.T * 1.3 + 0.3
+        b = (rho * z + np.sqrt(1 - rho**2) * w) @ mix.T * 1.2 + 0.25
+        return a, b
+
+    whole = np.arange(n)[None]
+    gaps = []
+    for _ in range(300):
+        a, b = paired_draw()
+        gaps.append(frechet_distances(b, real_mu, real_sigma, whole)[0] - frechet_distances(a, real_mu, real_sigma, whole)[0])
+    spread = np.std(gaps, ddof=1)
+    draws = [tuple(torch.from_numpy(x) for x in paired_draw()) for _ in range(8)]
+    estimates = [fid_gap_bootstrap_std(a, b, real, 200, seed=k) for k, (a, b) in enumerate(draws)]
+    assert 0.8 * spread <= np.mean(estimates) <= 1.3 * spread, (np.mean(estimates), spread)
+    unpaired = np.mean([np.hypot(fid_bootstrap_std(a, real, 200, seed=k), fid_bootstrap_std(b, real, 200, seed=k + 100))
+                        for k, (a, b) in enumerate(draws)])
+    assert unpaired > 2 * spread, (unpaired, spread)
+
+
+def test_paired_gap_std_of_a_shifted_copy_is_the_closed_form():
+    """b = a + c (every feature shifted by one vector): per resample, FID(b) − FID(a) = 2·c·(μ*_a − μ_r) + |c|²
+    exactly (the covariances are equal), so σ_gap = 2·√(Var(c·a) / n), Var the population variance (the
+    bootstrap mean's spread). A copy of a gives exactly 0. Resampling a and b with different indices
+    adds both covariances' noise and fails this."""
+    import numpy as np
+
+    from diffusion_core.evaluation.metrics import fid_gap_bootstrap_std
+
+    rng = np.random.default_rng(3)
+    dims, n = 8, 400
+    a = rng.normal(size=(n, dims)) @ rng.normal(size=(dims, dims)) / 3
+    c = rng.normal(size=dims) * 0.5
+    real = torch.from_numpy(rng.normal(size=(5000, dims)))
+    expected = 2 * np.sqrt((a @ c).var() / n)
+    got = fid_gap_bootstrap_std(torch.from_numpy(a), torch.from_numpy(a + c), real, 4000, seed=0)
+    assert got == pytest.approx(expected, rel=0.04)
+    assert fid_gap_bootstrap_std(torch.from_numpy(a), torch.from_numpy(a.copy()), real, 50) == 0.0
+    with pytest.raises(ValueError, match="one shape"):
+        fid_gap_bootstrap_std(torch.from_numpy(a), torch.from_numpy(a[:-1]), real, 50)
+
+
 def test_real_images_score_far_better_than_noise(lenet, real):
     train, test = real
     noise = torch.randint(0, 256, train.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)

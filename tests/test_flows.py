@@ -395,7 +395,8 @@ def test_champion_moves_only_when_better_beyond_the_noise_and_measured_the_same_
     tags = client.get_model_version(name, v6).tags
     assert (tags["champion.decision"], tags["champion.previous_version"], tags["champion.previous_fid"],
             tags["champion.previous_fid_std"], tags["champion.candidate_fid_std"]) == ("promoted", v1, "10.0", "0.3", "0.3")
-    assert (tags["eval.fid"], tags["eval.fid_std"]) == ("9.1", "0.3") and "2·√" in tags["champion.rule"]
+    assert (tags["eval.fid"], tags["eval.fid_std"]) == ("9.1", "0.3") and "σ_gap" in tags["champion.rule"]
+    assert (tags["champion.gap_std"], float(tags["champion.margin"])) == ("none", pytest.approx(2 * 0.3 * 2**0.5))
 
     at_minimum, _ = new_version(8.1, 0.0, PromotionRule(0.0, 1.0))  # exactly the minimum improvement: kept
     assert not at_minimum.promoted and champion() == v6
@@ -411,6 +412,42 @@ def test_champion_moves_only_when_better_beyond_the_noise_and_measured_the_same_
     assert (record["from"], record["to"], record["by"], record["reason"]) == (v8, v6, "tester", "v8 draws smudges")
     assert json.loads(client.get_model_version(name, v6).tags["rollback.0001"]) == record
     assert rollback(client, name, "undo") == (v8, v6)  # the same command undoes it
+
+
+def test_the_margin_is_the_paired_gap_spread_when_measured_else_the_unpaired_one(pipeline, tmp_path):
+    """With σ_gap measured, the margin is max(k·σ_gap, minimum): a gain of 0.5 clears 2·0.2 but not the
+    unpaired 2·√(0.3² + 0.3²) = 0.85. The spread is asked with the champion's and the candidate's scores,
+    each naming the run that holds its samples (a champion scored before runs were recorded: the run that
+    registered it). A spread that cannot be measured (None) falls back to the unpaired margin."""
+    client = MlflowClient()
+    name = "ddpm-paired-gate-test"
+    client.create_registered_model(name)
+    experiment = client.create_experiment("paired-gate-test")
+    protocol = {"extractor_id": "lenet-mnist-abc", "num_samples": "1000", "sampler": "ddim50-eta0-linear",
+                "dataset_sha256": "f" * 64}
+    asked = []
+
+    def new_version(fid: float, spread: float | None, record_run: bool = True):
+        run_id = client.create_run(experiment).info.run_id
+        version = str(client.create_model_version(name, source=str(tmp_path), run_id=run_id).version)
+
+        def gap_spread(champion: Score, candidate: Score) -> float | None:
+            asked.append((champion.run_id, candidate.run_id))
+            return spread
+
+        score = Score(fid, protocol, 0.3, run_id if record_run else None)
+        return select_champion(client, name, version, score, PromotionRule(2.0, 0.0), gap_spread), run_id
+
+    first, run1 = new_version(10.0, 0.2, record_run=False)  # registered by run1; its score names no run
+    assert first.promoted and asked == []
+    paired, run2 = new_version(9.5, 0.2)
+    assert paired.promoted and asked == [(run1, run2)], asked
+    assert "gain 0.5 beyond the margin 0.4 (paired σ_gap 0.2)" in paired.reason, paired.reason
+    tags = client.get_model_version(name, "2").tags
+    assert (tags["champion.gap_std"], tags["champion.margin"], tags["eval.run_id"]) == ("0.2", "0.4", run2)
+    unmeasured, run3 = new_version(9.0, None)
+    assert not unmeasured.promoted and asked[-1] == (run2, run3)
+    assert "within the margin 0.849 (unpaired" in unmeasured.reason, unmeasured.reason
 
 
 def test_rollback_without_a_previous_champion_is_refused(pipeline, tmp_path):
@@ -599,8 +636,8 @@ def test_a_night_continues_the_newest_version_of_the_champions_line_the_gate_did
                 "dataset_sha256": "f" * 64}
     rule = PromotionRule(2.0, 0.0)
 
-    def version(fid: float, parent: str, **changes: str) -> str:
-        tags = {**Score(fid, {**protocol, **changes}, 0.3).tags(), "lineage.parent": parent}
+    def version(fid: float, parent: str, decision: dict[str, str] | None = None, **changes: str) -> str:
+        tags = {**Score(fid, {**protocol, **changes}, 0.3).tags(), "lineage.parent": parent, **(decision or {})}
         return str(client.create_model_version(name, source=str(tmp_path), tags=tags).version)
 
     v1 = version(10.0, "none")
@@ -614,3 +651,8 @@ def test_a_night_continues_the_newest_version_of_the_champions_line_the_gate_did
     v6 = version(10.8, v2)  # worse by 0.8, inside the margin
     assert training_head(client, name, v1, rule) == v6
     assert training_head(client, name, v2, rule) == v2  # were v2 the champion, v6 would be 1.3 worse: not the head
+    judged = {"champion.previous_version": v1, "champion.margin": "0.4"}  # the gate's (paired) margin against v1
+    version(10.5, v6, judged)  # 0.5 worse: inside the unpaired 0.85, beyond the gate's 0.4
+    assert training_head(client, name, v1, rule) == v6
+    v8 = version(10.3, v6, judged)
+    assert training_head(client, name, v1, rule) == v8

@@ -4,6 +4,7 @@ champion on it before comparing. Its own registry (a fresh MLflow store) and its
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -69,6 +70,12 @@ def test_nights_skip_when_nothing_is_new_and_continue_on_new_data(registry, mnis
     champion = client.get_model_version(MODEL, v1_version).tags
     assert champion["eval.dataset_sha256"] == new_sha and "eval.history.0001" in champion
     assert "scored differently" not in tags["champion.reason"]
+    # ... and the gate held the gap against its paired standard error, from the samples of the champion's re-score
+    # and of this run (both drawn from the gate's sampling seed, so σ_gap sits below the unpaired error)
+    assert champion["eval.run_id"] == champion["eval.rescored_by"] and v2.tags["eval.run_id"] == third.info.run_id
+    gap_std = float(tags["champion.gap_std"])
+    assert 0 < gap_std < math.hypot(float(tags["champion.candidate_fid_std"]), float(tags["champion.previous_fid_std"]))
+    assert float(tags["champion.margin"]) == pytest.approx(2 * gap_std) and "paired σ_gap" in tags["champion.reason"]
 
 
 def test_an_unknown_policy_is_refused_before_any_work(pipeline):

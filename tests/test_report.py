@@ -36,7 +36,7 @@ v2 stays the champion; v3 is kept as a version.
 
 **Decision: kept.** gain 0.5 within the margin 1.41
 
-Rule (the model's gate): promote if champion FID − candidate FID > max(2·√(σ_candidate² + σ_champion²), 0)
+Rule (the model's gate): promote if champion FID − candidate FID > max(2·σ_gap, 0); σ_gap: the gap's paired bootstrap standard error (unpaired √(σ_candidate² + σ_champion²) when either sample set is missing)
 
 - MLflow run: [abc](https://mlflow.example.com:8443/tracking/#/experiments/7/runs/abc)
 - Model version: [ddpm-mnist-cond v3](https://mlflow.example.com:8443/tracking/#/models/ddpm-mnist-cond/versions/3)

@@ -27,7 +27,7 @@ from ..distributed import DistContext, resolve_device
 from ..samplers import generate_batches
 from .classifier import class_statistics, predict_probs
 from .extractors import Extractor, resolve_extractor
-from .metrics import compute_metrics
+from .metrics import compute_metrics, extract_features, fid_gap_bootstrap_std
 from .protocol import REFERENCE_SPLIT, scoring_labels
 from .reference import ReferenceSet, reference_set
 
@@ -178,6 +178,28 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
     if out is not None:
         save_metrics(out, result)
     return result
+
+
+def fid_gap_std(images_a: torch.Tensor, images_b: torch.Tensor, *, data: DataConfig, extractor: str = "lenet",
+                bootstrap: int = 100, seed: int = 0, batch_size: int = 256, device: torch.device | str = "auto",
+                split: str = REFERENCE_SPLIT, inception_weights: str | Path | None = None,
+                progress: bool = False) -> float:
+    """The standard error of FID(images_b) − FID(images_a) against the real `split`, from `bootstrap`
+    paired resamples (metrics.fid_gap_bootstrap_std): image i of both sets must come from the same
+    starting noise (and class label), as two models' samples under one sampling seed do."""
+    if images_a.shape != images_b.shape:
+        raise ConfigError(f"paired image sets must have one shape, got {tuple(images_a.shape)} and "
+                          f"{tuple(images_b.shape)}")
+    if bootstrap < 2:
+        raise ConfigError(f"the paired standard error needs bootstrap >= 2 resamples, got {bootstrap}")
+    device = resolve_device(str(device), DistContext())
+    setup = _setup(data, extractor, split, inception_weights, progress)
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return extract_features(images, setup.extractor, batch_size, device.type == "cuda", progress)
+
+    return fid_gap_bootstrap_std(features(images_a), features(images_b), setup.reference.features(features),
+                                 bootstrap, seed)
 
 
 def compute_floors(data: DataConfig, *, extractor: str = "lenet", num_samples: int = 1000, split: str = REFERENCE_SPLIT,

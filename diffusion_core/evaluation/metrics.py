@@ -8,6 +8,12 @@
     finite size: the spread of FID over bootstrap resamples (drawn with replacement) of the generated
     features against the fixed reference statistics (Efron's bootstrap; measured against the spread
     of independent sampling seeds in benchmarks/eval_noise.py).
+  - fid_gap_bootstrap_std: the standard error of the difference of two FIDs whose generated sets are
+    paired (image i of both drawn from the same starting noise, as the promotion gate's fixed sampling
+    seed makes them): the spread of FID_b − FID_a over bootstrap resamples that draw the same indices
+    from both sets. Noise the two sets share cancels in the difference, so this is smaller than
+    √(σ_a² + σ_b²) when the sets are correlated and equal to it (up to the bootstrap's own error) when
+    they are independent.
   - precision / recall (Kynkäänniemi et al. 2019, k = 3): the share of generated samples inside the
     real manifold (k-NN balls), and of real samples inside the generated one.
 The values scale with the feature space: compare numbers only between equal extractor_ids (LeNet's
@@ -70,13 +76,43 @@ def frechet_distances(generated: np.ndarray, real_mu: np.ndarray, real_sigma: np
     return out
 
 
+def _bootstrap_indices(size: int, resamples: int, seed: int) -> np.ndarray:
+    """`resamples` rows of `size` indices drawn with replacement (seeded)."""
+    return np.random.default_rng(seed).integers(0, size, size=(resamples, size))
+
+
 def fid_bootstrap_std(generated: torch.Tensor, real: torch.Tensor, resamples: int, seed: int = 0) -> float:
     """Standard deviation of FID over `resamples` bootstrap resamples of the generated features [N, D]
     (N drawn with replacement, seeded), the real features' statistics held fixed."""
     g = generated.double().numpy()
     r = real.double().numpy()
-    index_sets = np.random.default_rng(seed).integers(0, len(g), size=(resamples, len(g)))
+    index_sets = _bootstrap_indices(len(g), resamples, seed)
     return float(frechet_distances(g, r.mean(axis=0), np.cov(r, rowvar=False), index_sets).std(ddof=1))
+
+
+def fid_gap_bootstrap_std(generated_a: torch.Tensor, generated_b: torch.Tensor, real: torch.Tensor, resamples: int,
+                          seed: int = 0) -> float:
+    """Standard deviation of FID(b) − FID(a) over `resamples` paired bootstrap resamples: row i of the
+    generated features `generated_a` and `generated_b` [N, D] belong together, and each resample draws
+    the same N indices (with replacement, seeded) from both; the real features' statistics held fixed."""
+    if generated_a.shape != generated_b.shape:
+        raise ValueError(f"paired feature sets must have one shape, got {tuple(generated_a.shape)} and "
+                         f"{tuple(generated_b.shape)}")
+    r = real.double().numpy()
+    real_mu, real_sigma = r.mean(axis=0), np.cov(r, rowvar=False)
+    index_sets = _bootstrap_indices(len(generated_a), resamples, seed)
+    gaps = (frechet_distances(generated_b.double().numpy(), real_mu, real_sigma, index_sets)
+            - frechet_distances(generated_a.double().numpy(), real_mu, real_sigma, index_sets))
+    return float(gaps.std(ddof=1))
+
+
+def extract_features(images: torch.Tensor, extractor: Extractor, batch_size: int = 256, cuda: bool | None = None,
+                     progress: bool = True) -> torch.Tensor:
+    """The `extractor`'s features [N, D] of uint8 images [N, C, H, W] (in-process, no worker processes)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    net = feature_network(extractor, cuda)
+    data = UInt8Images(images, extractor.rgb)
+    return get_featuresdict_from_dataset(data, net, batch_size, cuda, True, progress)[extractor.layer]
 
 
 def compute_metrics(images: torch.Tensor, reference: torch.Tensor | ReferenceSet, extractor: Extractor, *,
@@ -92,12 +128,8 @@ def compute_metrics(images: torch.Tensor, reference: torch.Tensor | ReferenceSet
     if smaller < MIN_SCORED_IMAGES:
         raise ValueError(f"need at least {MIN_SCORED_IMAGES} images per set (precision/recall's {PRC_NEIGHBORHOOD} "
                          f"nearest neighbours), got {smaller}")
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    net = feature_network(extractor, cuda)
-
     def features(x: torch.Tensor) -> torch.Tensor:
-        data = UInt8Images(x, extractor.rgb)
-        return get_featuresdict_from_dataset(data, net, batch_size, cuda, True, progress)[extractor.layer]
+        return extract_features(x, extractor, batch_size, cuda, progress)
 
     generated = features(images)
     real_features = reference.features(features) if isinstance(reference, ReferenceSet) else features(real)
