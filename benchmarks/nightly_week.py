@@ -19,7 +19,8 @@ lineage always run):
              train.continue_schedule=constant, scored at <num-samples> → constant.json
   power-ema  the same with EDM2's power-function EMA (train.ema_std=0.1) → power-ema.json
   plot       docs/nightly-week.png: the champion's and the night's new version's FID per night, beside the
-             final scores of the week, the uninterrupted run and the arms (those whose JSON exists)
+             final scores of the week, the uninterrupted run and the arms (those whose JSON exists), and the
+             champion of week-unpaired-gate.json (the week judged by the unpaired margin) when it is kept
   lineage    docs/mlflow-lineage.png: the stack brought up again on the week's state (ports change, the
              registry and artifacts stay) and the champion version's page shot by infra/mlflow_screenshots.py
              (needs Chromium and the `screenshots` extra). Not yet a lineage picture: MLflow 3's version page
@@ -158,6 +159,8 @@ def run_nights(args, work: Path) -> list[dict]:
                            "version": str(newest.version), "version_fid": float(newest.tags["eval.fid"]),
                            "version_fid_std": float(newest.tags["eval.fid_std"]),
                            "decision": newest.tags["champion.decision"], "reason": newest.tags["champion.reason"],
+                           "gap_std": newest.tags.get("champion.gap_std", "none"),
+                           "margin": newest.tags.get("champion.margin", "none"),
                            "champion": champion, "fid": float(tags["eval.fid"]), "fid_std": float(tags["eval.fid_std"]),
                            "num_samples": int(tags["eval.num_samples"]),
                            "lineage": {k: v for k, v in tags.items() if k.startswith("lineage.")},
@@ -225,6 +228,11 @@ def plot(args, out: Path) -> Path:
     ax.errorbar([n["night"] + 0.05 for n in nights], [n["version_fid"] for n in nights],
                 yerr=[n.get("version_fid_std", 0.0) for n in nights], marker="s", capsize=3, color="C4",
                 label=f"the night's new version, the training head (N = {nights[0]['num_samples']:,})")
+    earlier = out / "week-unpaired-gate.json"  # the same week judged by the unpaired margin, when kept
+    if earlier.is_file():
+        before = json.loads(earlier.read_text())["nights"]
+        ax.plot([n["night"] - 0.05 for n in before], [n["fid"] for n in before], marker="x", color="0.6",
+                linestyle=":", label="champion under the unpaired margin (an earlier week)")
     lines = {"week": ("C0", "the champion after the last night"), "reference": ("C1", "one uninterrupted run"),
              "constant": ("C2", "nights 2… with the constant schedule"),
              "power-ema": ("C3", "nights 2… constant, power-function EMA")}

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     change.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"change one protocol setting (repeatable): {', '.join(PROTOCOL_KEYS)}")
     change.add_argument("--promotion-sigmas", type=float, help="k of the rule: the FID must drop by more than "
-                        "k·√(σ_candidate² + σ_champion²)")
+                        "k·σ_gap (the gap's paired standard error)")
     change.add_argument("--min-improvement", type=float, help="… and by at least this much (FID units)")
     change.add_argument("--reason", required=True, help="why (kept in the history)")
     args = parser.parse_args(argv)

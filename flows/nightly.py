@@ -16,7 +16,8 @@
 
 Every registered version carries its lineage (lineage_tags): the version it continued (`lineage.parent`),
 images seen and training seconds summed along the chain, the runs (nights) it took, and where its training
-state is.
+state is; the same in words (lineage_summary) is the version's description, the first thing its page in the
+MLflow UI shows.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import mlflow
@@ -152,3 +154,13 @@ def lineage_tags(plan: Plan, run_id: str, model_info: dict[str, Any], train_seco
             SECONDS_TAG: f"{float(parent.get(SECONDS_TAG, 0.0)) + train_seconds:.1f}",
             RUNS_TAG: str(int(parent.get(RUNS_TAG, 0)) + 1),
             STATE_TAG: f"runs:/{run_id}/{CHECKPOINT.as_posix()}"}
+
+
+def lineage_summary(tags: Mapping[str, str]) -> str:
+    """The lineage tags of a version in one line of markdown (its description in the MLflow UI)."""
+    parent = tags[PARENT_TAG]
+    start = "trained from scratch" if parent == "none" else f"continued v{parent}"
+    runs = int(tags[RUNS_TAG])
+    minutes = float(tags[SECONDS_TAG]) / 60
+    return (f"**Lineage:** {start}; {int(tags[IMAGES_TAG]):,} images seen in {runs} run{'s' if runs > 1 else ''} "
+            f"(nights) and {minutes:.1f} min of training along its line; training state `{tags[STATE_TAG]}`.")

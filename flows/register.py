@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger
 from diffusion_core.config import config_from_dict
 from diffusion_core.serving import save_pyfunc_model
 
+from .nightly import lineage_summary
 from .registry import CHALLENGER
 from .tracking import registered_model_name, upload_artifacts
 
@@ -63,6 +64,8 @@ def register_checkpoint(run_id: str, work_dir: str, config: dict[str, Any],
     version = register_model_folder(client, run_id, Path(work_dir) / MODEL_ARTIFACT, name,
                                     {"preset": config.name, **{k: params[k] for k in VERSION_TAGS if k in params},
                                      **{k: str(v) for k, v in conditioning.items()}, **(lineage or {})})
+    if lineage:
+        client.update_model_version(name, version, description=lineage_summary(lineage))
     client.set_registered_model_alias(name, CHALLENGER, version)
     get_run_logger().info("registered %s version %s (alias %s)", name, version, CHALLENGER)
     return version

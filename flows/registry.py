@@ -245,6 +245,9 @@ def select_champion(client: MlflowClient, name: str, version: str, score: Score,
         decision = _judge(score, champion_version, champion, rule, gap_spread)
         for key, value in decision.tags().items():
             client.set_model_version_tag(name, version, key, value)
+        described = client.get_model_version(name, version).description
+        client.update_model_version(name, version, description="\n\n".join(filter(None, (
+            described, f"**Gate:** {decision.tags()['champion.decision']}: {decision.reason}."))))
         if decision.promoted:
             if champion_version is not None:  # the champion it replaces stays one command away (flows.rollback)
                 client.set_registered_model_alias(name, PREVIOUS, champion_version)

@@ -61,6 +61,10 @@ def test_nights_skip_when_nothing_is_new_and_continue_on_new_data(registry, mnis
     v2 = client.get_model_version(MODEL, tags["model_version"])
     assert (v2.tags["lineage.parent"], v2.tags["lineage.runs"], v2.tags["lineage.images_seen"]) == (v1_version, "2", "320")
     assert v2.tags["dataset_sha256"] == new_sha
+    # the version page's description says the same in words, then what the gate decided
+    assert v1.description.startswith("**Lineage:** trained from scratch; 160 images seen in 1 run (nights)")
+    assert v2.description.startswith(f"**Lineage:** continued v{v1_version}; 320 images seen in 2 runs (nights)")
+    assert f"**Gate:** {tags['champion.decision']}: {tags['champion.reason']}." in v2.description
     assert float(v2.tags["lineage.train_seconds"]) == pytest.approx(
         float(v1.tags["lineage.train_seconds"]) + third.data.metrics["train_seconds"], abs=0.11)
     state = load_training_checkpoint(client.download_artifacts(third.info.run_id, "checkpoints/last.safetensors",
