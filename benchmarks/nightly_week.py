@@ -23,8 +23,8 @@ lineage always run):
              champion of week-unpaired-gate.json (the week judged by the unpaired margin) when it is kept
   lineage    docs/mlflow-lineage.png: the stack brought up again on the week's state (ports change, the
              registry and artifacts stay) and the champion version's page shot by infra/mlflow_screenshots.py
-             (needs Chromium and the `screenshots` extra). Not yet a lineage picture: MLflow 3's version page
-             lists its first five tags (champion.*), and a champion that never moved (v1) has no parent
+             (needs Chromium and the `screenshots` extra): its description states the lineage and the gate's
+             decision (MLflow 3's version page lists only its first five tags)
 Every JSON carries the fp32 matmul GFLOP/s measured in the same process before and after. Run it on an
 otherwise idle machine: a second PyTorch job on the same cores does not halve the speed, it collapses it
 (one training measured 10 images/s beside another against 230 alone on 2 cores: their OpenMP threads wait

@@ -16,11 +16,11 @@ What each picture shows (pages of the server at --url; nothing is written to the
 - `mlflow-model-versions.png`: the registered model's page (`#/models/<name>`): versions with their aliases
   (`champion`, `challenger`) and tags (eval.fid, eval.fid_std, the protocol, champion.decision, …).
 - `mlflow-run.png`: the champion's run page: source file and git commit, registered version, tags, metrics.
-- `mlflow-lineage.png`: the champion version's page (`#/models/<name>/versions/<v>`): its tags, with the
-  lineage a nightly continuation leaves (`lineage.parent`, `lineage.images_seen`, `lineage.train_seconds`,
-  `lineage.runs`, `lineage.state`) and the decision that made it champion.
-  Tried once on MLflow 3: the page listed only the first five tags (`champion.*`), so the lineage tags
-  were not in the picture (benchmarks/nightly_week.py, phase lineage); it is not in docs/ yet.
+- `mlflow-lineage.png`: the champion version's page (`#/models/<name>/versions/<v>`): its description, the
+  lineage a nightly continuation leaves in words (the version it continued, images seen, runs, training
+  minutes, its training state; flows.nightly.lineage_summary) and the gate's decision that made it
+  champion, above its tags. (MLflow 3's version page lists only the first five tags, `champion.*`: the
+  description is what shows the lineage.)
 - `mlflow-run-artifacts.png`: its artifacts, the sample grids listed and `fid_vs_nfe.png` shown (with
   `sample.nfe_sweep` set; else `loss_curve.png`) beside `loss_curve.png` and `forward_process.png`.
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                                                    then=lambda b: open_in_tree(b, (SAMPLES_ARTIFACT, picture))),
             "lineage": lambda: browser.shoot(
                 f"{url}/#/models/{urllib.parse.quote(args.model)}/versions/{aliases['champion']}",
-                ("lineage.parent", "lineage.images_seen"), args.out / "mlflow-lineage.png", height=1200),
+                ("Lineage:", "Gate:"), args.out / "mlflow-lineage.png", height=1000),
         }
         for name in PAGES:
             if name in pages:
