@@ -96,8 +96,9 @@ def evaluate_samples(run_id: str, config: dict[str, Any], extractor: str = "lene
 def gap_spread(client: MlflowClient, config: Config, extractor: str) -> GapSpread:
     """σ_gap of two scores under `config`'s protocol (the gate's): the paired bootstrap standard error of
     FID(candidate) − FID(champion) from the primary samples of the runs that scored them, with the
-    protocol's bootstrap count and seed. None (the gate then uses the unpaired error) when a score names
-    no run, a run's samples cannot be read or the two sets differ in size; the log says which."""
+    protocol's bootstrap count and seed. None (the gate then uses the unpaired error) when the protocol
+    has no bootstrap, a score names no run, a run's samples cannot be read or the two sets differ in size;
+    the log says which of the last three."""
     primary = primary_setting(config)
     artifact = f"{SAMPLES_ARTIFACT}/{primary.tag}.safetensors"
 

@@ -26,7 +26,7 @@ from ..data import PreparedDataset, prepare_dataset
 from ..distributed import DistContext, resolve_device
 from ..samplers import generate_batches
 from .classifier import class_statistics, predict_probs
-from .extractors import Extractor, resolve_extractor
+from .extractors import Extractor, feature_network, resolve_extractor
 from .metrics import compute_metrics, extract_features, fid_gap_bootstrap_std
 from .protocol import REFERENCE_SPLIT, scoring_labels
 from .reference import ReferenceSet, reference_set
@@ -195,8 +195,10 @@ def fid_gap_std(images_a: torch.Tensor, images_b: torch.Tensor, *, data: DataCon
     device = resolve_device(str(device), DistContext())
     setup = _setup(data, extractor, split, inception_weights, progress)
 
+    net = feature_network(setup.extractor, device.type == "cuda")
+
     def features(images: torch.Tensor) -> torch.Tensor:
-        return extract_features(images, setup.extractor, batch_size, device.type == "cuda", progress)
+        return extract_features(images, setup.extractor, batch_size, device.type == "cuda", progress, net)
 
     return fid_gap_bootstrap_std(features(images_a), features(images_b), setup.reference.features(features),
                                  bootstrap, seed)

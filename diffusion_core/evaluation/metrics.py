@@ -107,10 +107,11 @@ def fid_gap_bootstrap_std(generated_a: torch.Tensor, generated_b: torch.Tensor, 
 
 
 def extract_features(images: torch.Tensor, extractor: Extractor, batch_size: int = 256, cuda: bool | None = None,
-                     progress: bool = True) -> torch.Tensor:
-    """The `extractor`'s features [N, D] of uint8 images [N, C, H, W] (in-process, no worker processes)."""
+                     progress: bool = True, net=None) -> torch.Tensor:
+    """The `extractor`'s features [N, D] of uint8 images [N, C, H, W] (in-process, no worker processes);
+    `net`: its feature network when already built (feature_network), so several sets load it once."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    net = feature_network(extractor, cuda)
+    net = feature_network(extractor, cuda) if net is None else net
     data = UInt8Images(images, extractor.rgb)
     return get_featuresdict_from_dataset(data, net, batch_size, cuda, True, progress)[extractor.layer]
 
@@ -128,8 +129,11 @@ def compute_metrics(images: torch.Tensor, reference: torch.Tensor | ReferenceSet
     if smaller < MIN_SCORED_IMAGES:
         raise ValueError(f"need at least {MIN_SCORED_IMAGES} images per set (precision/recall's {PRC_NEIGHBORHOOD} "
                          f"nearest neighbours), got {smaller}")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    net = feature_network(extractor, cuda)
+
     def features(x: torch.Tensor) -> torch.Tensor:
-        return extract_features(x, extractor, batch_size, cuda, progress)
+        return extract_features(x, extractor, batch_size, cuda, progress, net)
 
     generated = features(images)
     real_features = reference.features(features) if isinstance(reference, ReferenceSet) else features(real)
