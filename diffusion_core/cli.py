@@ -1,4 +1,4 @@
-"""`diffusion` command line: prepare, upload-dataset, train, sample, evaluate.
+"""`diffusion` command line: prepare, upload-dataset, train, distill, sample, evaluate.
 
 Settings come from a preset file (`--preset`, see diffusion_core/presets/) plus `--set section.field=value`
 overrides; `diffusion train --preset mnist-cpu --set train.steps=500` for instance.
@@ -63,6 +63,15 @@ def cmd_train(args: argparse.Namespace) -> None:
                        continue_from=args.continue_from, allow_new_data=args.allow_new_data)
     print(f"trained to step {result.step}: loss {result.final_loss:.4f}, {result.images_per_s:.0f} images/s; "
           f"model in {run_dir / 'model'}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from .distill import distill
+
+    run_dir = Path(args.run_dir or f"runs/{Path(args.teacher).name}-distilled")
+    result = distill(args.teacher, run_dir, args.overrides, device=args.device)
+    print(f"distilled for {result.steps} steps: loss {result.final_loss:.5f}, {result.images_per_s:.0f} images/s; "
+          f"student in {run_dir / 'model'}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -162,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-new-data", action="store_true",
                    help="with --continue-from: continue on a dataset version other than the one it was trained on")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="distil a trained model into a few-step consistency student")
+    p.add_argument("--teacher", required=True, help="the trained model: exported model folder or run folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one of the teacher's settings (repeatable), e.g. --set distill.steps=2000")
+    p.add_argument("--run-dir", help="run folder (default runs/<teacher folder>-distilled)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sample", help="sample images from a trained model")
     p.add_argument("--model", required=True, help="exported model folder, run folder or training checkpoint")

@@ -206,6 +206,44 @@ class EvaluationConfig:
         _raise_if(p)
 
 
+DISTILL_METHODS = ("consistency",)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How `diffusion distill` turns a trained model (the teacher) into a few-step student: consistency
+    distillation (Song et al. 2023, Alg. 2; diffusion_core/distill.py). Unused by ordinary training."""
+
+    method: str = "consistency"  # one of DISTILL_METHODS
+    steps: int = 2000            # optimizer steps of the student
+    batch_size: int = 64         # images per step
+    lr: float = 4e-4             # Adam learning rate after the warm-up (Song et al. 2023: 4e-4 for CD)
+    warmup_steps: int = 100      # linear warm-up from 0, in steps
+    grad_clip: float = 1.0       # max global gradient norm; 0 disables clipping
+    ode_steps: int = 32          # N: one teacher ODE step spans 1/N of the schedule's usable log-SNR range
+    target_ema: float = 0.95     # μ of the target network θ⁻ ← μ·θ⁻ + (1 − μ)·θ (Song et al. 2023: 0.95 for CD)
+    ema_decay: float = 0.999     # EMA of the student: the weights that are exported and sampled
+    sample_steps: int = 4        # network evaluations of the student's sampler (its sample.steps)
+    seed: int = 0                # data order, noise levels and noise of the distillation
+    log_every: int = 50          # steps between metrics.jsonl reports
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.method in DISTILL_METHODS,
+               f"distill.method={self.method!r} is unknown; choose one of {', '.join(DISTILL_METHODS)}")
+        _check(p, self.steps >= 1, f"distill.steps must be >= 1, got {self.steps}")
+        _check(p, self.batch_size >= 1, f"distill.batch_size must be >= 1, got {self.batch_size}")
+        _check(p, self.lr > 0, f"distill.lr must be > 0, got {self.lr}")
+        _check(p, self.warmup_steps >= 0, f"distill.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(p, self.grad_clip >= 0, f"distill.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _check(p, self.ode_steps >= 2, f"distill.ode_steps must be >= 2, got {self.ode_steps}")
+        _check(p, 0 <= self.target_ema < 1, f"distill.target_ema must be in [0, 1), got {self.target_ema}")
+        _check(p, 0 <= self.ema_decay < 1, f"distill.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(p, self.sample_steps >= 1, f"distill.sample_steps must be >= 1, got {self.sample_steps}")
+        _check(p, self.log_every >= 1, f"distill.log_every must be >= 1, got {self.log_every}")
+        _raise_if(p)
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = "default"                                   # run/preset name, used in run names
@@ -215,6 +253,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         spec = DATASETS[self.data.dataset]
@@ -409,6 +448,15 @@ def _without_retired(record: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(section), dict) and key in out[section]:
             out[section] = {k: v for k, v in out[section].items() if k != key}
     return out
+
+
+def override_config(config: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    """`config` with `section.field=value` overrides applied, validated again."""
+    tree = config.to_dict()
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
+    for key, value in items:
+        _set_path(tree, key, value)
+    return _build(Config, tree, "")
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

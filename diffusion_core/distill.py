@@ -1,0 +1,188 @@
+"""Consistency distillation (Song et al. 2023, "Consistency Models", Alg. 2): a trained model (the teacher)
+becomes a student f(x_t, t) that maps any point of the teacher's probability-flow ODE to the ODE's end,
+so that a handful of network evaluations draw an image (`samplers.consistency_sample`).
+
+One step, for clean images x0, noise z and a noise level t drawn even in log-SNR:
+    x_t   = √ᾱ_t·x0 + √(1−ᾱ_t)·z                        (the forward process)
+    x_t'  = one DDIM step (η = 0) of the teacher from t to t', the level Δλ cleaner (`cleaner_level`)
+    loss  = ‖f_θ(x_t, t) − f_θ⁻(x_t', t')‖²            with f(x, −1) = x (t' = −1: clean data, ᾱ = 1)
+θ⁻ is a slow EMA of θ (distill.target_ema) that no gradient reaches. Δλ is 1/distill.ode_steps of the
+schedule's usable log-SNR range. When the teacher is exact, the exact consistency function makes every
+loss term 0 (tests check it on data that the DDIM step follows exactly).
+
+The student is the teacher's network, initialised with its weights, predicting v = √ᾱ·ε − √(1−ᾱ)·x0
+(Salimans & Ho 2022) so that its x̂0 = √ᾱ·x_t − √(1−ᾱ)·v stays well-conditioned at the top of the chain,
+where an ε-prediction would divide by √ᾱ_T ≈ 0.006. It is exported as an ordinary model whose config
+samples with the "consistency" sampler at distill.sample_steps evaluations, so `diffusion sample`,
+`diffusion evaluate` and the served model use it like any other; its config.json names the teacher.
+
+Run folder layout (`run_dir`): metrics.jsonl (one JSON line per report), model/ (the student's EMA
+weights), loss_curve.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import build_denoiser, export_model, load_model
+from .config import Config, override_config
+from .data import prepare_dataset
+from .denoiser import Denoiser, eps_from_x0, predict_x0
+from .ema import EMA
+from .guidance import drop_labels
+from .images import to_model_space
+from .runtime import tune_cpu_runtime
+from .schedule import NoiseSchedule
+from .train import GlobalBatches, learning_rate, plot_loss_curve
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    steps: int
+    final_loss: float
+    images_per_s: float
+
+
+def student_config(teacher: Config, overrides: list[str] | dict | None = None) -> Config:
+    """The student's config: the teacher's, with `overrides` (distill.*, sample.* …), predicting v and
+    sampled by the consistency sampler at distill.sample_steps evaluations."""
+    config = override_config(teacher, overrides or [])
+    return override_config(config, {"diffusion.prediction": "v", "sample.sampler": "consistency",
+                                    "sample.steps": config.distill.sample_steps, "sample.spacing": "log_snr",
+                                    "name": f"{teacher.name}-{config.distill.method}"})
+
+
+def alpha_bar_or_one(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t broadcast to `like`, with ᾱ = 1 (clean data) where t = −1."""
+    alpha_bar = schedule.gather("alpha_bars", t.clamp(min=0), like)
+    return torch.where((t < 0).view(-1, *([1] * (like.dim() - 1))), torch.ones_like(alpha_bar), alpha_bar)
+
+
+def cleaner_level(schedule: NoiseSchedule, t: torch.Tensor, step_log_snr: float) -> torch.Tensor:
+    """t': the noisiest timestep whose log-SNR is at least λ_t + Δλ (always < t), or −1 (clean data) where
+    none is. λ falls with t, so t' is the count of timesteps with λ ≥ λ_t + Δλ, minus one."""
+    log_snr = schedule.log_snr.to(t.device)
+    wanted = log_snr[t] + step_log_snr
+    return (log_snr[None, :] >= wanted[:, None]).sum(dim=1) - 1
+
+
+def level_probabilities(schedule: NoiseSchedule) -> torch.Tensor:
+    """p(t) ∝ the log-SNR span of timestep t (half the gap to each neighbour): t drawn from it is even in λ
+    over the whole chain, as the student is sampled."""
+    log_snr = schedule.log_snr.double()
+    edges = torch.cat([log_snr[:1], 0.5 * (log_snr[1:] + log_snr[:-1]), log_snr[-1:]])
+    return (edges[:-1] - edges[1:]).clamp(min=0)
+
+
+def teacher_ode_step(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                     **cond) -> torch.Tensor:
+    """One DDIM step with η = 0 (Song et al. 2021, eq. 12) of the teacher from t to t_next (per image;
+    −1 = clean, where the step returns x̂0): x_t' = √ᾱ_t'·x̂0 + √(1−ᾱ_t')·ε̂, with x̂0 clipped to [−1, 1]
+    and ε̂ recomputed from it, as the samplers do."""
+    schedule = teacher.schedule
+    eps = teacher(x_t, t, **cond)
+    x0 = predict_x0(schedule, x_t, t, eps).clamp(-1.0, 1.0)
+    eps = eps_from_x0(schedule, x_t, t, x0)
+    alpha_bar_next = alpha_bar_or_one(schedule, t_next, x_t)
+    return alpha_bar_next.sqrt() * x0 + (1 - alpha_bar_next).sqrt() * eps
+
+
+def consistency_function(model: Denoiser, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    """f(x, t) = the model's x̂0 at t, and x itself where t = −1 (the boundary condition f(x, clean) = x)."""
+    x0 = predict_x0(model.schedule, x, t.clamp(min=0), model(x, t.clamp(min=0), **cond))
+    return torch.where((t < 0).view(-1, *([1] * (x.dim() - 1))), x, x0)
+
+
+def consistency_distillation_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, x0: torch.Tensor,
+                                  t: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor,
+                                  **cond) -> torch.Tensor:
+    """‖f_θ(x_t, t) − f_θ⁻(x̂_t', t')‖² averaged over pixels and images; x̂_t' is the teacher's ODE step.
+    Gradients reach the student only."""
+    schedule = student.schedule
+    x_t = schedule.gather("sqrt_alpha_bars", t, x0) * x0 + schedule.gather("sqrt_one_minus_alpha_bars", t, x0) * noise
+    with torch.no_grad():
+        x_next = teacher_ode_step(teacher, x_t, t, t_next, **cond)
+        goal = consistency_function(target, x_next, t_next, **cond).clamp(-1.0, 1.0)
+    prediction = consistency_function(student, x_t, t, **cond)
+    return ((prediction.float() - goal.float()) ** 2).mean()
+
+
+def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] | dict | None = None, *,
+            device: torch.device | str = "cpu", progress: bool = True) -> DistillResult:
+    """Distil the model at `teacher_path` (an exported model or run folder) into a consistency student in
+    `run_dir`/model, with the teacher's config plus `overrides` (distill.* settings). One process."""
+    run_dir = Path(run_dir)
+    device = torch.device(device)
+    loaded = load_model(teacher_path, device)
+    teacher = loaded.denoiser.requires_grad_(False).eval()
+    config = student_config(loaded.config, overrides)
+    cfg = config.distill
+    tune_cpu_runtime()
+    dataset = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
+    images_u8, labels = dataset.load("train")
+    batches = GlobalBatches(images_u8.shape[0], cfg.batch_size, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    student = build_denoiser(config).to(device)
+    student.net.load_state_dict(teacher.net.state_dict())  # the teacher's features; its head learns v
+    target = copy.deepcopy(student).requires_grad_(False).eval()
+    ema = EMA(student.net, cfg.ema_decay)
+    optimizer = torch.optim.Adam(student.net.parameters(), lr=cfg.lr)
+    rng = torch.Generator().manual_seed(cfg.seed + 1)
+    schedule = student.schedule
+    step_log_snr = (float(schedule.log_snr[0]) - schedule.usable_log_snr_min) / cfg.ode_steps
+    probabilities = level_probabilities(schedule)
+    null_label = config.model.num_classes
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = run_dir / "metrics.jsonl"
+    metrics_file.unlink(missing_ok=True)
+    loss_sum, reported, last_time = 0.0, 0, time.perf_counter()
+    result_loss, result_ips = float("nan"), 0.0
+    student.train()
+    for step in tqdm(range(cfg.steps), desc="distill", disable=not progress, dynamic_ncols=True):
+        index = batches.indices(step)
+        x0 = to_model_space(images_u8[index]).to(device)
+        t = torch.multinomial(probabilities, cfg.batch_size, replacement=True, generator=rng)
+        t_next = cleaner_level(schedule, t, step_log_snr)
+        noise = torch.randn(x0.shape, generator=rng)
+        cond = {}
+        if config.conditional:  # the teacher's label dropout, so the student keeps the unconditional mode
+            cond["class_labels"] = drop_labels(labels[index], config.train.label_dropout, null_label, rng).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
+        loss = consistency_distillation_loss(student, target, teacher, x0, t.to(device), t_next.to(device),
+                                             noise.to(device), **cond)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(student.net.parameters(), cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(target.net.parameters()), list(student.net.parameters()), 1 - cfg.target_ema)
+        ema.update(student.net)
+        loss_sum += float(loss.detach())
+        reported += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            now = time.perf_counter()
+            result_loss, result_ips = loss_sum / reported, reported * cfg.batch_size / (now - last_time)
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps({"step": done, "loss": result_loss, "lr": optimizer.param_groups[0]["lr"],
+                                    "images_per_s": result_ips}) + "\n")
+            loss_sum, reported, last_time = 0.0, 0, now
+
+    teacher_info = {"path": str(teacher_path), "name": loaded.config.name, **loaded.info}
+    export_model(run_dir / "model", ema.model, config,
+                 {"teacher": teacher_info, "distill_steps": cfg.steps, "dataset_sha256": dataset.sha256,
+                  "images_seen": cfg.steps * cfg.batch_size})
+    plot_loss_curve(metrics_file, run_dir / "loss_curve.png")
+    return DistillResult(run_dir, cfg.steps, result_loss, result_ips)
