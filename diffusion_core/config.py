@@ -207,6 +207,7 @@ class EvaluationConfig:
 
 
 DISTILL_METHODS = ("consistency",)
+DISTILL_WEIGHTINGS = ("none", "min_snr")
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,10 @@ class DistillConfig:
     lr: float = 4e-4             # Adam learning rate after the warm-up (Song et al. 2023: 4e-4 for CD)
     warmup_steps: int = 100      # linear warm-up from 0, in steps
     grad_clip: float = 1.0       # max global gradient norm; 0 disables clipping
+    prediction: str = "v"        # what the student's network predicts: "v" (x̂0 well-conditioned everywhere) or
+                                 # "eps" (the teacher's own head, so the student starts as the teacher's x̂0)
+    loss_weighting: str = "none"  # w(t) on the x̂0 error: "none" or "min_snr", min(SNR_t, 1) (bounds an ε-student's
+                                  # gradient, 1/SNR_t times its ε error, at the top of the chain)
     ode_steps: int = 32          # N: one teacher ODE step spans 1/N of the schedule's usable log-SNR range
     target_ema: float = 0.95     # μ of the target network θ⁻ ← μ·θ⁻ + (1 − μ)·θ (Song et al. 2023: 0.95 for CD)
     ema_decay: float = 0.999     # EMA of the student: the weights that are exported and sampled
@@ -236,6 +241,9 @@ class DistillConfig:
         _check(p, self.lr > 0, f"distill.lr must be > 0, got {self.lr}")
         _check(p, self.warmup_steps >= 0, f"distill.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(p, self.grad_clip >= 0, f"distill.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _check(p, self.prediction in ("v", "eps"), f"distill.prediction={self.prediction!r} is unknown; choose v or eps")
+        _check(p, self.loss_weighting in DISTILL_WEIGHTINGS, f"distill.loss_weighting={self.loss_weighting!r} "
+               f"is unknown; choose one of {', '.join(DISTILL_WEIGHTINGS)}")
         _check(p, self.ode_steps >= 2, f"distill.ode_steps must be >= 2, got {self.ode_steps}")
         _check(p, 0 <= self.target_ema < 1, f"distill.target_ema must be in [0, 1), got {self.target_ema}")
         _check(p, 0 <= self.ema_decay < 1, f"distill.ema_decay must be in [0, 1), got {self.ema_decay}")

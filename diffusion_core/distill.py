@@ -10,9 +10,11 @@ One step, for clean images x0, noise z and a noise level t drawn even in log-SNR
 schedule's usable log-SNR range. When the teacher is exact, the exact consistency function makes every
 loss term 0 (tests check it on data that the DDIM step follows exactly).
 
-The student is the teacher's network, initialised with its weights, predicting v = √ᾱ·ε − √(1−ᾱ)·x0
-(Salimans & Ho 2022) so that its x̂0 = √ᾱ·x_t − √(1−ᾱ)·v stays well-conditioned at the top of the chain,
-where an ε-prediction would divide by √ᾱ_T ≈ 0.006. It is exported as an ordinary model whose config
+The student is the teacher's network, initialised with its weights. By default it predicts
+v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022), so that its x̂0 = √ᾱ·x_t − √(1−ᾱ)·v stays well-conditioned at the
+top of the chain, where an ε-prediction divides by √ᾱ_T ≈ 0.006 (distill.prediction). Predicting ε, it
+starts as exactly the teacher's x̂0 instead; the weight min(SNR_t, 1) on the loss (distill.loss_weighting)
+then keeps its gradient bounded. It is exported as an ordinary model whose config
 samples with the "consistency" sampler at distill.sample_steps evaluations, so `diffusion sample`,
 `diffusion evaluate` and the served model use it like any other; its config.json names the teacher.
 
@@ -52,10 +54,10 @@ class DistillResult:
 
 
 def student_config(teacher: Config, overrides: list[str] | dict | None = None) -> Config:
-    """The student's config: the teacher's, with `overrides` (distill.*, sample.* …), predicting v and
-    sampled by the consistency sampler at distill.sample_steps evaluations."""
+    """The student's config: the teacher's, with `overrides` (distill.*, sample.* …), predicting
+    distill.prediction and sampled by the consistency sampler at distill.sample_steps evaluations."""
     config = override_config(teacher, overrides or [])
-    return override_config(config, {"diffusion.prediction": "v", "sample.sampler": "consistency",
+    return override_config(config, {"diffusion.prediction": config.distill.prediction, "sample.sampler": "consistency",
                                     "sample.steps": config.distill.sample_steps, "sample.spacing": "log_snr",
                                     "name": f"{teacher.name}-{config.distill.method}"})
 
@@ -103,16 +105,19 @@ def consistency_function(model: Denoiser, x: torch.Tensor, t: torch.Tensor, **co
 
 def consistency_distillation_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, x0: torch.Tensor,
                                   t: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor,
-                                  **cond) -> torch.Tensor:
-    """‖f_θ(x_t, t) − f_θ⁻(x̂_t', t')‖² averaged over pixels and images; x̂_t' is the teacher's ODE step.
-    Gradients reach the student only."""
+                                  weighting: str = "none", **cond) -> torch.Tensor:
+    """w(t)·‖f_θ(x_t, t) − f_θ⁻(x̂_t', t')‖², averaged over pixels and images; x̂_t' is the teacher's ODE step,
+    w = 1 ("none") or min(SNR_t, 1) ("min_snr"). Gradients reach the student only."""
     schedule = student.schedule
     x_t = schedule.gather("sqrt_alpha_bars", t, x0) * x0 + schedule.gather("sqrt_one_minus_alpha_bars", t, x0) * noise
     with torch.no_grad():
         x_next = teacher_ode_step(teacher, x_t, t, t_next, **cond)
         goal = consistency_function(target, x_next, t_next, **cond).clamp(-1.0, 1.0)
     prediction = consistency_function(student, x_t, t, **cond)
-    return ((prediction.float() - goal.float()) ** 2).mean()
+    per_image = ((prediction.float() - goal.float()) ** 2).flatten(1).mean(1)
+    if weighting == "min_snr":
+        per_image = per_image * schedule.log_snr.to(t.device)[t].exp().clamp(max=1.0).to(per_image.dtype)
+    return per_image.mean()
 
 
 def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] | dict | None = None, *,
@@ -160,7 +165,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
         loss = consistency_distillation_loss(student, target, teacher, x0, t.to(device), t_next.to(device),
-                                             noise.to(device), **cond)
+                                             noise.to(device), cfg.loss_weighting, **cond)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

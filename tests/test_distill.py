@@ -112,8 +112,10 @@ class OneImageNet(nn.Module):
         return eps if self.prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
+@pytest.mark.parametrize("weighting", ["none", "min_snr"])
+@pytest.mark.parametrize("prediction", ["v", "eps"])
 @pytest.mark.parametrize("delta", [0.0, 0.1])
-def test_distillation_loss_of_the_exact_student_is_zero_and_the_boundary_is_exact(delta):
+def test_distillation_loss_of_the_exact_student_is_zero_and_the_boundary_is_exact(delta, prediction, weighting):
     schedule = NoiseSchedule(T, "linear")
     image = torch.linspace(-0.9, 0.8, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
     x0 = image.expand(512, -1, -1, -1)
@@ -123,19 +125,22 @@ def test_distillation_loss_of_the_exact_student_is_zero_and_the_boundary_is_exac
     t_next = cleaner_level(schedule, t, 0.6)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
     teacher = Denoiser(OneImageNet(image, "eps"), schedule, "eps").double()
-    student = Denoiser(OneImageNet(image, "v", delta), schedule, "v").double()
-    target = Denoiser(OneImageNet(image, "v", delta), schedule, "v").double()
-    loss = consistency_distillation_loss(student, target, teacher, x0, t, t_next, noise)
+    student = Denoiser(OneImageNet(image, prediction, delta), schedule, prediction).double()
+    target = Denoiser(OneImageNet(image, prediction, delta), schedule, prediction).double()
+    loss = consistency_distillation_loss(student, target, teacher, x0, t, t_next, noise, weighting)
     # the target is δ off too, except where t' = −1: there it is the teacher's step itself, x*
-    reaches_clean = float((t_next < 0).double().mean())
-    assert 0 < reaches_clean < 0.2
-    assert loss.item() == pytest.approx(delta**2 * reaches_clean, rel=1e-6, abs=1e-12)
+    reaches_clean = (t_next < 0).double()
+    assert 0 < float(reaches_clean.mean()) < 0.2
+    ab = paper_alpha_bars()[t]
+    weight = (ab / (1 - ab)).clamp(max=1.0) if weighting == "min_snr" else torch.ones_like(ab)
+    assert loss.item() == pytest.approx(delta**2 * float((weight * reaches_clean).mean()), rel=1e-6, abs=1e-12)
 
 
 def test_student_config_predicts_v_and_samples_with_the_consistency_sampler():
     teacher = load_config("smoke")
     student = student_config(teacher, ["distill.sample_steps=2", "distill.steps=7"])
     assert (student.diffusion.prediction, student.sample.sampler, student.sample.steps) == ("v", "consistency", 2)
+    assert student_config(teacher, ["distill.prediction=eps"]).diffusion.prediction == "eps"
     assert student.distill.steps == 7 and student.model == teacher.model
     with pytest.raises(ConfigError, match="distill.ode_steps"):
         student_config(teacher, ["distill.ode_steps=1"])
