@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import build_denoiser, export_model, load_model
-from .config import Config, override_config
+from .config import Config, ConfigError, override_config
 from .data import prepare_dataset
 from .denoiser import Denoiser, eps_from_x0, predict_x0
 from .ema import EMA
@@ -125,6 +125,9 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     """Distil the model at `teacher_path` (an exported model or run folder) into a consistency student in
     `run_dir`/model, with the teacher's config plus `overrides` (distill.* settings). One process."""
     run_dir = Path(run_dir)
+    if (run_dir / "model").exists():
+        raise ConfigError(f"{run_dir} already holds a distilled model ({run_dir / 'model'}); distil into a new "
+                          "--run-dir, or delete that folder to replace it")
     device = torch.device(device)
     loaded = load_model(teacher_path, device)
     teacher = loaded.denoiser.requires_grad_(False).eval()

@@ -161,3 +161,9 @@ def test_distilled_student_is_a_model_the_cli_samples(smoke_cond_run, tmp_path, 
     out = tmp_path / "grid.png"
     main(["sample", "--model", str(run_dir / "model"), "-n", "4", "--out", str(out)])
     assert out.is_file()
+    # a second distillation into the same folder is refused before any work: the student stays
+    weights = (run_dir / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(run_dir), "--set", "distill.steps=6"])
+    assert refused.value.code == 2 and "already holds a distilled model" in capsys.readouterr().err
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == weights
