@@ -38,6 +38,7 @@ from .config import Config, ConfigError, override_config
 from .data import prepare_dataset
 from .denoiser import Denoiser, eps_from_x0, predict_x0
 from .ema import EMA
+from .forward import q_sample
 from .guidance import drop_labels
 from .images import to_model_space
 from .runtime import tune_cpu_runtime
@@ -109,7 +110,7 @@ def consistency_distillation_loss(student: Denoiser, target: Denoiser, teacher: 
     """w(t)·‖f_θ(x_t, t) − f_θ⁻(x̂_t', t')‖², averaged over pixels and images; x̂_t' is the teacher's ODE step,
     w = 1 ("none") or min(SNR_t, 1) ("min_snr"). Gradients reach the student only."""
     schedule = student.schedule
-    x_t = schedule.gather("sqrt_alpha_bars", t, x0) * x0 + schedule.gather("sqrt_one_minus_alpha_bars", t, x0) * noise
+    x_t = q_sample(schedule, x0, t, noise)
     with torch.no_grad():
         x_next = teacher_ode_step(teacher, x_t, t, t_next, **cond)
         goal = consistency_function(target, x_next, t_next, **cond).clamp(-1.0, 1.0)
@@ -153,7 +154,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = run_dir / "metrics.jsonl"
     metrics_file.unlink(missing_ok=True)
-    loss_sum, reported, last_time = 0.0, 0, time.perf_counter()
+    loss_sum, reported, last_time = torch.zeros((), device=device), 0, time.perf_counter()
     result_loss, result_ips = float("nan"), 0.0
     student.train()
     for step in tqdm(range(cfg.steps), desc="distill", disable=not progress, dynamic_ncols=True):
@@ -177,16 +178,16 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
         with torch.no_grad():
             torch._foreach_lerp_(list(target.net.parameters()), list(student.net.parameters()), 1 - cfg.target_ema)
         ema.update(student.net)
-        loss_sum += float(loss.detach())
+        loss_sum += loss.detach()  # read back once per report, not every step
         reported += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.perf_counter()
-            result_loss, result_ips = loss_sum / reported, reported * cfg.batch_size / (now - last_time)
+            result_loss, result_ips = float(loss_sum) / reported, reported * cfg.batch_size / (now - last_time)
             with open(metrics_file, "a") as f:
                 f.write(json.dumps({"step": done, "loss": result_loss, "lr": optimizer.param_groups[0]["lr"],
                                     "images_per_s": result_ips}) + "\n")
-            loss_sum, reported, last_time = 0.0, 0, now
+            loss_sum, reported, last_time = torch.zeros((), device=device), 0, now
 
     teacher_info = {"path": str(teacher_path), "name": loaded.config.name, **loaded.info}
     export_model(run_dir / "model", ema.model, config,
