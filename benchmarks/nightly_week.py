@@ -12,15 +12,17 @@ lineage always run):
              and <nights> runs of `prefect deployment run train-eval/nightly` back to back with
              preset=mnist-cpu, policy=continue and train.steps=<night-steps> (the first night has no
              champion and trains fresh; each later one continues the training head of the champion's line under the
-             preset's train.continue_schedule, "restart"). Per night: the flow run's state and duration, the
+             preset's continuation recipe: train.continue_schedule "constant", train.continue_ema_std 0.1). Per night: the flow run's state and duration, the
              champion's version, its FID under the gate (N = the preset's evaluation.num_samples) and its
              lineage. The last champion is scored at <num-samples> → week.json
   constant   the same nights 2… by `diffusion train --continue-from` from night 1's training state with
-             train.continue_schedule=constant, scored at <num-samples> → constant.json
-  power-ema  the same with EDM2's power-function EMA (train.ema_std=0.1) → power-ema.json
+             train.continue_schedule=constant and the run's fixed EMA (train.continue_ema_std=0), scored at
+             <num-samples> → constant.json
+  power-ema  the same with EDM2's power-function EMA (train.continue_ema_std=0.1, the default) → power-ema.json
   plot       docs/nightly-week.png: the champion's and the night's new version's FID per night, beside the
              final scores of the week, the uninterrupted run and the arms (those whose JSON exists), and the
-             champion of week-unpaired-gate.json (the week judged by the unpaired margin) when it is kept
+             champion per night of week-restart.json (an earlier week through the deployment whose continuations
+             restarted warm-up and cosine decay each night) when it is kept
   lineage    docs/mlflow-lineage.png: the stack brought up again on the week's state (ports change, the
              registry and artifacts stay) and the champion version's page shot by infra/mlflow_screenshots.py
              (needs Chromium and the `screenshots` extra): its description states the lineage and the gate's
@@ -47,6 +49,7 @@ from pathlib import Path
 
 from load_test import group_alive, kill_below, stack, stack_env
 
+from diffusion_core.config import load_config
 from diffusion_core.runtime import matmul_gflops
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,8 +105,10 @@ def week(args, work: Path, out: Path) -> None:
     final = nights[-1]
     score = evaluate(Path(final["model_dir"]), args.num_samples, work / "week-score.json")
     fid, std = fid_of(score)
+    recipe = load_config("mnist-cpu").train
     write(out / "week.json", {"what": f"{args.nights} nights of {args.night_steps} steps through train-eval/nightly "
-                              "(policy continue, continue_schedule restart)", "nights": nights, "fid": fid,
+                              f"(policy continue, continue_schedule {recipe.continue_schedule}, continue_ema_std "
+                              f"{recipe.continue_ema_std})", "nights": nights, "fid": fid,
                               "fid_std": std, "score": score,
                               "matmul_gflops_fp32": {"before": round(peak, 1), "after": round(matmul_gflops(), 1)}})
 
@@ -186,11 +191,12 @@ def lineage(args, work: Path) -> None:
              "--model", MODEL, "--pages", "lineage"])
 
 
-# The other ways to continue, each run as the nights 2… of the week from night 1's training state (the
-# week's nights use the preset's train.continue_schedule, "restart": warm-up and cosine decay every night).
+# The ways to continue, each run as the nights 2… of the week from night 1's training state (the week's
+# nights use the preset's continuation recipe, which the power-ema arm chose; week-restart.json is the week
+# under the "restart" schedule: warm-up and cosine decay every night).
 ARMS = {
-    "constant": {"train.continue_schedule": "constant"},  # train.lr every night; the fixed-decay EMA is sampled
-    "power-ema": {"train.continue_schedule": "constant", "train.ema_std": 0.1},  # the same with EDM2's power EMA
+    "constant": {"train.continue_schedule": "constant", "train.continue_ema_std": 0},  # the fixed-decay EMA sampled
+    "power-ema": {"train.continue_schedule": "constant", "train.continue_ema_std": 0.1},  # EDM2's power EMA
 }
 
 
@@ -228,12 +234,14 @@ def plot(args, out: Path) -> Path:
     ax.errorbar([n["night"] + 0.05 for n in nights], [n["version_fid"] for n in nights],
                 yerr=[n.get("version_fid_std", 0.0) for n in nights], marker="s", capsize=3, color="C4",
                 label=f"the night's new version, the training head (N = {nights[0]['num_samples']:,})")
-    earlier = out / "week-unpaired-gate.json"  # the same week judged by the unpaired margin, when kept
+    earlier = out / "week-restart.json"  # the week whose continuations restarted the schedule, when kept
     if earlier.is_file():
-        before = json.loads(earlier.read_text())["nights"]
-        ax.plot([n["night"] - 0.05 for n in before], [n["fid"] for n in before], marker="x", color="0.6",
-                linestyle=":", label="champion under the unpaired margin (an earlier week)")
-    lines = {"week": ("C0", "the champion after the last night"), "reference": ("C1", "one uninterrupted run"),
+        before = json.loads(earlier.read_text())
+        ax.plot([n["night"] - 0.05 for n in before["nights"]], [n["fid"] for n in before["nights"]], marker="x",
+                color="0.6", linestyle=":", label="champion, restart schedule (an earlier week)")
+        ax.axhline(before["fid"], color="0.6", linestyle="--", label=f"its last champion: {before['fid']:.2f} "
+                   f"± {before['fid_std']:.2f} (N = {args.num_samples:,})")
+    lines = {"week": ("C0", "the champion after the last night (power-function EMA)"), "reference": ("C1", "one uninterrupted run"),
              "constant": ("C2", "nights 2… with the constant schedule"),
              "power-ema": ("C3", "nights 2… constant, power-function EMA")}
     for name, (style, what) in lines.items():  # each JSON's "what" says it in full

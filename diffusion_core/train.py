@@ -11,7 +11,8 @@ same run, bit for bit; given more train.steps, its learning-rate plan is re-plan
 reached (LearningRatePlan.extended), never jumping. Continuing (`continue_from`: another run's training
 checkpoint, e.g. the registered champion's) is a new run that starts from that run's full state
 (weights, EMA, optimizer, RNG streams, step and so data-order position) and trains train.steps more
-under train.continue_schedule; the checkpoint's config and dataset version are checked first.
+under train.continue_schedule, averaging with the power-function EMA of train.continue_ema_std; the
+checkpoint's config and dataset version are checked first.
 
 Run folder layout (`run_dir`):
   checkpoints/last.safetensors   training checkpoint (atomic)     model/   exported EMA model
@@ -140,7 +141,7 @@ class GlobalBatches:
 RESUME_FREE = frozenset({"steps", "log_every", "checkpoint_every", "device"})
 # Continuing a trained model may also change how it is optimised from here on, not what it learns.
 CONTINUE_FREE = RESUME_FREE | {"lr", "warmup_steps", "lr_decay", "continue_schedule", "grad_clip", "bf16", "compile",
-                               "ema_decay", "ema_std"}
+                               "ema_decay", "ema_std", "continue_ema_std"}
 
 
 def _check_resumable(saved: dict, config: Config, free: frozenset[str] = RESUME_FREE,
@@ -210,7 +211,6 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     denoiser = build_denoiser(config).to(device)
     schedule = denoiser.schedule
-    ema = EMA(denoiser.net, cfg.ema_decay, cfg.ema_std)
     optimizer = torch.optim.AdamW(denoiser.net.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay, fused=True)  # one kernel for all parameters
     noise_rng = torch.Generator(device).manual_seed(cfg.seed + 1)
@@ -248,6 +248,7 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         plan = LearningRatePlan.for_run(cfg, origin, continuing=True)
     else:
         state = None
+    ema = EMA(denoiser.net, cfg.ema_decay, cfg.ema_std_for(continuing=origin > 0))  # origin > 0: a continuation
     if state is not None:
         denoiser.net.load_state_dict(state.model)
         ema.model.load_state_dict(state.ema)

@@ -3,7 +3,7 @@
   fresh            train from scratch (the adhoc default).
   continue         continue the training head's full training state (weights, EMA, optimizer, RNG streams,
                    step: the run's `checkpoints/last.safetensors`, named by the version's `lineage.state`
-                   tag) for train.steps more under train.continue_schedule. The head is the newest version
+                   tag) for train.steps more under train.continue_schedule and train.continue_ema_std. The head is the newest version
                    descending from the champion that the gate did not find worse than it (see
                    training_head): a night kept only because its gain was inside the noise is not thrown
                    away, else the next night would repeat it bit for bit. A champion whose state is
@@ -142,8 +142,15 @@ def plan_run(client: MlflowClient, name: str, policy: str, config: Config, datas
     new_data = state.dataset_sha256 != dataset_sha256
     data = (f"on new data (dataset {str(state.dataset_sha256)[:12]} → {dataset_sha256[:12]}) " if new_data else "")
     return Plan(policy, "continue", f"{what}continued {start} {data}from step {state.step} for "
-                f"train.steps={config.train.steps} more ({config.train.continue_schedule} schedule)",
+                f"train.steps={config.train.steps} more ({_continuation_recipe(config.train)})",
                 head, tags, str(state_file), new_data)
+
+
+def _continuation_recipe(train_config) -> str:
+    """How a continuation trains, in words: its learning-rate schedule and the EMA it samples."""
+    std = train_config.ema_std_for(continuing=True)
+    ema = f"power-function EMA σ_rel={std:g}" if std > 0 else f"EMA decay {train_config.ema_decay:g}"
+    return f"{train_config.continue_schedule} schedule, {ema}"
 
 
 def lineage_tags(plan: Plan, run_id: str, model_info: dict[str, Any], train_seconds: float) -> dict[str, str]:

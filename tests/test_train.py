@@ -253,14 +253,16 @@ def _stop_after(step):
 
 
 def test_continuing_equals_the_uninterrupted_run(smoke_overrides, tmp_path):
-    """Continue a 12-step run (constant rate after warm-up) for 8 more steps with the constant schedule: the
-    same weights, EMA and optimizer state as one 20-step run, since the whole state (RNG streams, data-order
-    position, EMA count) is carried over. Exported model records where it started and what it saw."""
+    """Continue a 12-step run (constant rate after warm-up) for 8 more steps with the constant schedule and the
+    run's own EMA: the same weights, EMA and optimizer state as one 20-step run, since the whole state (RNG
+    streams, data-order position, EMA count) is carried over. Exported model records where it started and what
+    it saw."""
     base = {**smoke_overrides, "train.checkpoint_every": 4, "model.dropout": 0.1}
     straight, first, second = tmp_path / "straight", tmp_path / "first", tmp_path / "second"
     train(load_config("smoke", {**base, "train.steps": 20}), straight, progress=False)
     train(load_config("smoke", {**base, "train.steps": 12}), first, progress=False)
-    continued = load_config("smoke", {**base, "train.steps": 8, "train.continue_schedule": "constant"})
+    continued = load_config("smoke", {**base, "train.steps": 8, "train.continue_schedule": "constant",
+                                      "train.continue_ema_std": 0})
     result = train(continued, second, progress=False, continue_from=first / "checkpoints" / "last.safetensors")
     a = load_training_checkpoint(straight / "checkpoints" / "last.safetensors")
     b = load_training_checkpoint(second / "checkpoints" / "last.safetensors")
@@ -277,7 +279,8 @@ def test_restart_schedule_warms_up_again_from_the_continued_step(smoke_overrides
     base = {**smoke_overrides, "train.log_every": 1}
     train(load_config("smoke", {**base, "train.steps": 10}), tmp_path / "first", progress=False)
     rates = {}
-    config = load_config("smoke", {**base, "train.steps": 10, "train.lr_decay": "cosine"})
+    config = load_config("smoke", {**base, "train.steps": 10, "train.lr_decay": "cosine",
+                                   "train.continue_schedule": "restart"})
     train(config, tmp_path / "second", progress=False, continue_from=tmp_path / "first/checkpoints/last.safetensors",
           on_metrics=lambda step, m: rates.__setitem__(step, m["lr"]))
     assert sorted(rates) == list(range(11, 21))
@@ -285,14 +288,18 @@ def test_restart_schedule_warms_up_again_from_the_continued_step(smoke_overrides
     assert rates[20] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
 
 
-def test_a_continuation_may_switch_to_the_power_function_ema(smoke_overrides, tmp_path):
-    """The EMA's kind is an optimisation setting: a fixed-decay run continued with train.ema_std goes on from its
-    EMA weights and update count n, with the power-function decay (1 − 1/n)^(γ+1) (EDM2 eq. 2), γ solving
-    σ_rel² = (γ + 1)/((γ + 2)²(γ + 3)) (eq. 3) for σ_rel = 0.1."""
+def test_a_continuation_switches_to_the_power_function_ema(smoke_overrides, tmp_path):
+    """By default a fixed-decay run is continued under the power-function EMA (train.continue_ema_std = 0.1): it
+    goes on from its EMA weights and update count n with the decay (1 − 1/n)^(γ+1) (EDM2 eq. 2), γ solving
+    σ_rel² = (γ + 1)/((γ + 2)²(γ + 3)) (eq. 3) for σ_rel = 0.1, while the fresh run kept min(d, (1 + n)/(10 + n))."""
     base = {**smoke_overrides, "train.log_every": 1}
-    train(load_config("smoke", {**base, "train.steps": 10}), tmp_path / "first", progress=False)
-    decays = {}
-    config = load_config("smoke", {**base, "train.steps": 3, "train.ema_std": 0.1})
+    fresh_decays, decays = {}, {}
+    first = load_config("smoke", {**base, "train.steps": 10})
+    train(first, tmp_path / "first", progress=False,
+          on_metrics=lambda step, m: fresh_decays.__setitem__(step, m["ema_decay"]))
+    assert (first.train.ema_std, first.train.continue_ema_std) == (0.0, 0.1)
+    assert fresh_decays[10] == pytest.approx(min(first.train.ema_decay, 11 / 20), rel=1e-12)
+    config = load_config("smoke", {**base, "train.steps": 3})
     train(config, tmp_path / "second", progress=False, continue_from=tmp_path / "first/checkpoints/last.safetensors",
           on_metrics=lambda step, m: decays.__setitem__(step, m["ema_decay"]))
     gamma = 6.9369  # σ_rel(6.9369) = 0.1000 to 4 digits:
