@@ -1,13 +1,15 @@
-"""A few-step student against its teacher: consistency distillation, scored at N images per setting.
+"""A few-step student against its teacher: consistency or progressive distillation, scored at N images per setting.
 
-    python benchmarks/few_step.py --teacher runs/mnist-cpu-hour [--distill-steps 2900] [--set distill.lr=4e-4] \
-        [--nfe 1 2 4] [--teacher-nfe 4] [-n 10000] [--work runs/few-step] [--out benchmarks/results/few-step/NAME.json]
+    python benchmarks/few_step.py --teacher runs/mnist-cpu-hour [--distill-steps 2900] [--set distill.method=progressive] \
+        [--nfe 1 2 4] [--teacher-nfe 4] [--teacher-ode-nfe 50] [-n 10000] [--work runs/few-step] \
+        [--out benchmarks/results/few-step/NAME.json]
 
 1. `diffusion distill --teacher <teacher>` with distill.steps=<distill-steps> (and any --set), timed.
-2. The student scored by `diffusion evaluate -n <n>` with its consistency sampler at each --nfe.
+2. The student scored by `diffusion evaluate -n <n>` with its own sampler (distill.method's) at each --nfe.
 3. The teacher scored at its own setting (or read from --teacher-score, a `diffusion evaluate --out` JSON of
    it at the same n) and, at each --teacher-nfe, with DPM-Solver++(2M) in ODE and SDE form: what the same
-   number of evaluations buys without distillation.
+   number of evaluations buys without distillation; at each --teacher-ode-nfe with the ODE form alone: the
+   teacher's probability-flow ODE, which both distillations learn to jump along (so its FID bounds theirs).
 Every score records its sampling images/s; the JSON carries the fp32 matmul GFLOP/s measured before
 and after, beside every wall-clock figure. Run it on an otherwise idle machine (a second PyTorch job on the
 same cores collapses both), which changes the times, never the models.
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4], help="the student's network evaluations")
     parser.add_argument("--teacher-nfe", type=int, nargs="*", default=[4], help="the teacher's few-step settings")
+    parser.add_argument("--teacher-ode-nfe", type=int, nargs="*", default=[], help="the teacher's ODE (dpm++2m) alone")
     parser.add_argument("-n", "--num-samples", type=int, default=10000)
     parser.add_argument("--work", default="runs/few-step", help="the student's run folder and score files")
     parser.add_argument("--out", required=True, help="result JSON")
@@ -82,6 +85,8 @@ def main() -> None:
     few = {f"{sampler}-{nfe}": score(teacher, n, work / f"teacher-{sampler}-{nfe}.json", "--sampler", sampler,
                                      "--steps", str(nfe))
            for nfe in args.teacher_nfe for sampler in ("dpm++2m", "dpm++2m-sde")}
+    few.update({f"dpm++2m-{nfe}": score(teacher, n, work / f"teacher-dpm++2m-{nfe}.json", "--sampler", "dpm++2m",
+                                        "--steps", str(nfe)) for nfe in args.teacher_ode_nfe})
     document = {
         "teacher": {"path": str(teacher), **teacher_score},
         "teacher_few_steps": few,

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --continue-from: continue on a dataset version other than the one it was trained on")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("distill", help="distil a trained model into a few-step consistency student")
+    p = sub.add_parser("distill", help="distil a trained model into a few-step student (consistency or progressive)")
     p.add_argument("--teacher", required=True, help="the trained model: exported model folder or run folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one of the teacher's settings (repeatable), e.g. --set distill.steps=2000")

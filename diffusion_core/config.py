@@ -216,14 +216,15 @@ class EvaluationConfig:
         _raise_if(p)
 
 
-DISTILL_METHODS = ("consistency",)
-DISTILL_WEIGHTINGS = ("none", "min_snr")
+DISTILL_METHODS = ("consistency", "progressive")
+DISTILL_WEIGHTINGS = ("none", "min_snr", "truncated_snr")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """How `diffusion distill` turns a trained model (the teacher) into a few-step student: consistency
-    distillation (Song et al. 2023, Alg. 2; diffusion_core/distill.py). Unused by ordinary training."""
+    distillation (Song et al. 2023, Alg. 2) or progressive distillation (Salimans & Ho 2022, Alg. 2);
+    diffusion_core/distill.py. Unused by ordinary training."""
 
     method: str = "consistency"  # one of DISTILL_METHODS
     steps: int = 2000            # optimizer steps of the student
@@ -233,9 +234,12 @@ class DistillConfig:
     grad_clip: float = 1.0       # max global gradient norm; 0 disables clipping
     prediction: str = "v"        # what the student's network predicts: "v" (x̂0 well-conditioned everywhere) or
                                  # "eps" (the teacher's own head, so the student starts as the teacher's x̂0)
-    loss_weighting: str = "none"  # w(t) on the x̂0 error: "none" or "min_snr", min(SNR_t, 1) (bounds an ε-student's
-                                  # gradient, 1/SNR_t times its ε error, at the top of the chain)
-    ode_steps: int = 32          # N: one teacher ODE step spans 1/N of the schedule's usable log-SNR range
+    loss_weighting: str = "none"  # w(t) on the x̂0 error: "none", "min_snr", min(SNR_t, 1) (bounds an ε-student's
+                                  # gradient, 1/SNR_t times its ε error, at the top of the chain), or "truncated_snr",
+                                  # max(SNR_t, 1) (Salimans & Ho 2022)
+    ode_steps: int = 32          # consistency: one teacher ODE step spans 1/N of the schedule's usable log-SNR range;
+                                 # progressive: the first student's levels (its teacher takes 2N), halved down to
+                                 # sample_steps, so N = sample_steps·2^K
     target_ema: float = 0.95     # μ of the target network θ⁻ ← μ·θ⁻ + (1 − μ)·θ (Song et al. 2023: 0.95 for CD)
     ema_decay: float = 0.999     # EMA of the student: the weights that are exported and sampled
     sample_steps: int = 4        # network evaluations of the student's sampler (its sample.steps)
@@ -255,6 +259,13 @@ class DistillConfig:
         _check(p, self.loss_weighting in DISTILL_WEIGHTINGS, f"distill.loss_weighting={self.loss_weighting!r} "
                f"is unknown; choose one of {', '.join(DISTILL_WEIGHTINGS)}")
         _check(p, self.ode_steps >= 2, f"distill.ode_steps must be >= 2, got {self.ode_steps}")
+        halvings = self.ode_steps // max(self.sample_steps, 1)
+        _check(p, self.method != "progressive" or (self.ode_steps % max(self.sample_steps, 1) == 0 and halvings >= 2
+                                                   and halvings & (halvings - 1) == 0),
+               f"distill.ode_steps={self.ode_steps} must be distill.sample_steps={self.sample_steps} times 2, 4, 8, … "
+               "for progressive distillation (its levels halve down to sample_steps)")
+        _check(p, self.method != "progressive" or self.steps >= max(halvings.bit_length() - 1, 1),
+               f"distill.steps={self.steps} is fewer than progressive distillation's halvings; give each at least one")
         _check(p, 0 <= self.target_ema < 1, f"distill.target_ema must be in [0, 1), got {self.target_ema}")
         _check(p, 0 <= self.ema_decay < 1, f"distill.ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(p, self.sample_steps >= 1, f"distill.sample_steps must be >= 1, got {self.sample_steps}")

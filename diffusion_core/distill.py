@@ -1,8 +1,9 @@
-"""Consistency distillation (Song et al. 2023, "Consistency Models", Alg. 2): a trained model (the teacher)
-becomes a student f(x_t, t) that maps any point of the teacher's probability-flow ODE to the ODE's end,
-so that a handful of network evaluations draw an image (`samplers.consistency_sample`).
+"""Few-step students of a trained model (the teacher), by one of two distillations (distill.method).
 
-One step, for clean images x0, noise z and a noise level t drawn even in log-SNR:
+Consistency distillation (Song et al. 2023, "Consistency Models", Alg. 2): a student f(x_t, t) that maps any
+point of the teacher's probability-flow ODE to the ODE's end, so that a handful of network evaluations draw
+an image (`samplers.consistency_sample`). One step, for clean images x0, noise z and a noise level t drawn
+even in log-SNR:
     x_t   = √ᾱ_t·x0 + √(1−ᾱ_t)·z                        (the forward process)
     x_t'  = one DDIM step (η = 0) of the teacher from t to t', the level Δλ cleaner (`cleaner_level`)
     loss  = ‖f_θ(x_t, t) − f_θ⁻(x_t', t')‖²            with f(x, −1) = x (t' = −1: clean data, ᾱ = 1)
@@ -10,13 +11,19 @@ One step, for clean images x0, noise z and a noise level t drawn even in log-SNR
 schedule's usable log-SNR range. When the teacher is exact, the exact consistency function makes every
 loss term 0 (tests check it on data that the DDIM step follows exactly).
 
+Progressive distillation (Salimans & Ho 2022, Alg. 2): a student whose ONE deterministic DDIM step does what
+TWO of its teacher's do, halving the levels stage by stage (`halving_stages`) from distill.ode_steps down to
+distill.sample_steps, each stage's student teaching the next (its EMA becomes the teacher); the last is
+sampled by DDIM on its levels (the "progressive" sampler). One step draws a level t of the student's
+(`samplers.few_step_levels`) and regresses its x̂0 on `two_step_target`.
+
 The student is the teacher's network, initialised with its weights. By default it predicts
 v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022), so that its x̂0 = √ᾱ·x_t − √(1−ᾱ)·v stays well-conditioned at the
 top of the chain, where an ε-prediction divides by √ᾱ_T ≈ 0.006 (distill.prediction). Predicting ε, it
 starts as exactly the teacher's x̂0 instead; the weight min(SNR_t, 1) on the loss (distill.loss_weighting)
-then keeps its gradient bounded. It is exported as an ordinary model whose config
-samples with the "consistency" sampler at distill.sample_steps evaluations, so `diffusion sample`,
-`diffusion evaluate` and the served model use it like any other; its config.json names the teacher.
+then keeps its gradient bounded. It is exported as an ordinary model whose config samples with its method's
+sampler at distill.sample_steps evaluations, so `diffusion sample`, `diffusion evaluate` and the served model
+use it like any other; its config.json names the teacher.
 
 Run folder layout (`run_dir`): metrics.jsonl (one JSON line per report), model/ (the student's EMA
 weights), loss_curve.png.
@@ -24,7 +31,9 @@ weights), loss_curve.png.
 
 from __future__ import annotations
 
+import bisect
 import copy
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -34,13 +43,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import build_denoiser, export_model, load_model
-from .config import Config, ConfigError, override_config
+from .config import Config, ConfigError, DistillConfig, override_config
 from .data import prepare_dataset
 from .denoiser import Denoiser, eps_from_x0, predict_x0
 from .ema import EMA
 from .forward import q_sample
 from .guidance import drop_labels
 from .images import to_model_space
+from .samplers import few_step_levels
 from .runtime import tune_cpu_runtime
 from .schedule import NoiseSchedule
 from .train import GlobalBatches, learning_rate, plot_loss_curve
@@ -58,7 +68,8 @@ def student_config(teacher: Config, overrides: list[str] | dict | None = None) -
     """The student's config: the teacher's, with `overrides` (distill.*, sample.* …), predicting
     distill.prediction and sampled by the consistency sampler at distill.sample_steps evaluations."""
     config = override_config(teacher, overrides or [])
-    return override_config(config, {"diffusion.prediction": config.distill.prediction, "sample.sampler": "consistency",
+    return override_config(config, {"diffusion.prediction": config.distill.prediction,
+                                    "sample.sampler": config.distill.method,
                                     "sample.steps": config.distill.sample_steps, "sample.spacing": "log_snr",
                                     "name": f"{teacher.name}-{config.distill.method}"})
 
@@ -104,27 +115,88 @@ def consistency_function(model: Denoiser, x: torch.Tensor, t: torch.Tensor, **co
     return torch.where((t < 0).view(-1, *([1] * (x.dim() - 1))), x, x0)
 
 
+def weighted_x0_error(prediction: torch.Tensor, goal: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,
+                      weighting: str = "none") -> torch.Tensor:
+    """w(t)·‖x̂0 − goal‖², averaged over pixels and images: w = 1 ("none"), min(SNR_t, 1) ("min_snr") or
+    max(SNR_t, 1) ("truncated_snr", Salimans & Ho 2022, eq. 10)."""
+    per_image = ((prediction.float() - goal.float()) ** 2).flatten(1).mean(1)
+    if weighting != "none":
+        snr = schedule.log_snr.to(t.device)[t].exp()
+        per_image = per_image * (snr.clamp(max=1.0) if weighting == "min_snr" else snr.clamp(min=1.0)).float()
+    return per_image.mean()
+
+
 def consistency_distillation_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, x0: torch.Tensor,
                                   t: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor,
                                   weighting: str = "none", **cond) -> torch.Tensor:
-    """w(t)·‖f_θ(x_t, t) − f_θ⁻(x̂_t', t')‖², averaged over pixels and images; x̂_t' is the teacher's ODE step,
-    w = 1 ("none") or min(SNR_t, 1) ("min_snr"). Gradients reach the student only."""
-    schedule = student.schedule
-    x_t = q_sample(schedule, x0, t, noise)
+    """w(t)·‖f_θ(x_t, t) − f_θ⁻(x̂_t', t')‖² (`weighted_x0_error`), where x̂_t' is the teacher's ODE step.
+    Gradients reach the student only."""
+    x_t = q_sample(student.schedule, x0, t, noise)
     with torch.no_grad():
         x_next = teacher_ode_step(teacher, x_t, t, t_next, **cond)
         goal = consistency_function(target, x_next, t_next, **cond).clamp(-1.0, 1.0)
-    prediction = consistency_function(student, x_t, t, **cond)
-    per_image = ((prediction.float() - goal.float()) ** 2).flatten(1).mean(1)
-    if weighting == "min_snr":
-        per_image = per_image * schedule.log_snr.to(t.device)[t].exp().clamp(max=1.0).to(per_image.dtype)
-    return per_image.mean()
+    return weighted_x0_error(consistency_function(student, x_t, t, **cond), goal, student.schedule, t, weighting)
+
+
+def two_step_target(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor,
+                    t_next: torch.Tensor, **cond) -> torch.Tensor:
+    """x̃ of progressive distillation (Salimans & Ho 2022, Alg. 2): the x̂0 with which ONE DDIM step (η = 0) from
+    t lands exactly where TWO of the teacher's land, t → t_mid → t_next (per image; t_next = −1 is clean data):
+        x_t'' = the teacher's two steps,   x̃ = (x_t'' − (σ''/σ)·x_t) / (α'' − (σ''/σ)·α),
+    α = √ᾱ, σ = √(1−ᾱ) at t, '' at t_next (α'' = 1, σ'' = 0 at clean data, where x̃ = x_t'')."""
+    x_next = teacher_ode_step(teacher, teacher_ode_step(teacher, x_t, t, t_mid, **cond), t_mid, t_next, **cond)
+    alpha_bar = alpha_bar_or_one(teacher.schedule, t, x_t)
+    alpha_bar_next = alpha_bar_or_one(teacher.schedule, t_next, x_t)
+    ratio = ((1 - alpha_bar_next) / (1 - alpha_bar)).sqrt()
+    return (x_next - ratio * x_t) / (alpha_bar_next.sqrt() - ratio * alpha_bar.sqrt())
+
+
+def progressive_distillation_loss(student: Denoiser, teacher: Denoiser, x0: torch.Tensor, t: torch.Tensor,
+                                  t_mid: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor,
+                                  weighting: str = "none", **cond) -> torch.Tensor:
+    """w(t)·‖x̂0_θ(x_t, t) − x̃‖² (`weighted_x0_error`, x̃ from `two_step_target`). Gradients reach the student only."""
+    schedule = student.schedule
+    x_t = q_sample(schedule, x0, t, noise)
+    with torch.no_grad():
+        goal = two_step_target(teacher, x_t, t, t_mid, t_next, **cond)
+    return weighted_x0_error(predict_x0(schedule, x_t, t, student(x_t, t, **cond)), goal, schedule, t, weighting)
+
+
+def halving_stages(schedule: NoiseSchedule, cfg: DistillConfig) -> list[Stage]:
+    """Progressive distillation's stages: the student's levels halve from distill.ode_steps to distill.sample_steps
+    (each `few_step_levels`), a stage's teacher having twice its student's levels; distill.steps are split evenly
+    (the remainder to the last, which makes the exported student). Its teacher's level between each two of the
+    student's must lie strictly between them, else the schedule has too few timesteps for these levels."""
+    stages, levels = [], cfg.ode_steps // 2
+    count = cfg.ode_steps.bit_length() - cfg.sample_steps.bit_length()
+    while levels >= cfg.sample_steps:
+        student, teacher = few_step_levels(schedule, levels), few_step_levels(schedule, 2 * levels)
+        nexts = student[1:] + [-1]
+        if not all(a > m > b for a, m, b in zip(student, teacher[1::2], nexts)):
+            raise ConfigError(f"distill.ode_steps={cfg.ode_steps} levels do not fit between the schedule's "
+                              f"{schedule.timesteps} timesteps; use fewer (a power of two times distill.sample_steps)")
+        steps = cfg.steps // count + (cfg.steps % count if levels == cfg.sample_steps else 0)
+        stages.append(Stage(torch.tensor(student), torch.tensor(teacher[1::2]), torch.tensor(nexts), steps))
+        levels //= 2
+    return stages
+
+
+@dataclass
+class Stage:
+    """One halving: the student's levels, the teacher's level after each and the student's next level (−1 =
+    clean), as tensors indexed by the interval drawn; and its optimizer steps."""
+
+    levels: torch.Tensor
+    mid_levels: torch.Tensor
+    next_levels: torch.Tensor
+    steps: int
 
 
 def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] | dict | None = None, *,
             device: torch.device | str = "cpu", progress: bool = True) -> DistillResult:
-    """Distil the model at `teacher_path` (an exported model or run folder) into a consistency student in
-    `run_dir`/model, with the teacher's config plus `overrides` (distill.* settings). One process."""
+    """Distil the model at `teacher_path` (an exported model or run folder) into a few-step student in
+    `run_dir`/model by distill.method (consistency or progressive), with the teacher's config plus `overrides`
+    (distill.* settings). One process."""
     run_dir = Path(run_dir)
     if (run_dir / "model").exists():
         raise ConfigError(f"{run_dir} already holds a distilled model ({run_dir / 'model'}); distil into a new "
@@ -134,6 +206,8 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     teacher = loaded.denoiser.requires_grad_(False).eval()
     config = student_config(loaded.config, overrides)
     cfg = config.distill
+    schedule = teacher.schedule
+    stages = halving_stages(schedule, cfg) if cfg.method == "progressive" else []  # refused before any work
     tune_cpu_runtime()
     dataset = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)
     images_u8, labels = dataset.load("train")
@@ -141,14 +215,14 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
 
     torch.manual_seed(cfg.seed)
     student = build_denoiser(config).to(device)
-    student.net.load_state_dict(teacher.net.state_dict())  # the teacher's features; its head learns v
-    target = copy.deepcopy(student).requires_grad_(False).eval()
+    student.net.load_state_dict(teacher.net.state_dict())  # the teacher's features; a v head learns v
+    target = copy.deepcopy(student).requires_grad_(False).eval()  # consistency: θ⁻
     ema = EMA(student.net, cfg.ema_decay)
     optimizer = torch.optim.Adam(student.net.parameters(), lr=cfg.lr)
     rng = torch.Generator().manual_seed(cfg.seed + 1)
-    schedule = student.schedule
     step_log_snr = (float(schedule.log_snr[0]) - schedule.usable_log_snr_min) / cfg.ode_steps
     probabilities = level_probabilities(schedule)
+    stage_ends = list(itertools.accumulate(stage.steps for stage in stages))
     null_label = config.model.num_classes
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,25 +232,37 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     result_loss, result_ips = float("nan"), 0.0
     student.train()
     for step in tqdm(range(cfg.steps), desc="distill", disable=not progress, dynamic_ncols=True):
+        if step in stage_ends:  # progressive: the next halving is taught by this one's student (its EMA)
+            teacher = Denoiser(copy.deepcopy(ema.model), schedule, student.prediction).requires_grad_(False).eval()
+            ema = EMA(student.net, cfg.ema_decay)
         index = batches.indices(step)
         x0 = to_model_space(images_u8[index]).to(device)
-        t = torch.multinomial(probabilities, cfg.batch_size, replacement=True, generator=rng)
-        t_next = cleaner_level(schedule, t, step_log_snr)
-        noise = torch.randn(x0.shape, generator=rng)
         cond = {}
         if config.conditional:  # the teacher's label dropout, so the student keeps the unconditional mode
             cond["class_labels"] = drop_labels(labels[index], config.train.label_dropout, null_label, rng).to(device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
-        loss = consistency_distillation_loss(student, target, teacher, x0, t.to(device), t_next.to(device),
-                                             noise.to(device), cfg.loss_weighting, **cond)
+        if stages:
+            stage = stages[bisect.bisect_right(stage_ends, step)]
+            interval = torch.randint(0, len(stage.levels), (cfg.batch_size,), generator=rng)
+            noise = torch.randn(x0.shape, generator=rng)
+            loss = progressive_distillation_loss(
+                student, teacher, x0, stage.levels[interval].to(device), stage.mid_levels[interval].to(device),
+                stage.next_levels[interval].to(device), noise.to(device), cfg.loss_weighting, **cond)
+        else:
+            t = torch.multinomial(probabilities, cfg.batch_size, replacement=True, generator=rng)
+            t_next = cleaner_level(schedule, t, step_log_snr)
+            noise = torch.randn(x0.shape, generator=rng)
+            loss = consistency_distillation_loss(student, target, teacher, x0, t.to(device), t_next.to(device),
+                                                 noise.to(device), cfg.loss_weighting, **cond)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(student.net.parameters(), cfg.grad_clip)
         optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(target.net.parameters()), list(student.net.parameters()), 1 - cfg.target_ema)
+        if not stages:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(target.net.parameters()), list(student.net.parameters()), 1 - cfg.target_ema)
         ema.update(student.net)
         loss_sum += loss.detach()  # read back once per report, not every step
         reported += 1

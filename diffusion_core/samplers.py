@@ -1,6 +1,7 @@
 """Samplers: ancestral DDPM (Ho et al. 2020, Alg. 2), DDIM (Song et al. 2021, eq. 12), DPM-Solver++(2M)
 in ODE and SDE form (Lu et al. 2022), each on a grid of `steps` timesteps (`sampling_timesteps`), and the
-multistep sampler of a consistency model (Song et al. 2023, Alg. 1; the few-step student of `distill`).
+multistep sampler of a consistency model (Song et al. 2023, Alg. 1) and the DDIM sampler of a progressively
+distilled model (Salimans & Ho 2022), the two few-step students of `distill`, on `few_step_levels`.
 
 `model` is any callable (x_t [B,C,H,W], t LongTensor[B] in [0, T)) -> ε̂ with x_t's shape.
 Randomness comes only from `generator`, drawn in a fixed order: x_T first (unless it is given), then one
@@ -27,9 +28,10 @@ if TYPE_CHECKING:
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Spacing = Literal["linear", "log_snr"]
 SPACINGS = ("linear", "log_snr")
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "consistency")
-DEFAULT_STEPS = 50  # network evaluations of every sampler but "ddpm" and "consistency" when none are asked for
-CONSISTENCY_STEPS = 4  # network evaluations of the consistency sampler when none are asked for
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "consistency", "progressive")
+FEW_STEP_SAMPLERS = ("consistency", "progressive")  # the samplers of distilled students (few_step_levels)
+DEFAULT_STEPS = 50  # network evaluations of every sampler but "ddpm" and the few-step ones when none are asked for
+FEW_STEPS = 4  # network evaluations of a few-step sampler when none are asked for
 
 
 def _initial_noise(shape, generator, device, dtype) -> torch.Tensor:
@@ -51,18 +53,18 @@ def _resolve_start(shape, x_T, generator, device, dtype) -> torch.Tensor:
 
 
 def default_steps(sampler: str, timesteps: int) -> int:
-    """Network evaluations when none are asked for: all T for "ddpm" (Ho et al.'s chain), CONSISTENCY_STEPS for
-    "consistency" (a few-step model), DEFAULT_STEPS else."""
-    if sampler == "consistency":
-        return CONSISTENCY_STEPS
+    """Network evaluations when none are asked for: all T for "ddpm" (Ho et al.'s chain), FEW_STEPS for a
+    few-step student's sampler, DEFAULT_STEPS else."""
+    if sampler in FEW_STEP_SAMPLERS:
+        return FEW_STEPS
     return timesteps if sampler == "ddpm" else DEFAULT_STEPS
 
 
 def default_spacing(sampler: str) -> str:
     """Timestep spacing when none is asked for: log-SNR for the DPM-Solver++ samplers (Lu et al. 2022 solve in
-    λ, so even steps in λ are their natural grid) and the consistency sampler (its student is distilled on
-    steps even in λ), linear in t for DDPM and DDIM (as Ho et al. and Song et al.)."""
-    return "log_snr" if sampler.startswith("dpm++") or sampler == "consistency" else "linear"
+    λ, so even steps in λ are their natural grid) and the few-step samplers (their students are distilled on
+    levels even in λ), linear in t for DDPM and DDIM (as Ho et al. and Song et al.)."""
+    return "log_snr" if sampler.startswith("dpm++") or sampler in FEW_STEP_SAMPLERS else "linear"
 
 
 def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "linear") -> list[int]:
@@ -112,8 +114,10 @@ def ddim_sample(
     x_T: torch.Tensor | None = None,
     clip_x0: bool = True,
     progress: bool = False,
+    timesteps: list[int] | None = None,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12) on the `steps` timesteps of `sampling_timesteps`, t → t':
+    """DDIM (Song et al. 2021, eq. 12) on the `steps` timesteps of `sampling_timesteps` (or on `timesteps`, a
+    descending grid given whole), t → t':
 
     x_t' = √ᾱ_t' · x̂0 + √(1 − ᾱ_t' − σ²) · ε̂ + σ·z,
     σ = η · √((1 − ᾱ_t')/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_t')  (eq. 16).
@@ -123,11 +127,11 @@ def ddim_sample(
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = ancestral like DDPM), got {eta!r}")
-    timesteps = sampling_timesteps(schedule, steps, spacing)
+    timesteps = sampling_timesteps(schedule, steps, spacing) if timesteps is None else timesteps
     x = _resolve_start(shape, x_T, generator, device, dtype)
     alpha_bars = schedule.table("alpha_bars", x.device)
     nexts = timesteps[1:] + [-1]
-    for i, i_next in tqdm(list(zip(timesteps, nexts)), desc=f"DDIM-{steps}", disable=not progress, leave=False):
+    for i, i_next in tqdm(list(zip(timesteps, nexts)), desc=f"DDIM-{len(timesteps)}", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         eps = model(x, t)
         x0 = predict_x0(schedule, x, t, eps)
@@ -218,11 +222,13 @@ def dpm_solver_sample(
     return x.clamp(-1.0, 1.0) if clip_x0 else x
 
 
-def consistency_levels(schedule: NoiseSchedule, steps: int, spacing: Spacing = "log_snr") -> list[int]:
-    """The `steps` noise levels (descending timesteps, T−1 first) of the consistency sampler: the first `steps`
-    of `sampling_timesteps(steps + 1)`, whose last entry, index 0, would re-noise to almost nothing."""
+def few_step_levels(schedule: NoiseSchedule, steps: int, spacing: Spacing = "log_snr") -> list[int]:
+    """The `steps` noise levels (descending timesteps, T−1 first) of a few-step sampler, the step after the last
+    going to clean data: the first `steps` of `sampling_timesteps(steps + 1)`, whose last entry, index 0 (ᾱ ≈ 1),
+    would spend an evaluation on almost nothing. Levels of `steps`·2^k are nested: every 2^k-th of them are the
+    `steps` levels (even in λ, up to the nearest index), which progressive distillation relies on."""
     if not isinstance(steps, int) or not 1 <= steps < schedule.timesteps:
-        raise ValueError(f"steps must be an integer in [1, {schedule.timesteps - 1}] for the consistency sampler, "
+        raise ValueError(f"steps must be an integer in [1, {schedule.timesteps - 1}] for a few-step sampler, "
                          f"got {steps!r}")
     return sampling_timesteps(schedule, steps + 1, spacing)[:-1]
 
@@ -233,7 +239,7 @@ def consistency_sample(
     schedule: NoiseSchedule,
     shape: tuple[int, ...],
     *,
-    steps: int = CONSISTENCY_STEPS,
+    steps: int = FEW_STEPS,
     spacing: Spacing = "log_snr",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -243,14 +249,14 @@ def consistency_sample(
     progress: bool = False,
 ) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Alg. 1) at the levels t_1 > … > t_n of
-    `consistency_levels`: x̂0 = f(x_T, t_1), then for each later level
+    `few_step_levels`: x̂0 = f(x_T, t_1), then for each later level
         x_t = √ᾱ_t · x̂0 + √(1 − ᾱ_t) · z,   x̂0 = f(x_t, t),
     one network evaluation per level. f(x, t) is the model's x̂0 (`predict_x0` of its ε̂), which for a
     consistency model is the end of the probability-flow ODE through (x, t): a sample, not a mean. The
     fresh noise at each level is what lets a later evaluation correct an earlier one. (Used on an ordinary
     ε-model, whose x̂0 is the posterior mean, this gives blurred images.)
     """
-    levels = consistency_levels(schedule, steps, spacing)
+    levels = few_step_levels(schedule, steps, spacing)
     x = _resolve_start(shape, x_T, generator, device, dtype)
     alpha_bars = schedule.table("alpha_bars", x.device)
     x0 = x
@@ -269,7 +275,8 @@ def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
            steps: int | None = None, eta: float = 0.0, spacing: Spacing | None = None,
            class_labels: torch.Tensor | None = None, guidance: float = 0.0, **kwargs) -> torch.Tensor:
     """Dispatch by sampler name: "ddpm" (ancestral), "ddim" (with `eta`), "dpm++2m" or its stochastic
-    variant "dpm++2m-sde", or "consistency" (a distilled few-step model). `steps` and `spacing` left as None take `default_steps` and `default_spacing`.
+    variant "dpm++2m-sde", "consistency" (a consistency-distilled student) or "progressive" (a progressively
+    distilled one: deterministic DDIM on `few_step_levels`). `steps` and `spacing` left as None take `default_steps` and `default_spacing`.
     With `class_labels` [B] (a class-conditional model), every sampler runs on the classifier-free-guided
     ε̂ with weight `guidance` (see diffusion_core.guidance)."""
     if sampler not in SAMPLERS:
@@ -287,6 +294,9 @@ def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
         return ddim_sample(model, schedule, shape, eta=eta, **grid, **kwargs)
     if sampler == "consistency":
         return consistency_sample(model, schedule, shape, **grid, **kwargs)
+    if sampler == "progressive":
+        return ddim_sample(model, schedule, shape, timesteps=few_step_levels(schedule, grid["steps"], grid["spacing"]),
+                           **kwargs)
     return dpm_solver_sample(model, schedule, shape, stochastic=sampler == "dpm++2m-sde", **grid, **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""Consistency distillation and the consistency sampler against exact answers.
+"""Consistency and progressive distillation and their samplers against exact answers.
 
 - Gaussian data x0 ~ N(μ, s²) per pixel: the probability-flow ODE keeps the standardised value, so its end
   from x_t is f(x_t, t) = μ + s·(x_t − √ᾱ·μ)/√(ᾱ·s² + 1 − ᾱ) (the exact consistency function). Sampling
@@ -6,6 +6,10 @@
 - Data that is one image x*: the exact teacher's DDIM step lands exactly on the ODE (x_t' = √ᾱ'·x* +
   √(1−ᾱ')·ε with the same ε) and f = x* everywhere, so the distillation loss of the exact student is 0, and
   a student off by δ scores δ² exactly on the terms that reach clean data (the boundary f(x, −1) = x).
+  Progressive distillation's two-step target x̃ is x* itself there, so an exact student scores 0 everywhere.
+- Progressive distillation's x̃ is checked against its definition with DDIM steps written out here
+  (Song et al. 2021, eq. 12) on the Gaussian data's posterior-mean teacher: one step with x̂0 = x̃ lands where
+  two of the teacher's do.
 ᾱ comes from the tests' own table (linear β from 1e-4 to 0.02, Ho et al. §4), not the library's.
 """
 
@@ -20,9 +24,10 @@ from torch import nn
 from diffusion_core import NoiseSchedule
 from diffusion_core.config import ConfigError, load_config
 from diffusion_core.denoiser import Denoiser
-from diffusion_core.distill import (cleaner_level, consistency_distillation_loss, level_probabilities,
-                                    student_config)
-from diffusion_core.samplers import consistency_levels, sample, sampling_timesteps
+from diffusion_core.distill import (cleaner_level, consistency_distillation_loss, halving_stages,
+                                    level_probabilities, progressive_distillation_loss, student_config,
+                                    two_step_target)
+from diffusion_core.samplers import few_step_levels, sample, sampling_timesteps
 
 T = 1000
 MU, S = 0.2, 0.25
@@ -65,12 +70,36 @@ def test_consistency_sampler_draws_the_data_distribution_with_the_exact_consiste
     assert blurred.std().item() < 0.9 * S
 
 
-def test_consistency_levels_are_the_first_steps_of_the_log_snr_grid():
+def test_few_step_levels_are_the_first_steps_of_the_log_snr_grid():
     schedule = NoiseSchedule(T, "linear")
-    assert consistency_levels(schedule, 4) == sampling_timesteps(schedule, 5, "log_snr")[:4]
-    assert consistency_levels(schedule, 1) == [T - 1]
-    with pytest.raises(ValueError, match="consistency sampler"):
-        consistency_levels(schedule, T)
+    assert few_step_levels(schedule, 4) == sampling_timesteps(schedule, 5, "log_snr")[:4]
+    assert few_step_levels(schedule, 1) == [T - 1]
+    with pytest.raises(ValueError, match="few-step sampler"):
+        few_step_levels(schedule, T)
+
+
+class RecordingEps(nn.Module):
+    """ε̂ = 0 (so DDIM's x̂0 is x_t/√ᾱ, clipped), recording the timesteps it is asked at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.asked.append(int(t[0]))
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_progressive_sampler_is_ddim_on_the_few_step_levels(steps):
+    """One evaluation per level of few_step_levels, then the step to clean data: with ε̂ = 0 every DDIM step
+    is x' = √(ᾱ'/ᾱ)·x while x̂0 = x/√ᾱ stays in [−1, 1], and the last returns x̂0."""
+    schedule = NoiseSchedule(T, "linear")
+    model = RecordingEps()
+    x_T = torch.full((2, 1, 2, 2), 0.004, dtype=torch.float64)  # x̂0 = 0.004/√ᾱ_999 ≈ 0.63: never clipped
+    out = sample(model, schedule, x_T.shape, sampler="progressive", steps=steps, x_T=x_T, dtype=torch.float64)
+    assert model.asked == few_step_levels(schedule, steps)
+    assert torch.allclose(out, x_T / paper_alpha_bars()[T - 1].sqrt(), rtol=1e-9)
 
 
 def test_cleaner_level_is_the_noisiest_timestep_at_least_the_step_cleaner():
@@ -112,7 +141,14 @@ class OneImageNet(nn.Module):
         return eps if self.prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
-@pytest.mark.parametrize("weighting", ["none", "min_snr"])
+def snr_weight(t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """w(t) of the distillation losses from the tests' own ᾱ table."""
+    ab = paper_alpha_bars()[t]
+    snr = ab / (1 - ab)
+    return {"none": torch.ones_like(ab), "min_snr": snr.clamp(max=1.0), "truncated_snr": snr.clamp(min=1.0)}[weighting]
+
+
+@pytest.mark.parametrize("weighting", ["none", "min_snr", "truncated_snr"])
 @pytest.mark.parametrize("prediction", ["v", "eps"])
 @pytest.mark.parametrize("delta", [0.0, 0.1])
 def test_distillation_loss_of_the_exact_student_is_zero_and_the_boundary_is_exact(delta, prediction, weighting):
@@ -131,9 +167,80 @@ def test_distillation_loss_of_the_exact_student_is_zero_and_the_boundary_is_exac
     # the target is δ off too, except where t' = −1: there it is the teacher's step itself, x*
     reaches_clean = (t_next < 0).double()
     assert 0 < float(reaches_clean.mean()) < 0.2
-    ab = paper_alpha_bars()[t]
-    weight = (ab / (1 - ab)).clamp(max=1.0) if weighting == "min_snr" else torch.ones_like(ab)
+    weight = snr_weight(t, weighting)
     assert loss.item() == pytest.approx(delta**2 * float((weight * reaches_clean).mean()), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("weighting", ["none", "truncated_snr"])
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+@pytest.mark.parametrize("delta", [0.0, 0.1])
+def test_progressive_loss_of_the_exact_student_is_zero_and_off_by_delta_is_delta_squared(delta, prediction,
+                                                                                         weighting):
+    """Data that is one image x*: the exact teacher's two DDIM steps stay on the ODE, so x̃ = x* at every level;
+    a student whose x̂0 is x* + δ scores w(t)·δ²."""
+    schedule = NoiseSchedule(T, "linear")
+    image = torch.linspace(-0.9, 0.8, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
+    x0 = image.expand(256, -1, -1, -1)
+    generator = torch.Generator().manual_seed(1)
+    t = torch.randint(2, T, (256,), generator=generator)
+    t_mid = (t * torch.rand(256, generator=generator, dtype=torch.float64)).long().clamp(min=1)
+    t_next = (t_mid * torch.rand(256, generator=generator, dtype=torch.float64)).long() - 1  # −1 … t_mid − 1
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    teacher = Denoiser(OneImageNet(image, "eps"), schedule, "eps").double()
+    student = Denoiser(OneImageNet(image, prediction, delta), schedule, prediction).double()
+    loss = progressive_distillation_loss(student, teacher, x0, t, t_mid, t_next, noise, weighting)
+    assert loss.item() == pytest.approx(delta**2 * float(snr_weight(t, weighting).mean()), rel=1e-6, abs=1e-12)
+
+
+def ddim_step(x: torch.Tensor, t: int, t_next: int, x0: torch.Tensor) -> torch.Tensor:
+    """Song et al. 2021, eq. 12 with σ = 0, from t to t_next (−1: clean data, ᾱ = 1), written out here."""
+    ab = paper_alpha_bars()
+    a, a_next = ab[t], (ab[t_next] if t_next >= 0 else torch.tensor(1.0, dtype=torch.float64))
+    eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+
+@pytest.mark.parametrize("levels", [(900, 500, 100), (600, 300, 20), (40, 10, -1), (999, 400, -1)])
+def test_two_step_target_lands_one_ddim_step_where_the_teacher_lands_two(levels):
+    t, t_mid, t_next = levels
+    schedule = NoiseSchedule(T, "linear")
+    gaussian = GaussianEps(ode_end=False)  # the posterior mean: its DDIM steps are not on one straight path
+    teacher = Denoiser(gaussian, schedule, "eps").double()
+    generator = torch.Generator().manual_seed(2)
+    ab = paper_alpha_bars()[t]  # x_t from its marginal N(√ᾱ·μ, ᾱ·s² + 1 − ᾱ)
+    x_t = MU * ab.sqrt() + (ab * S**2 + 1 - ab).sqrt() * torch.randn(64, 1, 4, 4, generator=generator,
+                                                                     dtype=torch.float64)
+
+    def x0_of(x, level):  # the teacher's x̂0, from its ε̂ (never near the clip at ±1 for this data)
+        ab = paper_alpha_bars()[level]
+        return (x - (1 - ab).sqrt() * gaussian(x, torch.full((64,), level))) / ab.sqrt()
+
+    x_mid = ddim_step(x_t, t, t_mid, x0_of(x_t, t))
+    two_steps = ddim_step(x_mid, t_mid, t_next, x0_of(x_mid, t_mid))
+    full = lambda level: torch.full((64,), level)  # noqa: E731
+    target = two_step_target(teacher, x_t, full(t), full(t_mid), full(t_next))
+    assert torch.allclose(ddim_step(x_t, t, t_next, target), two_steps, atol=1e-9)
+    one_step = ddim_step(x_t, t, t_next, x0_of(x_t, t))  # the teacher's own single step lands elsewhere
+    assert (one_step - two_steps).abs().max() > 1e-3
+
+
+def test_halving_stages_teach_each_student_with_twice_its_levels():
+    config = student_config(load_config("smoke"), ["distill.method=progressive", "distill.ode_steps=8",
+                                                  "distill.sample_steps=2", "distill.steps=11"])
+    schedule = NoiseSchedule(config.diffusion.timesteps, config.diffusion.schedule)
+    stages = halving_stages(schedule, config.distill)
+    assert [len(s.levels) for s in stages] == [4, 2] and [s.steps for s in stages] == [5, 6]
+    for stage in stages:
+        n = len(stage.levels)
+        assert stage.levels.tolist() == few_step_levels(schedule, n)
+        assert stage.mid_levels.tolist() == few_step_levels(schedule, 2 * n)[1::2]
+        assert stage.next_levels.tolist() == few_step_levels(schedule, n)[1:] + [-1]
+        assert (stage.levels > stage.mid_levels).all() and (stage.mid_levels > stage.next_levels).all()
+    with pytest.raises(ConfigError, match="ode_steps=24 must be distill.sample_steps=4 times 2, 4, 8"):
+        student_config(load_config("smoke"), ["distill.method=progressive", "distill.ode_steps=24"])
+    crowded = student_config(load_config("smoke"), ["distill.method=progressive", "distill.ode_steps=32"])  # T = 100
+    with pytest.raises(ConfigError, match="do not fit between the schedule's"):
+        halving_stages(schedule, crowded.distill)
 
 
 def test_student_config_predicts_v_and_samples_with_the_consistency_sampler():
@@ -146,17 +253,20 @@ def test_student_config_predicts_v_and_samples_with_the_consistency_sampler():
         student_config(teacher, ["distill.ode_steps=1"])
 
 
-def test_distilled_student_is_a_model_the_cli_samples(smoke_cond_run, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["consistency", "progressive"])
+def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tmp_path, capsys):
     from diffusion_core.checkpoint import load_model
     from diffusion_core.cli import main
 
     run_dir = tmp_path / "student"
-    main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(run_dir),
+    main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(run_dir), "--set", f"distill.method={method}",
+          "--set", "distill.ode_steps=8", "--set", "distill.sample_steps=2",  # progressive: 2 halvings of 3 steps
           "--set", "distill.steps=6", "--set", "distill.batch_size=8", "--set", "distill.log_every=3"])
     reports = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in reports] == [3, 6]
     loaded = load_model(run_dir / "model")
-    assert loaded.config.sample.sampler == "consistency" and loaded.config.diffusion.prediction == "v"
+    assert loaded.config.sample.sampler == method and loaded.config.diffusion.prediction == "v"
+    assert loaded.config.sample.steps == 2
     assert loaded.info["teacher"]["path"] == str(smoke_cond_run)
     out = tmp_path / "grid.png"
     main(["sample", "--model", str(run_dir / "model"), "-n", "4", "--out", str(out)])
