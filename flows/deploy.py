@@ -19,6 +19,11 @@
                        shards (flows.sample_model), e.g. `prefect deployment run 'sample-model/champion'
                        --param model=ddpm-mnist-cond --param num_samples=10000`; its shards run on the
                        Dask cluster at $DIFFUSION_DASK_ADDRESS when that is set
+  distill-eval/champion
+                       no schedule: distil a registered version (default its champion) into a few-step
+                       student, registered as `<model>-<method><steps>` with the teacher as parent
+                       (flows.distill_eval), e.g. `prefect deployment run 'distill-eval/champion'
+                       --param model=ddpm-mnist-cond --param overrides='{"distill.method": "progressive"}'`
 
 Scheduled and triggered runs execute in subprocesses of this process, in its working folder, with
 its environment (PREFECT_API_URL, MLFLOW_TRACKING_URI, S3 settings: see .env.example). To run them
@@ -40,6 +45,7 @@ from prefect.schedules import Cron
 from diffusion_core.config import DEFAULT_PRESET
 
 from .alerts import NIGHTLY_DEPLOYMENT, WEBHOOK_URL_ENV, install_from_env
+from .distill_eval import distill_eval
 from .nightly import check_policy
 from .rescore import rescore
 from .sample_model import DASK_ADDRESS_ENV, sample_model_flow
@@ -83,7 +89,8 @@ def main() -> None:
     rescore_champion = rescore.to_deployment(name="champion", tags=["rescore"])
     sample_champion = sample_model_flow(os.environ.get(DASK_ADDRESS_ENV)).to_deployment(
         name="champion", tags=["sample"])
-    serve(nightly, adhoc, rescore_champion, sample_champion)
+    distill_champion = distill_eval.to_deployment(name="champion", tags=["distill"])
+    serve(nightly, adhoc, rescore_champion, sample_champion, distill_champion)
 
 
 if __name__ == "__main__":

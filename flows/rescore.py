@@ -39,10 +39,14 @@ from .train_eval import RUNS_DIR_ENV, create_run, log_setup, primary_score
 WORKER_KEYS = ("data.source", "data.data_dir")  # from this worker's environment, never from the store
 
 
+def worker_config(model_config: Config) -> Config:
+    """A registered version's model config with this worker's data settings (WORKER_KEYS)."""
+    return load_config(None, {key: value for key, value in model_config.flat().items() if key not in WORKER_KEYS})
+
+
 def rescore_config(model_config: Config, gate: Gate) -> Config:
     """The version's model config under `gate`'s protocol, with this worker's data settings."""
-    kept = {key: value for key, value in model_config.flat().items() if key not in WORKER_KEYS}
-    return gate.apply(load_config(None, kept))
+    return gate.apply(worker_config(model_config))
 
 
 @flow(name="rescore")

@@ -656,3 +656,59 @@ def test_a_night_continues_the_newest_version_of_the_champions_line_the_gate_did
     assert training_head(client, name, v1, rule) == v6
     v8 = version(10.3, v6, judged)
     assert training_head(client, name, v1, rule) == v8
+
+
+def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_scored_by_its_own_sampler(pipeline):
+    """A teacher through train-eval, then distill-eval of its version: the student is a version of
+    `ddpm-mnist-progressive2` naming its teacher, sampled only with its own 2-step sampler on the gate's budget,
+    crowned in its own model (its first student), and served by MLflow with that sampler by default.
+    Bad input (an alias the teacher's model lacks, levels progressive distillation cannot halve) is refused
+    before any MLflow run is made."""
+    import mlflow
+    import pandas as pd
+
+    from flows.distill_eval import distill_eval
+
+    client = MlflowClient()
+    teacher_run = train_eval(preset="smoke", overrides=FAST, num_samples=32)
+    teacher = client.get_run(teacher_run).data.tags["model_version"]
+    experiment = client.get_run(teacher_run).info.experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    student_settings = {"distill.method": "progressive", "distill.ode_steps": 4, "distill.sample_steps": 2,
+                        "distill.steps": 4, "distill.batch_size": 8, "distill.warmup_steps": 0}
+    with pytest.raises(ConfigError, match="no alias 'nightly-best'"):
+        distill_eval(model="ddpm-mnist", alias="nightly-best", overrides=student_settings)
+    with pytest.raises(ConfigError, match="distill.ode_steps=6"):
+        distill_eval(model="ddpm-mnist", version=teacher, overrides={**student_settings, "distill.ode_steps": 6})
+    assert len(client.search_runs([experiment])) == runs_before  # refused before any run was made
+
+    run_id = distill_eval(model="ddpm-mnist", version=teacher, overrides=student_settings)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["distill.teacher"] == f"ddpm-mnist/{teacher}"
+    assert run.data.tags["distill.teacher_run"] == teacher_run
+    name, version = "ddpm-mnist-progressive2", run.data.tags["model_version"]
+    tags = client.get_model_version(name, version).tags
+    assert (tags["distill.teacher"], tags["distill.method"], tags["distill.sample_steps"]) == (
+        f"ddpm-mnist/{teacher}", "progressive", "2")
+    assert tags["eval.sampler"] == "progressive2-log_snr" and tags["champion.decision"] == "promoted"
+    assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {CHALLENGER: version,
+                                                                                          CHAMPION: version}
+    assert f"ddpm-mnist v{teacher}" in client.get_model_version(name, version).description
+    # only the student's own setting is sampled, on the evaluation budget (the smoke preset's 200)
+    samples = {p for p in _artifact_paths(client, run_id) if p.startswith("samples/")}
+    assert samples == {"samples/progressive2.png", "samples/progressive2.safetensors"}
+    images = load_file(client.download_artifacts(run_id, "samples/progressive2.safetensors"))["images"]
+    assert images.shape == (200, 1, 28, 28) and run.data.metrics["fid"] > 0
+    assert {"loss_curve.png", "metrics.jsonl"} <= _artifact_paths(client, run_id)
+    assert [json.loads(line)["step"] for line in Path(client.download_artifacts(run_id, "metrics.jsonl")).read_text()
+            .splitlines()] == [4]  # smoke's log_every (50) is past the 4 steps: one report, at the end
+
+    student = load_registered_model(f"models:/{name}@champion")
+    teacher_model = load_registered_model(f"models:/ddpm-mnist/{teacher}")
+    assert (student.config.sample.sampler, student.config.sample.steps) == ("progressive", 2)
+    assert student.config.model == teacher_model.config.model  # the teacher's architecture
+    served = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    defaults = {p.name: p.default for p in served.metadata.get_params_schema().params}
+    assert (defaults["sampler"], defaults["steps"]) == ("progressive", 2)
+    assert served.predict(pd.DataFrame(index=[0]), params={"n": 3}).shape == (3, 1, 28, 28)
