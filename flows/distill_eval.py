@@ -19,7 +19,6 @@ samples with the student's sampler and steps unless asked otherwise.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from .evaluate import evaluate_samples, gap_spread
 from .gate import ensure_gate
 from .prepare import prepare_dataset_flow
 from .register import MODEL_ARTIFACT, VERSION_TAGS, register_model_folder
-from .registry import CHALLENGER, CHAMPION, load_registered_model, resolve_version, select_champion
+from .registry import CHALLENGER, CHAMPION, load_registered_model, resolve_version, select_champion, version_parser
 from .report import publish_report
 from .rescore import worker_config
 from .sample import sample_images
@@ -112,12 +111,7 @@ def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.distill_eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the teacher's registered model, e.g. ddpm-mnist-cond")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--version", help="the teacher's version")
-    which.add_argument("--alias", default=CHAMPION, help="alias of the teacher's version (default: champion)")
+    parser = version_parser("python -m flows.distill_eval", __doc__, "distil")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="a setting of the student (repeatable), e.g. --set distill.steps=3000")
     parser.add_argument("--extractor", help="FID features for a new student model's gate (default lenet)")

@@ -29,6 +29,7 @@ A protocol change is never compared across: re-score the champion under the gate
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -213,6 +214,18 @@ def resolve_version(client: MlflowClient, name: str, version: str | None, alias:
         raise ConfigError(f"registered model {name!r} has no alias {alias!r} (it has: "
                           f"{', '.join(sorted(aliases)) or 'none'}); give a version")
     return str(aliases[alias])
+
+
+def version_parser(prog: str, description: str | None, verb: str) -> argparse.ArgumentParser:
+    """A command line that names one registered version: --model and --version, or --alias (default
+    champion), for resolve_version; `verb` says what the command does to it ("re-score", "sample", …)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="registered model name, e.g. ddpm-mnist-cond")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--version", help=f"version to {verb}")
+    which.add_argument("--alias", default=CHAMPION, help=f"alias of the version to {verb} (default: champion)")
+    return parser
 
 
 def version_score(client: MlflowClient, name: str, version: str) -> Score | None:

@@ -18,7 +18,6 @@ kept in `eval.history.<n>` (flows.registry.rescore_version).
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from diffusion_core.config import Config, ConfigError, load_config
 from .evaluate import evaluate_samples
 from .gate import Gate, read_gate
 from .prepare import prepare_dataset_flow
-from .registry import CHAMPION, load_registered_model, rescore_version, resolve_version
+from .registry import CHAMPION, load_registered_model, rescore_version, resolve_version, version_parser
 from .sample import sample_images
 from .tracking import ended_when_done, set_tags
 from .train_eval import RUNS_DIR_ENV, create_run, log_setup, primary_score
@@ -80,12 +79,7 @@ def rescore(model: str, version: str | None = None, alias: str = CHAMPION) -> st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.rescore", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="registered model name, e.g. ddpm-mnist")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--version", help="version to re-score")
-    which.add_argument("--alias", default=CHAMPION, help="alias of the version to re-score (default: champion)")
+    parser = version_parser("python -m flows.rescore", __doc__, "re-score")
     args = parser.parse_args(argv)
     print(f"MLflow run {rescore(model=args.model, version=args.version, alias=args.alias)}")
 

@@ -27,7 +27,6 @@ deployment) the shards spread over the cluster's workers (infra/README.md). Ever
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -56,7 +55,7 @@ from diffusion_core.images import grid_by_class, save_grid
 from diffusion_core.samplers import generate_batches
 
 from .parameters import NAME, check_sampling_parameters
-from .registry import CHAMPION, load_registered_model, resolve_version
+from .registry import CHAMPION, load_registered_model, resolve_version, version_parser
 from .sample import SamplerSetting
 from .tracking import ended_when_done, ensure_experiment, log_params, upload_artifacts
 
@@ -226,12 +225,7 @@ def sample_model_flow(dask_address: str | None = None) -> Flow:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.sample_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="registered model name, e.g. ddpm-mnist-cond")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--version", help="version to sample")
-    which.add_argument("--alias", default=CHAMPION, help="alias of the version to sample (default: champion)")
+    parser = version_parser("python -m flows.sample_model", __doc__, "sample")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--shard-size", type=int, default=250, help="images per shard (and per network call)")
     parser.add_argument("--sampler")
