@@ -12,9 +12,11 @@ lineage always run):
              and <nights> runs of `prefect deployment run train-eval/nightly` back to back with
              preset=mnist-cpu, policy=continue and train.steps=<night-steps> (the first night has no
              champion and trains fresh; each later one continues the training head of the champion's line under the
-             preset's continuation recipe: train.continue_schedule "constant", train.continue_ema_std 0.1). Per night: the flow run's state and duration, the
+             preset's continuation recipe: train.continue_schedule "constant", train.continue_ema_std 0.1).
+             Per night: the flow run's state and duration, the new version and the gate's decision, the
              champion's version, its FID under the gate (N = the preset's evaluation.num_samples) and its
-             lineage. The last champion is scored at <num-samples> → week.json
+             lineage. Every night's champion and the last night's new version (the training head, which the
+             gate may have kept out) are scored at <num-samples> → week.json (its fid: the last champion's)
   constant   the same nights 2… by `diffusion train --continue-from` from night 1's training state with
              train.continue_schedule=constant and the run's fixed EMA (train.continue_ema_std=0), scored at
              <num-samples> → constant.json
@@ -66,7 +68,9 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
 
 
 def evaluate(model_dir: Path, num_samples: int, out: Path) -> dict:
-    run(["diffusion", "evaluate", "--model", str(model_dir), "-n", str(num_samples), "--out", str(out)])
+    """`diffusion evaluate` → `out`, unless `out` exists (an interrupted benchmark keeps its scores)."""
+    if not out.is_file():
+        run(["diffusion", "evaluate", "--model", str(model_dir), "-n", str(num_samples), "--out", str(out)])
     return json.loads(out.read_text())
 
 
@@ -98,18 +102,25 @@ def week(args, work: Path, out: Path) -> None:
     peak = matmul_gflops()
     progress = work / "week-nights.json"
     done = json.loads(progress.read_text()) if progress.is_file() else {}
-    if done.get("kept") and len(done["nights"]) == args.nights:  # the nights ran; only the final score is left
+    if done.get("kept") and len(done["nights"]) == args.nights:  # the nights ran; only the scores are left
         nights = done["nights"]
     else:
         nights = run_nights(args, work)
-    final = nights[-1]
-    score = evaluate(Path(final["model_dir"]), args.num_samples, work / "week-score.json")
-    fid, std = fid_of(score)
+    # At <num-samples>: every night's champion (the gate promotes only on a gain beyond its margin, so a
+    # champion can stay for nights) and the last night's new version, the training head.
+    models = {night["champion"]: night["model_dir"] for night in nights}
+    models.setdefault(nights[-1]["version"], nights[-1]["version_model_dir"])
+    scores = {version: evaluate(work / model, args.num_samples, work / f"version-{version}-score.json")
+              for version, model in models.items()}
+    versions = {version: dict(zip(("fid", "fid_std"), fid_of(score))) for version, score in scores.items()}
+    final = nights[-1]["champion"]
     recipe = load_config("mnist-cpu").train
     write(out / "week.json", {"what": f"{args.nights} nights of {args.night_steps} steps through train-eval/nightly "
                               f"(policy continue, continue_schedule {recipe.continue_schedule}, continue_ema_std "
-                              f"{recipe.continue_ema_std})", "nights": nights, "fid": fid,
-                              "fid_std": std, "score": score,
+                              f"{recipe.continue_ema_std}); fid: the champion after the last night (v{final}); "
+                              f"versions: each night's champion and the last new version at N = {args.num_samples:,}",
+                              "nights": nights, "champion": final, **versions[final], "score": scores[final],
+                              "versions": versions, "head": nights[-1]["version"],
                               "matmul_gflops_fp32": {"before": round(peak, 1), "after": round(matmul_gflops(), 1)}})
 
 
@@ -144,6 +155,8 @@ def run_nights(args, work: Path) -> list[dict]:
     root = work / "stack"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
+    for stale in work.glob("version-*-score.json"):  # an earlier week's versions
+        stale.unlink()
     nights = []
     with local_stack(root) as client_env:
         from mlflow import MlflowClient
@@ -159,7 +172,8 @@ def run_nights(args, work: Path) -> list[dict]:
             champion = str(client.get_registered_model(MODEL).aliases["champion"])
             newest = max(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
             tags = client.get_model_version(MODEL, champion).tags
-            run_info = client.get_run(client.get_model_version(MODEL, champion).run_id)
+            champion_dir = Path(client.get_run(client.get_model_version(MODEL, champion).run_id).data.tags["work_dir"])
+            version_dir = Path(client.get_run(newest.run_id).data.tags["work_dir"])
             nights.append({"night": night, "wall_s": round(wall_s, 1), "state": text.strip().splitlines()[-1],
                            "version": str(newest.version), "version_fid": float(newest.tags["eval.fid"]),
                            "version_fid_std": float(newest.tags["eval.fid_std"]),
@@ -169,17 +183,19 @@ def run_nights(args, work: Path) -> list[dict]:
                            "champion": champion, "fid": float(tags["eval.fid"]), "fid_std": float(tags["eval.fid_std"]),
                            "num_samples": int(tags["eval.num_samples"]),
                            "lineage": {k: v for k, v in tags.items() if k.startswith("lineage.")},
-                           "model_dir": str(Path(run_info.data.tags["work_dir"]) / "model"),
-                           "state_file": str(Path(run_info.data.tags["work_dir"]) / "checkpoints" / "last.safetensors")})
+                           "model_dir": str(champion_dir / "model"),
+                           "state_file": str(champion_dir / "checkpoints" / "last.safetensors"),
+                           "version_model_dir": str(version_dir / "model")})
             print(json.dumps(nights[-1], indent=2), flush=True)
             write(progress, {"nights": nights})  # progress, for a look while it runs
-        keep = work / "week-models"
-        for night in nights:  # a new week wipes the stack's folder; keep what later phases read
-            target = keep / f"night-{night['night']}"
-            shutil.copytree(Path(night["model_dir"]), target / "model", dirs_exist_ok=True)
-            (target / "checkpoints").mkdir(parents=True, exist_ok=True)
-            shutil.copy(night["state_file"], target / "checkpoints" / "last.safetensors")
+        for night in nights:  # a new week wipes the stack's folder; keep what later phases read, paths under `work`
+            target = Path("week-models") / f"night-{night['night']}"
+            shutil.copytree(Path(night["model_dir"]), work / target / "model", dirs_exist_ok=True)
+            (work / target / "checkpoints").mkdir(parents=True, exist_ok=True)
+            shutil.copy(night["state_file"], work / target / "checkpoints" / "last.safetensors")
+            shutil.copytree(Path(night["version_model_dir"]), work / target / "version" / "model", dirs_exist_ok=True)
             night["model_dir"], night["state_file"] = str(target / "model"), str(target / "checkpoints" / "last.safetensors")
+            night["version_model_dir"] = str(target / "version" / "model")
         write(progress, {"nights": nights, "kept": True})
     return nights
 
@@ -206,7 +222,7 @@ def arm(name: str, args, work: Path, out: Path) -> None:
         raise SystemExit(f"{name} continues night 1 of the week: run --phases week first ({out / 'week.json'} is missing)")
     peak = matmul_gflops()
     nights = json.loads((out / "week.json").read_text())["nights"]
-    state = Path(nights[0]["state_file"])
+    state = work / nights[0]["state_file"]
     sets = [f"{key}={value}" for key, value in {"train.steps": args.night_steps, **ARMS[name]}.items()]
     started = time.perf_counter()
     for night in range(2, args.nights + 1):
@@ -224,37 +240,52 @@ def arm(name: str, args, work: Path, out: Path) -> None:
 
 
 def plot(args, out: Path) -> Path:
+    """Left, at <num-samples>: the champion after each night and the last night's new version, beside the
+    uninterrupted run (and 1.1× it), the arms and the restart week's last champion. Right, the gate's view
+    (N = the preset's evaluation.num_samples): the champion and the night's new version per night."""
     from diffusion_core.figures import new_figure, save_png
 
     week_doc = json.loads((out / "week.json").read_text())
-    fig, ax = new_figure()
-    nights = week_doc["nights"]
-    ax.errorbar([n["night"] for n in nights], [n["fid"] for n in nights], yerr=[n["fid_std"] for n in nights],
-                marker="o", capsize=3, label=f"champion after each night (N = {nights[0]['num_samples']:,}, the gate's)")
-    ax.errorbar([n["night"] + 0.05 for n in nights], [n["version_fid"] for n in nights],
-                yerr=[n.get("version_fid_std", 0.0) for n in nights], marker="s", capsize=3, color="C4",
-                label=f"the night's new version, the training head (N = {nights[0]['num_samples']:,})")
-    earlier = out / "week-restart.json"  # the week whose continuations restarted the schedule, when kept
-    if earlier.is_file():
-        before = json.loads(earlier.read_text())
-        ax.plot([n["night"] - 0.05 for n in before["nights"]], [n["fid"] for n in before["nights"]], marker="x",
-                color="0.6", linestyle=":", label="champion, restart schedule (an earlier week)")
-        ax.axhline(before["fid"], color="0.6", linestyle="--", label=f"its last champion: {before['fid']:.2f} "
-                   f"± {before['fid_std']:.2f} (N = {args.num_samples:,})")
-    lines = {"week": ("C0", "the champion after the last night (power-function EMA)"), "reference": ("C1", "one uninterrupted run"),
-             "constant": ("C2", "nights 2… with the constant schedule"),
-             "power-ema": ("C3", "nights 2… constant, power-function EMA")}
-    for name, (style, what) in lines.items():  # each JSON's "what" says it in full
+    nights, versions = week_doc["nights"], week_doc["versions"]
+    x = [n["night"] for n in nights]
+    fig, (final, gate) = new_figure(2, width_in=11.0, height_in=4.2)
+    n_final, n_gate = f"N = {args.num_samples:,}", f"N = {nights[0]['num_samples']:,}"
+    final.errorbar(x, [versions[n["champion"]]["fid"] for n in nights],
+                   yerr=[versions[n["champion"]]["fid_std"] for n in nights], marker="o", capsize=3, color="C0",
+                   label="champion after each night (constant rate, power-function EMA)")
+    head = versions[week_doc["head"]]
+    final.errorbar([x[-1] + 0.05], [head["fid"]], yerr=[head["fid_std"]], marker="s", capsize=3, color="C4",
+                   linestyle="none", label=f"night {x[-1]}'s new version v{week_doc['head']} (training head)")
+    lines = {"reference": ("C1", "--", "one uninterrupted run, same hour"),
+             "power-ema": ("C3", ":", "nights 2… by the CLI, same recipe"),
+             "constant": ("C2", ":", "nights 2… constant rate, fixed EMA"),
+             "week-restart": ("0.5", ":", "last champion, warm-restart week")}
+    for name, (color, style, what) in lines.items():  # each JSON's "what" says it in full
         path = out / f"{name}.json"
         if path.is_file():
             doc = json.loads(path.read_text())
-            ax.axhline(doc["fid"], color=style, linestyle="--", label=f"{what}: {doc['fid']:.2f} "
-                       f"± {doc['fid_std']:.2f} (N = {args.num_samples:,})")
-    ax.set(xlabel="night", ylabel="LeNet FID", title="nightly continuation against one uninterrupted run",
-           xticks=[n["night"] for n in nights])
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return save_png(fig, REPO / "docs" / "nightly-week.png")
+            final.axhline(doc["fid"], color=color, linestyle=style, label=f"{what}: {doc['fid']:.2f} ± {doc['fid_std']:.2f}")
+            if name == "reference":
+                final.axhline(1.1 * doc["fid"], color=color, linestyle="-", alpha=0.4, label="1.1× the uninterrupted run")
+    final.set(xlabel="night", ylabel="LeNet FID", title=f"at {n_final}", xticks=x)
+    gate.errorbar(x, [n["fid"] for n in nights], yerr=[n["fid_std"] for n in nights], marker="o", capsize=3,
+                  color="C0", label="champion after each night")
+    gate.errorbar([v + 0.05 for v in x], [n["version_fid"] for n in nights],
+                  yerr=[n.get("version_fid_std", 0.0) for n in nights], marker="s", capsize=3, color="C4",
+                  label="the night's new version")
+    earlier = out / "week-restart.json"
+    if earlier.is_file():
+        before = json.loads(earlier.read_text())["nights"]
+        gate.plot([n["night"] - 0.05 for n in before], [n["fid"] for n in before], marker="x", color="0.5",
+                  linestyle=":", label="champion, warm-restart week")
+    gate.set(xlabel="night", ylabel="LeNet FID", title=f"the gate's view, {n_gate}", xticks=x)
+    final.set_ylim(top=1.5 * max(v["fid"] + v["fid_std"] for v in versions.values()))  # room for the legend
+    final.legend(fontsize=7, loc="upper right")
+    gate.legend(fontsize=7)
+    for ax in (final, gate):
+        ax.grid(alpha=0.3)
+    fig.suptitle("nightly continuation against one uninterrupted run")
+    return save_png(fig, REPO / "docs" / "nightly-week.png", rect=(0, 0, 1, 0.95))
 
 
 def main() -> None:
