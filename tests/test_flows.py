@@ -695,11 +695,14 @@ def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_sc
     assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {CHALLENGER: version,
                                                                                           CHAMPION: version}
     assert f"ddpm-mnist v{teacher}" in client.get_model_version(name, version).description
-    # only the student's own setting is sampled, on the evaluation budget (the smoke preset's 200)
+    # only the student's own setting is sampled, on its gate's evaluation budget (the teacher's, under
+    # whatever gate the teacher's model has in this session)
     samples = {p for p in _artifact_paths(client, run_id) if p.startswith("samples/")}
     assert samples == {"samples/progressive2.png", "samples/progressive2.safetensors"}
     images = load_file(client.download_artifacts(run_id, "samples/progressive2.safetensors"))["images"]
-    assert images.shape == (200, 1, 28, 28) and run.data.metrics["fid"] > 0
+    budget = read_gate(client, name).protocol["evaluation.num_samples"]
+    assert budget == load_registered_model(f"models:/ddpm-mnist/{teacher}").config.evaluation.num_samples
+    assert images.shape == (budget, 1, 28, 28) and run.data.metrics["fid"] > 0
     assert {"loss_curve.png", "metrics.jsonl"} <= _artifact_paths(client, run_id)
     assert [json.loads(line)["step"] for line in Path(client.download_artifacts(run_id, "metrics.jsonl")).read_text()
             .splitlines()] == [4]  # smoke's log_every (50) is past the 4 steps: one report, at the end
