@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from diffusion_core.checkpoint import load_model
 from diffusion_core.config import parse_override
 from diffusion_core.distill import distill, student_config
 from diffusion_core.distributed import DistContext, resolve_device
@@ -37,7 +38,7 @@ from .evaluate import evaluate_samples, gap_spread
 from .gate import ensure_gate
 from .prepare import prepare_dataset_flow
 from .register import MODEL_ARTIFACT, VERSION_TAGS, register_model_folder
-from .registry import CHALLENGER, CHAMPION, load_registered_model, resolve_version, select_champion, version_parser
+from .registry import CHALLENGER, CHAMPION, resolve_version, select_champion, version_parser
 from .report import publish_report
 from .rescore import worker_config
 from .sample import sample_images
@@ -62,13 +63,15 @@ def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
     client = MlflowClient()
     version = resolve_version(client, model, version, alias)
     teacher_uri = f"models:/{model}/{version}"
-    config = student_config(worker_config(load_registered_model(teacher_uri).config), overrides or {})
+    work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
+    (work_dir / "teacher").mkdir(parents=True, exist_ok=True)  # downloaded once: read here, distilled below
+    teacher_dir = mlflow.artifacts.download_artifacts(artifact_uri=teacher_uri, dst_path=str(work_dir / "teacher"))
+    config = student_config(worker_config(load_model(teacher_dir).config), overrides or {})
     name = student_model_name(model, config.distill.method, config.distill.sample_steps)
     gate = ensure_gate(client, name, config, extractor or "lenet", f"distill-eval run {flow_run.name}")
     gate.check_overrides(name, overrides or {}, extractor, config.data.dataset)
     config = gate.apply(config)
     submitted = config.to_dict()
-    work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
     run_id = create_run(client, config, work_dir, f"distill-{model}-v{version}")
     teacher_run = client.get_model_version(model, version).run_id
     set_tags(client, run_id, {"distill.teacher": f"{model}/{version}", "distill.teacher_run": teacher_run})
@@ -79,8 +82,6 @@ def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
         log_setup(client, run_id, config, work_dir, 1, gate.extractor, gate)
         prepare_dataset_flow(run_id, submitted)
         started = time.perf_counter()
-        (work_dir / "teacher").mkdir(parents=True, exist_ok=True)
-        teacher_dir = mlflow.artifacts.download_artifacts(artifact_uri=teacher_uri, dst_path=str(work_dir / "teacher"))
         resolved = {k: v for k, v in config.flat().items() if "." in k}  # the submitted config, as overrides
         result = distill(teacher_dir, work_dir, resolved, device=resolve_device(config.train.device, DistContext()))
         seconds = time.perf_counter() - started
