@@ -4,8 +4,8 @@
         [--num-samples 10000] [--work /tmp/nightly-week] [--out benchmarks/results/nightly]
 
 Phases (reference, week and the arms each write their JSON into --out and are skipped when that file exists,
-so an interrupted week goes on where it stopped; the training itself resumes from its run folder; plot and
-lineage always run):
+so an interrupted week goes on where it stopped; the training itself resumes from its run folder; rejudge,
+plot and lineage always run):
   reference  `diffusion train --preset mnist-cpu --set train.steps=<reference-steps>` (18,000 steps is the
              mnist-cpu-hour recipe), scored with `diffusion evaluate -n <num-samples>` → reference.json
   week       the local stack (infra/stack.sh, fresh state on free ports, data from $DIFFUSION_DATA_SOURCE)
@@ -21,6 +21,12 @@ lineage always run):
              train.continue_schedule=constant and the run's fixed EMA (train.continue_ema_std=0), scored at
              <num-samples> → constant.json
   power-ema  the same with EDM2's power-function EMA (train.continue_ema_std=0.1, the default) → power-ema.json
+  rejudge    the week's recorded nights judged again under the project's current rule (flows.gate.DEFAULT_RULE,
+             by flows.registry.judge) from their recorded gate scores and paired σ_gap (unpaired where the
+             comparison differs from the recorded one); exact because training is deterministic and a
+             `continue` night starts from the same version under either rule (the head, the newest version
+             the gate did not find worse). Each night's champion under it, scored at <num-samples> when
+             missing → week-rejudged.json
   plot       docs/nightly-week.png: the champion's and the night's new version's FID per night, beside the
              final scores of the week, the uninterrupted run and the arms (those whose JSON exists), and the
              champion per night of week-restart.json (an earlier week through the deployment whose continuations
@@ -200,6 +206,35 @@ def run_nights(args, work: Path) -> list[dict]:
     return nights
 
 
+def rejudge(args, work: Path, out: Path) -> None:
+    """The recorded nights of week.json judged by DEFAULT_RULE → week-rejudged.json (see the module doc)."""
+    from flows.gate import DEFAULT_RULE
+    from flows.registry import Score, judge
+
+    recorded = json.loads((out / "week.json").read_text())["nights"]
+    scores = {n["version"]: Score(n["version_fid"], {}, n["version_fid_std"]) for n in recorded}
+    named = {id(score): version for version, score in scores.items()}
+    measured = {(before["champion"], night["version"]): float(night["gap_std"])  # the recorded paired σ_gap
+                for before, night in zip(recorded, recorded[1:]) if night["gap_std"] != "none"}
+    champion, nights = None, []
+    for i, night in enumerate(recorded):
+        version = night["version"]
+        line = [(earlier["version"], scores[earlier["version"]]) for earlier in reversed(recorded[:i])]
+        decision = judge(scores[version], champion, scores.get(champion), DEFAULT_RULE,
+                         lambda reference, _, v=version: measured.get((named[id(reference)], v)), line)
+        champion = version if decision.promoted else champion
+        nights.append({"night": night["night"], "version": version,
+                       "decision": "promoted" if decision.promoted else "kept", "reason": decision.reason,
+                       "champion": champion})
+    model_dirs = {n["version"]: n["version_model_dir"] for n in recorded}
+    versions = {v: dict(zip(("fid", "fid_std"), fid_of(evaluate(work / model_dirs[v], args.num_samples,
+                                                               work / f"version-{v}-score.json"))))
+                for v in dict.fromkeys(n["champion"] for n in nights)}
+    write(out / "week-rejudged.json", {"what": f"week.json's nights judged again under: {DEFAULT_RULE}; versions: "
+                                       f"each night's champion at N = {args.num_samples:,}", "nights": nights,
+                                       "champion": champion, **versions[champion], "versions": versions})
+
+
 def lineage(args, work: Path) -> None:
     """docs/mlflow-lineage.png: the stack brought up again on the week's state, the champion version's page."""
     with local_stack(work / "stack") as client_env:
@@ -267,6 +302,14 @@ def plot(args, out: Path) -> Path:
             final.axhline(doc["fid"], color=color, linestyle=style, label=f"{what}: {doc['fid']:.2f} ± {doc['fid_std']:.2f}")
             if name == "reference":
                 final.axhline(1.1 * doc["fid"], color=color, linestyle="-", alpha=0.4, label="1.1× the uninterrupted run")
+    rejudged = out / "week-rejudged.json"
+    if rejudged.is_file():
+        again = json.loads(rejudged.read_text())
+        final.errorbar([n["night"] - 0.05 for n in again["nights"]],
+                       [again["versions"][n["champion"]]["fid"] for n in again["nights"]],
+                       yerr=[again["versions"][n["champion"]]["fid_std"] for n in again["nights"]], marker="^",
+                       capsize=3, color="C2", label="champion, the same nights judged by the current gate rule")
+        versions = {**versions, **again["versions"]}
     final.set(xlabel="night", ylabel="LeNet FID", title=f"at {n_final}", xticks=x)
     gate.errorbar(x, [n["fid"] for n in nights], yerr=[n["fid_std"] for n in nights], marker="o", capsize=3,
                   color="C0", label="champion after each night")
@@ -296,14 +339,15 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=10000, help="images behind each final score")
     parser.add_argument("--work", default="/tmp/nightly-week", help="run folders and the stack's state")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "nightly"))
-    parser.add_argument("--phases", default="week,reference,constant,power-ema,plot,lineage")
+    parser.add_argument("--phases", default="week,rejudge,reference,constant,power-ema,plot,lineage")
     args = parser.parse_args()
     if not os.environ.get("DIFFUSION_DATA_SOURCE"):
         parser.error("set DIFFUSION_DATA_SOURCE to a folder holding the MNIST raw files")
     phases = args.phases.split(",")
-    unknown = [p for p in phases if p not in ("week", "reference", *ARMS, "plot", "lineage")]
+    unknown = [p for p in phases if p not in ("week", "rejudge", "reference", *ARMS, "plot", "lineage")]
     if unknown:
-        parser.error(f"unknown phases {', '.join(unknown)}: choose from week, reference, {', '.join(ARMS)}, plot, lineage")
+        parser.error(f"unknown phases {', '.join(unknown)}: choose from week, rejudge, reference, {', '.join(ARMS)}, "
+                     "plot, lineage")
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,6 +357,8 @@ def main() -> None:
             print(f"wrote {plot(args, out)}")
         elif phase == "lineage":
             lineage(args, work)
+        elif phase == "rejudge":
+            rejudge(args, work, out)
         elif (out / f"{phase}.json").is_file():
             print(f"{phase}: {out / f'{phase}.json'} exists, skipped")
         elif phase in ARMS:

@@ -14,6 +14,7 @@ before any work. The gate changes only through this module's maintenance command
     python -m flows.gate show --model ddpm-mnist-cond
     python -m flows.gate set --model ddpm-mnist-cond --set evaluation.num_samples=2000 --reason "N = 2,000 from now on"
     python -m flows.gate set --model ddpm-mnist-cond --promotion-sigmas 3 --min-improvement 0.5 --reason "…"
+    python -m flows.gate set --model ddpm-mnist-cond --continuation better --reason "nights must beat the champion"
 
 After a protocol change, re-score the champion (`python -m flows.rescore --model ddpm-mnist-cond`):
 until then new versions are not comparable with it and are kept. A gate whose `gate` tag differs from
@@ -39,12 +40,14 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from diffusion_core.config import Config, ConfigError, config_from_dict, parse_override
 from diffusion_core.evaluation.extractors import canonical_name
 
-from .registry import PromotionRule, champion_lock
+from .registry import CONTINUATION_RULES, PromotionRule, champion_lock
 
 GATE_TAG = "gate"
 HISTORY_TAG = "gate.history."
 OPERATOR_ENV = "DIFFUSION_OPERATOR"
-DEFAULT_RULE = PromotionRule(sigmas=2.0, min_improvement=0.0)  # 2 combined standard errors (docs/evaluation.md#model-comparison)
+# 2 paired standard errors (docs/evaluation.md#model-comparison); a night continuing the champion's line is
+# promoted unless worse than its line's best beyond that margin (flows.registry; docs/operations.md#the-gate-and-continued-training)
+DEFAULT_RULE = PromotionRule(sigmas=2.0, min_improvement=0.0, continuation="not-worse")
 # What the protocol fixes: the feature extractor, the evaluation budget and the primary sampler's settings.
 PROTOCOL_KEYS = ("extractor", "evaluation.num_samples", "evaluation.bootstrap", "sample.sampler", "sample.steps",
                  "sample.eta", "sample.spacing", "sample.guidance", "sample.seed", "sample.clip_x0")
@@ -81,7 +84,7 @@ class Gate:
     reason: str
 
     def to_json(self) -> str:
-        return json.dumps({"rule": {"sigmas": self.rule.sigmas, "min_improvement": self.rule.min_improvement},
+        return json.dumps({"rule": dataclasses.asdict(self.rule),
                            "protocol": self.protocol, "revision": self.revision, "by": self.by, "at": self.at,
                            "reason": self.reason}, sort_keys=True)
 
@@ -183,7 +186,8 @@ def ensure_gate(client: MlflowClient, name: str, config: Config, extractor: str,
 
 
 def change_gate(client: MlflowClient, name: str, reason: str, protocol: dict[str, Any] | None = None,
-                sigmas: float | None = None, min_improvement: float | None = None, by: str | None = None) -> Gate:
+                sigmas: float | None = None, min_improvement: float | None = None, by: str | None = None,
+                continuation: str | None = None) -> Gate:
     """Write a new revision of `name`'s gate: `protocol` changes (PROTOCOL_KEYS only) and the rule's
     parameters where given; records who, when and why, and keeps every earlier revision."""
     if not reason.strip():
@@ -194,6 +198,10 @@ def change_gate(client: MlflowClient, name: str, reason: str, protocol: dict[str
     rule_changes = {k: v for k, v in {"sigmas": sigmas, "min_improvement": min_improvement}.items() if v is not None}
     if any(v < 0 for v in rule_changes.values()):
         raise ConfigError(f"promotion sigmas and minimum improvement must be >= 0, got {rule_changes}")
+    if continuation is not None:
+        if continuation not in CONTINUATION_RULES:
+            raise ConfigError(f"continuation={continuation!r} is unknown; choose one of {', '.join(CONTINUATION_RULES)}")
+        rule_changes["continuation"] = continuation
     with champion_lock(name):
         try:
             current = read_gate(client, name)
@@ -228,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     change.add_argument("--promotion-sigmas", type=float, help="k of the rule: the FID must drop by more than "
                         "k·σ_gap (the gap's paired standard error)")
     change.add_argument("--min-improvement", type=float, help="… and by at least this much (FID units)")
+    change.add_argument("--continuation", choices=CONTINUATION_RULES,
+                        help="a version continuing the champion's line: 'better' (judged like any other) or "
+                             "'not-worse' (promoted unless worse than its line's best beyond the margin)")
     change.add_argument("--reason", required=True, help="why (kept in the history)")
     args = parser.parse_args(argv)
     client = MlflowClient()
@@ -236,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             print(gate.to_json())
         return
     gate = change_gate(client, args.model, args.reason, dict(parse_override(o) for o in args.overrides),
-                       args.promotion_sigmas, args.min_improvement)
+                       args.promotion_sigmas, args.min_improvement, continuation=args.continuation)
     print(f"{args.model} gate revision {gate.revision}: {gate.rule}; protocol {json.dumps(gate.protocol)}")
 
 

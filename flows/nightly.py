@@ -23,6 +23,7 @@ MLflow UI shows.
 from __future__ import annotations
 
 import contextlib
+import json
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,12 @@ from diffusion_core.checkpoint import load_training_checkpoint
 from diffusion_core.config import Config, ConfigError
 from diffusion_core.train import CHECKPOINT, ContinuationMismatch, check_continuable
 
-from .registry import CHAMPION, PromotionRule, Score
+from .registry import CHAMPION, PARENT_TAG, PromotionRule, Score
+from .rollback import ROLLBACK_TAG
 
 POLICIES = ("continue", "fresh", "skip-unchanged")
 STATE_TAG = "lineage.state"  # runs:/<run id>/checkpoints/last.safetensors: the version's full training state
-PARENT_TAG, MODE_TAG = "lineage.parent", "lineage.mode"
+MODE_TAG = "lineage.mode"
 IMAGES_TAG, SECONDS_TAG, RUNS_TAG = "lineage.images_seen", "lineage.train_seconds", "lineage.runs"
 
 
@@ -70,24 +72,29 @@ class Plan:
 
 def training_head(client: MlflowClient, name: str, champion: str, rule: PromotionRule) -> str:
     """The version a `continue` night starts from: the newest version whose lineage.parent chain reaches
-    `champion` through versions each scored under the champion's protocol and not worse than the champion
+    `champion` through versions each scored under the champion's protocol, not worse than the champion
     beyond the margin (the candidate − champion FID ≤ the margin the gate judged it with against this
-    champion, else `rule`'s unpaired margin); else the champion itself."""
-    scores, parents, margins = {}, {}, {}
+    champion, else `rule`'s unpaired margin) and not rolled back from (flows.rollback: its last rollback
+    record moved the champion away from it); else the champion itself."""
+    scores, parents, margins, withdrawn = {}, {}, {}, set()
     for version in client.search_model_versions(f"name='{name}'"):
         number = str(version.version)
         parents[number] = version.tags.get(PARENT_TAG, "none")
         scores[number] = Score.from_tags(version.tags)
-        if version.tags.get("champion.previous_version") == champion:
+        compared = version.tags.get("champion.compared_version", version.tags.get("champion.previous_version"))
+        if compared == champion:
             with contextlib.suppress(ValueError):
                 margins[number] = float(version.tags.get("champion.margin", "none"))
+        rollbacks = sorted(key for key in version.tags if key.startswith(ROLLBACK_TAG))
+        if rollbacks and json.loads(version.tags[rollbacks[-1]]).get("from") == number:
+            withdrawn.add(number)
     best = scores.get(champion)
     if best is None:
         return champion
 
     def acceptable(number: str) -> bool:
         score = scores.get(number)
-        if score is None or score.protocol != best.protocol:
+        if score is None or score.protocol != best.protocol or number in withdrawn:
             return False
         margin = margins[number] if number in margins else rule.margin(score, best)
         return score.fid - best.fid <= margin  # a NaN FID is never acceptable

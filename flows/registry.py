@@ -18,10 +18,18 @@ The read-compare-move runs under a Prefect global concurrency limit of one slot 
 (`champion-<name>`, created when missing), so two runs deciding at once take turns and the second
 compares against the first one's result. The decision is tagged on the version before the alias
 moves, and a lost lease does not interrupt the block: the alias move is the last write. What holds
-for several candidates: the champion's FID only ever falls, each time by more than a margin, and the
+for several candidates judged as improvements: the champion's FID only ever falls, each time by more than a margin, and the
 final champion is within a margin of the best candidate's FID, but which of two candidates closer than
 a margin to each other ends as champion depends on the order they decide in (the first one that clears
 the margin over the champion is promoted, and the other is then within the margin of it).
+
+A version that continues the champion's own line (its `lineage.parent` chain reaches the champion: a
+nightly `continue` run) is judged by the rule's `continuation` setting. "better" judges it like any
+candidate. "not-worse" (the default of new gates) promotes it unless its FID is worse beyond the margin
+than the best version of its line scored under the same protocol (the champion, or an ancestor that
+scored lower): more training of the same line is expected to help, and a gain a night is too small to
+resolve at the gate's N (docs/operations.md) must not hold the champion back, while the line's best
+score bounds the drift: the champion's FID then never exceeds its line's best by more than one margin.
 
 A protocol change is never compared across: re-score the champion under the gate's new protocol first
 (`python -m flows.rescore`), a recorded step of its own.
@@ -35,12 +43,13 @@ import json
 import math
 import tempfile
 from datetime import datetime, timezone
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import mlflow
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from diffusion_core.checkpoint import LoadedModel, load_model
 from diffusion_core.config import ConfigError
@@ -49,6 +58,7 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 FID_TAG, FID_STD_TAG = "eval.fid", "eval.fid_std"
 SCORE_RUN_TAG = "eval.run_id"  # the MLflow run whose samples/<primary tag>.safetensors the score was computed from
 SCORE_HISTORY_TAG = "eval.history."  # every score a version had before a re-score replaced it
+PARENT_TAG = "lineage.parent"  # the version a version continued ("none": trained from scratch); flows.nightly
 PROTOCOL_KEYS = ("extractor_id", "num_samples", "sampler", "dataset_sha256")
 LOCK_TIMEOUT_S = 900  # how long a decision waits for another run's decision on the same model
 LOCK_LEASE_S = 300  # the slot's server-side lease, renewed in the background while the lock is held
@@ -88,22 +98,38 @@ class Score:
 GapSpread = Callable[[Score, Score], float | None]  # (champion, candidate) → σ_gap, None when not measurable
 
 
+CONTINUATION_RULES = ("better", "not-worse")  # how a continuation of the champion's line is judged
+
+
 @dataclass(frozen=True)
 class PromotionRule:
     """Promote when the champion's FID minus the candidate's exceeds max(sigmas · σ_gap, min_improvement),
-    σ_gap the paired standard error of that gap; without it, the unpaired √(σ_candidate² + σ_champion²)."""
+    σ_gap the paired standard error of that gap; without it, the unpaired √(σ_candidate² + σ_champion²).
+    `continuation`: "better" judges a continuation of the champion's line the same way; "not-worse"
+    promotes it unless its FID exceeds its line's best comparable score by more than the margin. A rule
+    recorded before this setting existed reads as "better", the behaviour it was recorded with."""
 
     sigmas: float
     min_improvement: float
+    continuation: str = "better"
+
+    def __post_init__(self) -> None:
+        if self.continuation not in CONTINUATION_RULES:
+            raise ConfigError(f"continuation={self.continuation!r} is unknown; choose one of "
+                              f"{', '.join(CONTINUATION_RULES)}")
 
     def margin(self, candidate: Score, champion: Score, gap_std: float | None = None) -> float:
         spread = math.hypot(candidate.fid_std, champion.fid_std) if gap_std is None else gap_std
         return max(self.sigmas * spread, self.min_improvement)
 
     def __str__(self) -> str:
-        return (f"promote if champion FID − candidate FID > max({self.sigmas:g}·σ_gap, {self.min_improvement:g}); "
+        text = (f"promote if champion FID − candidate FID > max({self.sigmas:g}·σ_gap, {self.min_improvement:g}); "
                 "σ_gap: the gap's paired bootstrap standard error (unpaired √(σ_candidate² + σ_champion²) when "
                 "either sample set is missing)")
+        if self.continuation == "not-worse":
+            text += ("; a continuation of the champion's line: promote unless its FID exceeds its line's best "
+                     "comparable score by more than that margin")
+        return text
 
 
 @dataclass(frozen=True)
@@ -116,6 +142,8 @@ class Decision:
     rule: PromotionRule
     gap_std: float | None = None  # the paired σ_gap the margin used; None: unpaired (or no comparison)
     margin: float | None = None  # the margin the gain was held against; None when there was no comparison
+    basis: str = "improvement"  # "improvement", or "continuation" (judged not-worse against its line's best)
+    compared_version: str | None = None  # the version the gain was measured against (the champion, or the line's best)
 
     @property
     def candidate_fid(self) -> float:
@@ -135,15 +163,20 @@ class Decision:
                 "champion.previous_fid": "none" if previous is None else repr(previous.fid),
                 "champion.previous_fid_std": "none" if previous is None else repr(previous.fid_std),
                 "champion.gap_std": "none" if self.gap_std is None else repr(self.gap_std),
-                "champion.margin": "none" if self.margin is None else repr(self.margin)}
+                "champion.margin": "none" if self.margin is None else repr(self.margin),
+                "champion.basis": self.basis,
+                "champion.compared_version": self.compared_version or "none"}
 
 
-def _judge(score: Score, champion_version: str | None, champion: Score | None, rule: PromotionRule,
-           gap_spread: GapSpread | None = None) -> Decision:
-    """The decision on `score` against the champion's; `gap_spread(champion, score)` measures σ_gap
-    (only when the two are comparable)."""
-    def decide(promoted: bool, reason: str, gap_std: float | None = None, margin: float | None = None) -> Decision:
-        return Decision(promoted, reason, score, champion_version, champion, rule, gap_std, margin)
+def judge(score: Score, champion_version: str | None, champion: Score | None, rule: PromotionRule,
+           gap_spread: GapSpread | None = None, line: Sequence[tuple[str, Score | None]] = ()) -> Decision:
+    """The decision on `score` against the champion's; `gap_spread(reference, score)` measures σ_gap
+    (only when the two are comparable). `line`: the candidate's ancestors, nearest first (lineage_of); when
+    it holds the champion and the rule's continuation is "not-worse", the candidate is judged against the
+    lowest comparable score of that line (see the module doc)."""
+    def decide(promoted: bool, reason: str, gap_std: float | None = None, margin: float | None = None,
+               basis: str = "improvement", compared: str | None = None) -> Decision:
+        return Decision(promoted, reason, score, champion_version, champion, rule, gap_std, margin, basis, compared)
 
     if champion_version is None:
         return decide(True, "no champion yet")
@@ -151,16 +184,30 @@ def _judge(score: Score, champion_version: str | None, champion: Score | None, r
         differs = sorted(k for k in PROTOCOL_KEYS if champion is None or champion.protocol[k] != score.protocol[k])
         return decide(False, f"champion v{champion_version} was scored differently ({', '.join(differs)}): "
                       "not comparable, kept (re-score it under this protocol: python -m flows.rescore)")
-    gap_std = gap_spread(champion, score) if gap_spread is not None else None
-    margin = rule.margin(score, champion, gap_std)
-    gain = champion.fid - score.fid
+    continues = rule.continuation == "not-worse" and champion_version in [version for version, _ in line]
+    reference_version, reference = champion_version, champion
+    if continues:  # the line's lowest comparable score, the champion's on a tie
+        for version, ancestor in line:
+            if ancestor is not None and ancestor.protocol == score.protocol and ancestor.fid < reference.fid:
+                reference_version, reference = version, ancestor
+    gap_std = gap_spread(reference, score) if gap_spread is not None else None
+    margin = rule.margin(score, reference, gap_std)
+    gain = reference.fid - score.fid
+    spread = (f"paired σ_gap {gap_std:.2g}" if gap_std is not None
+              else f"unpaired √(σ² + σ²) {math.hypot(score.fid_std, reference.fid_std):.2g}")
+    against = (f"champion v{champion_version}'s" if reference_version == champion_version
+               else f"v{reference_version}'s (the best of champion v{champion_version}'s line)")
+    scores = f"FID {score.fid:.4g} ± {score.fid_std:.2g} vs {against} {reference.fid:.4g} ± {reference.fid_std:.2g}"
+    if continues:
+        promoted = -gain <= margin  # a NaN FID is never promoted
+        verdict = "not worse beyond" if promoted else "worse beyond"
+        return decide(promoted, f"continues champion v{champion_version}'s line: {scores}: change {-gain:+.3g}, "
+                      f"{verdict} the margin {margin:.3g} ({spread})", gap_std, margin, "continuation",
+                      reference_version)
     better = gain > margin  # a NaN FID is never better
     verdict = "beyond" if better else "within"
-    spread = (f"paired σ_gap {gap_std:.2g}" if gap_std is not None
-              else f"unpaired √(σ² + σ²) {math.hypot(score.fid_std, champion.fid_std):.2g}")
-    return decide(better, f"FID {score.fid:.4g} ± {score.fid_std:.2g} vs champion v{champion_version}'s "
-                  f"{champion.fid:.4g} ± {champion.fid_std:.2g}: gain {gain:.3g} {verdict} the margin {margin:.3g} "
-                  f"({spread})", gap_std, margin)
+    return decide(better, f"{scores}: gain {gain:.3g} {verdict} the margin {margin:.3g} ({spread})", gap_std, margin,
+                  compared=champion_version)
 
 
 def _ensure_single_slot_limit(limit: str) -> None:
@@ -246,6 +293,21 @@ def current_champion(client: MlflowClient, name: str) -> tuple[str | None, Score
     return str(version), version_score(client, name, str(version))
 
 
+def lineage_of(client: MlflowClient, name: str, version: str) -> list[tuple[str, Score | None]]:
+    """`version`'s ancestors along its `lineage.parent` tags, nearest first, with their scores (the
+    version scored, for ancestors re-scored since, by their current score)."""
+    line: list[tuple[str, Score | None]] = []
+    parent = client.get_model_version(name, version).tags.get(PARENT_TAG, "none")
+    while parent != "none" and parent not in [v for v, _ in line] and parent != version:
+        try:
+            tags = client.get_model_version(name, parent).tags
+        except MlflowException:  # a deleted ancestor ends the line there
+            break
+        line.append((parent, version_score(client, name, parent)))
+        parent = tags.get(PARENT_TAG, "none")
+    return line
+
+
 def select_champion(client: MlflowClient, name: str, version: str, score: Score, rule: PromotionRule,
                     gap_spread: GapSpread | None = None) -> Decision:
     """Tag `version` with its score; under the model's champion lock, compare it with the current
@@ -255,7 +317,8 @@ def select_champion(client: MlflowClient, name: str, version: str, score: Score,
     record_score(client, name, version, score)
     with champion_lock(name):
         champion_version, champion = current_champion(client, name)
-        decision = _judge(score, champion_version, champion, rule, gap_spread)
+        line = lineage_of(client, name, version) if rule.continuation == "not-worse" else []
+        decision = judge(score, champion_version, champion, rule, gap_spread, line)
         for key, value in decision.tags().items():
             client.set_model_version_tag(name, version, key, value)
         described = client.get_model_version(name, version).description

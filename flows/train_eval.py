@@ -136,7 +136,8 @@ def train_eval(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = 
     (unset: sample.num_samples). The primary setting, the evaluation budget and the extractor (unset:
     the gate's) are the registered model's gate's (flows.gate); parameters that contradict it are refused.
     It becomes the champion if its primary FID beats the current champion's by more than the gate's
-    margin (flows.registry). `policy` (flows.nightly): "fresh" trains from scratch, "continue" continues
+    margin, or, continuing the champion's line under a "not-worse" gate, unless it is worse than its line's
+    best beyond that margin (flows.registry). `policy` (flows.nightly): "fresh" trains from scratch, "continue" continues
     the training head (the newest version of the champion's line the gate did not find worse), "skip-unchanged" ends without training when data, code and config
     equal the champion's (final state "Skipped").
     Parameters are checked against what a run may ask for (flows.parameters) before any work.

@@ -131,7 +131,10 @@ def test_a_run_cannot_change_its_judge_and_the_gate_changes_only_by_command_with
         train_eval(preset="smoke", overrides=FAST, extractor="inception")
     assert len(client.search_runs([experiment])) == runs_before  # all refused before any work
 
-    changed = change_gate(client, "ddpm-mnist", "stricter rule", sigmas=3.0, min_improvement=0.5, by="maintainer")
+    with pytest.raises(ConfigError, match="continuation='sometimes' is unknown; choose one of better, not-worse"):
+        change_gate(client, "ddpm-mnist", "a typo", continuation="sometimes")
+    changed = change_gate(client, "ddpm-mnist", "stricter rule", sigmas=3.0, min_improvement=0.5, by="maintainer",
+                          continuation="better")
     assert (changed.revision, changed.by, changed.reason, changed.rule) == (2, "maintainer", "stricter rule",
                                                                             PromotionRule(3.0, 0.5))
     assert [(g.revision, g.rule) for g in history(client, "ddpm-mnist")] == [(1, DEFAULT_RULE), (2, PromotionRule(3.0, 0.5))]
@@ -139,7 +142,7 @@ def test_a_run_cannot_change_its_judge_and_the_gate_changes_only_by_command_with
     with pytest.raises(ConfigError, match="edited outside python -m flows.gate"):
         train_eval(preset="smoke", overrides=FAST)
     change_gate(client, "ddpm-mnist", "restore the default rule", sigmas=DEFAULT_RULE.sigmas,
-                min_improvement=DEFAULT_RULE.min_improvement, by="maintainer")
+                min_improvement=DEFAULT_RULE.min_improvement, by="maintainer", continuation=DEFAULT_RULE.continuation)
     assert read_gate(client, "ddpm-mnist").revision == 3
 
 
@@ -414,6 +417,58 @@ def test_champion_moves_only_when_better_beyond_the_noise_and_measured_the_same_
     assert rollback(client, name, "undo") == (v8, v6)  # the same command undoes it
 
 
+def test_a_continuation_of_the_champions_line_is_promoted_unless_worse_than_its_lines_best(pipeline, tmp_path):
+    """Under continuation="not-worse" a version whose lineage.parent chain reaches the champion is promoted
+    when its FID − the lowest comparable FID of its line ≤ the margin (2·√(0.3² + 0.3²) = 0.849 here); a
+    version outside the line, and every version under "better", must gain more than the margin. A gate
+    recorded before the setting existed reads as "better"."""
+    from flows.gate import Gate
+
+    client = MlflowClient()
+    name = "ddpm-continuation-test"
+    client.create_registered_model(name)
+    protocol = {"extractor_id": "lenet-mnist-abc", "num_samples": "1000", "sampler": "ddim50-eta0-linear",
+                "dataset_sha256": "f" * 64}
+    not_worse = PromotionRule(2.0, 0.0, continuation="not-worse")
+    asked = []
+
+    def gap_spread(reference: Score, candidate: Score) -> None:
+        asked.append(reference.fid)
+        return None  # unpaired margins
+
+    def new_version(fid: float, parent: str, rule: PromotionRule = not_worse, **changes: str):
+        version = str(client.create_model_version(name, source=str(tmp_path), tags={"lineage.parent": parent}).version)
+        return select_champion(client, name, version, Score(fid, {**protocol, **changes}, 0.3), rule, gap_spread), version
+
+    def champion() -> str:
+        return str(client.get_registered_model(name).aliases[CHAMPION])
+
+    _, v1 = new_version(10.0, "none")
+    worse_inside, v2 = new_version(10.5, v1)  # 0.5 worse than the champion, its line's best: inside the margin
+    assert worse_inside.promoted and champion() == v2 and str(client.get_registered_model(name).aliases[PREVIOUS]) == v1
+    assert "continues champion v1's line" in worse_inside.reason and "change +0.5, not worse beyond the margin 0.849" \
+        in worse_inside.reason, worse_inside.reason
+    tags = client.get_model_version(name, v2).tags
+    assert (tags["champion.basis"], tags["champion.compared_version"], tags["champion.previous_version"]) == (
+        "continuation", v1, v1)
+    fresh, _ = new_version(10.0, "none")  # not of the line: 0.5 better is inside the noise
+    assert not fresh.promoted and fresh.basis == "improvement" and "gain 0.5 within the margin 0.849" in fresh.reason
+    creeping, _ = new_version(10.9, v2)  # 0.4 worse than champion v2, but 0.9 worse than v1, the line's best
+    assert not creeping.promoted and champion() == v2 and creeping.compared_version == v1, creeping.reason
+    assert "vs v1's (the best of champion v2's line) 10" in creeping.reason and asked[-1] == 10.0
+    _, v5 = new_version(10.8, v2)  # 0.8 worse than the line's best: inside
+    assert champion() == v5
+    other_protocol, _ = new_version(1.0, v5, num_samples="500")
+    assert not other_protocol.promoted and "scored differently" in other_protocol.reason
+    nan, _ = new_version(float("nan"), v5)
+    assert not nan.promoted and champion() == v5
+    judged_as_better, _ = new_version(10.7, v5, PromotionRule(2.0, 0.0))  # rule "better": gain 0.1, kept
+    assert not judged_as_better.promoted and judged_as_better.basis == "improvement" and champion() == v5
+    old = json.dumps({"rule": {"sigmas": 2.0, "min_improvement": 0.0}, "protocol": {}, "revision": 1, "by": "x",
+                      "at": "2026-01-01T00:00:00+00:00", "reason": "recorded before continuation existed"})
+    assert Gate.from_json(old).rule == PromotionRule(2.0, 0.0, continuation="better")
+
+
 def test_the_margin_is_the_paired_gap_spread_when_measured_else_the_unpaired_one(pipeline, tmp_path):
     """With σ_gap measured, the margin is max(k·σ_gap, minimum): a gain of 0.5 clears 2·0.2 but not the
     unpaired 2·√(0.3² + 0.3²) = 0.85. The spread is asked with the champion's and the candidate's scores,
@@ -655,6 +710,10 @@ def test_a_night_continues_the_newest_version_of_the_champions_line_the_gate_did
     version(10.5, v6, judged)  # 0.5 worse: inside the unpaired 0.85, beyond the gate's 0.4
     assert training_head(client, name, v1, rule) == v6
     v8 = version(10.3, v6, judged)
+    assert training_head(client, name, v1, rule) == v8
+    rolled_back = {"rollback.0001": json.dumps({"from": "9", "to": v1})}  # v9 was champion, then rolled back to v1
+    assert version(10.0, v8, rolled_back) == "9" and training_head(client, name, v1, rule) == v8
+    version(10.0, "9")  # nor what continued it
     assert training_head(client, name, v1, rule) == v8
 
 
