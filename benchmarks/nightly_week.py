@@ -287,7 +287,7 @@ def plot(args, out: Path) -> Path:
     n_final, n_gate = f"N = {args.num_samples:,}", f"N = {nights[0]['num_samples']:,}"
     final.errorbar(x, [versions[n["champion"]]["fid"] for n in nights],
                    yerr=[versions[n["champion"]]["fid_std"] for n in nights], marker="o", capsize=3, color="C0",
-                   label="champion after each night (constant rate, power-function EMA)")
+                   label="champion after each night, as run (continuations judged 'better')")
     head = versions[week_doc["head"]]
     final.errorbar([x[-1] + 0.05], [head["fid"]], yerr=[head["fid_std"]], marker="s", capsize=3, color="C4",
                    linestyle="none", label=f"night {x[-1]}'s new version v{week_doc['head']} (training head)")
@@ -304,11 +304,13 @@ def plot(args, out: Path) -> Path:
                 final.axhline(1.1 * doc["fid"], color=color, linestyle="-", alpha=0.4, label="1.1× the uninterrupted run")
     rejudged = out / "week-rejudged.json"
     if rejudged.is_file():
+        from flows.gate import DEFAULT_RULE
+
         again = json.loads(rejudged.read_text())
         final.errorbar([n["night"] - 0.05 for n in again["nights"]],
                        [again["versions"][n["champion"]]["fid"] for n in again["nights"]],
                        yerr=[again["versions"][n["champion"]]["fid_std"] for n in again["nights"]], marker="^",
-                       capsize=3, color="C2", label="champion, the same nights judged by the current gate rule")
+                       capsize=3, color="C5", label=f"champion, the same nights re-judged ('{DEFAULT_RULE.continuation}')")
         versions = {**versions, **again["versions"]}
     final.set(xlabel="night", ylabel="LeNet FID", title=f"at {n_final}", xticks=x)
     gate.errorbar(x, [n["fid"] for n in nights], yerr=[n["fid_std"] for n in nights], marker="o", capsize=3,

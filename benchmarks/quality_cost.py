@@ -1,0 +1,138 @@
+"""Quality against cost in one figure, from the score files kept in benchmarks/results/ (nothing is sampled
+or trained here): LeNet FID at N = 10,000 against the 10,000 test digits, left against network evaluations
+per image (the teacher's samplers and the few-step students), right against training minutes (the recipes,
+and the mnist-cpu recipe continued night after night).
+
+    python benchmarks/quality_cost.py [--results benchmarks/results] [--plot docs/quality-cost.png]
+
+Prints every point as a Markdown table with the file it comes from; each file names the command that made
+it (docs/quality-cost.md lists them). Training minutes are the presets' budgets: steps of 64 images at
+320 images/s, the calibration of docs/training-recipe.md (15 minutes = 4,500 steps), whatever the machine
+that ran them took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS_PER_MINUTE = 4500 / 15  # the presets' calibration: 320 images/s in steps of 64
+
+
+@dataclass(frozen=True)
+class Point:
+    series: str
+    x: float
+    fid: float
+    fid_std: float
+    source: str
+
+
+def _read(results: Path, name: str) -> dict:
+    path = results / name
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: see docs/quality-cost.md for the command that makes it")
+    return json.loads(path.read_text())
+
+
+def _fid(score: dict, tag: str) -> tuple[float, float]:
+    """FID and its standard error from a `diffusion evaluate --out` file, for sampler tag `tag` (dpmpp2msde50, …)."""
+    return score[f"fid_lenet_{tag}"], score.get(f"fid_std_lenet_{tag}", 0.0)
+
+
+def by_evaluations(results: Path) -> list[Point]:
+    """Left panel: the teacher (four nights of mnist-cpu) with its SDE and ODE solvers, and the students."""
+    points = []
+    pd_name, cd_name = "few-step/progressive-v-1500.json", "few-step/consistency-v-2900.json"
+    pd, cd = _read(results, pd_name), _read(results, cd_name)
+    sweep_name = "quality-cost/teacher-nfe.json"
+    sweep = _read(results, sweep_name)
+    sde, ode = "teacher, SDE-DPM-Solver++(2M)", "teacher, DPM-Solver++(2M) (ODE)"
+    points.append(Point(sde, 50, pd["teacher"]["fid"], pd["teacher"]["fid_std"], pd_name))
+    for setting, series in (("dpm++2m-sde-4", sde), ("dpm++2m-4", ode), ("dpm++2m-50", ode)):
+        score = pd["teacher_few_steps"][setting]
+        points.append(Point(series, score["steps"], score["fid"], score["fid_std"], pd_name))
+    for steps in (10, 20):
+        points.append(Point(sde, steps, *_fid(sweep, f"dpmpp2msde{steps}"), sweep_name))
+        points.append(Point(ode, steps, *_fid(sweep, f"dpmpp2m{steps}"), sweep_name))
+    for doc, name, series in ((pd, pd_name, "progressive distillation (of the teacher)"),
+                              (cd, cd_name, "consistency distillation (of the 60-min run)")):
+        for steps, score in doc["student"].items():
+            points.append(Point(series, int(steps), score["fid"], score["fid_std"], name))
+    return sorted(points, key=lambda p: (p.series, p.x))
+
+
+def by_minutes(results: Path) -> list[Point]:
+    """Right panel: one run per budget of mnist-cpu and mnist-cpu-cond, and the nightly continuation."""
+    points = []
+    one_run = "mnist-cpu, one run"
+    for name, series, minutes in (("quality-cost/mnist-cpu-5min.json", one_run, 5),
+                                  ("n10000/recipe-fast-seed2.json", one_run, 15),
+                                  ("quality-cost/mnist-cpu-cond-5min.json", "mnist-cpu-cond (the default), one run", 5),
+                                  ("n10000/recipe-cond-seed0.json", "mnist-cpu-cond (the default), one run", 15)):
+        score = _read(results, name)
+        tag = next(k[len("fid_lenet_"):] for k in score if k.startswith("fid_lenet_dpmpp2msde50"))
+        points.append(Point(series, minutes, *_fid(score, tag.split("_class")[0]), name))
+    reference = _read(results, "nightly/reference.json")
+    points.append(Point(one_run, 60, reference["fid"], reference["fid_std"], "nightly/reference.json"))
+    week_name = "nightly/week-rejudged.json"
+    week = _read(results, week_name)
+    for night in week["nights"]:
+        version = week["versions"].get(night["version"])
+        if version is not None:
+            points.append(Point("mnist-cpu, continued each night (nightly)", 15 * night["night"], version["fid"],
+                                version["fid_std"], week_name))
+    return sorted(points, key=lambda p: (p.series, p.x))
+
+
+def floor(results: Path) -> float:
+    """FID of 10,000 real training digits against the test digits."""
+    return _read(results, "n10000/recipe-cond-seed0.json")["fid_lenet_train"]
+
+
+def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: float, png: Path) -> Path:
+    from diffusion_core.figures import new_figure, save_png
+
+    fig, (nfe, minutes) = new_figure(2, width_in=11.0, height_in=4.4)
+    for ax, points in ((nfe, left), (minutes, right)):
+        for k, series in enumerate(dict.fromkeys(p.series for p in points)):
+            mine = [p for p in points if p.series == series]
+            ax.errorbar([p.x for p in mine], [p.fid for p in mine], yerr=[p.fid_std for p in mine], marker="os^vD"[k % 5],
+                        capsize=3, color=f"C{k}", label=series)
+        ax.axhline(floor_fid, color="0.3", linestyle="--", label=f"10,000 real training digits: {floor_fid:.2f}")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    nfe.axhline(1.5 * teacher_fid, color="C3", linestyle=":", label=f"1.5× the teacher at 50: {1.5 * teacher_fid:.1f}")
+    nfe.set_xscale("log", base=2)
+    nfe.set(xlabel="network evaluations per image", ylabel="LeNet FID, N = 10,000 (log)",
+            title="sampling cost (teacher: mnist-cpu, 60 min in 4 nights)")
+    minutes.set(xlabel="training minutes (320 images/s budget)", ylabel="LeNet FID, N = 10,000 (log)",
+                title="training cost (SDE-DPM-Solver++(2M), 50 evaluations)", xticks=[5, 15, 30, 45, 60])
+    nfe.legend(fontsize=7)
+    minutes.legend(fontsize=7)
+    fig.suptitle("quality against cost on MNIST (2-core CPU runs)")
+    return save_png(fig, png, rect=(0, 0, 1, 0.95))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--plot", default=str(REPO / "docs" / "quality-cost.png"))
+    args = parser.parse_args()
+    results = Path(args.results)
+    left, right, floor_fid = by_evaluations(results), by_minutes(results), floor(results)
+    teacher = next(p.fid for p in left if p.series.startswith("teacher, SDE") and p.x == 50)
+    print("| series | network evaluations | training minutes | FID at N = 10,000 | × floor | file |")
+    print("|---|---|---|---|---|---|")
+    for p in left:
+        print(f"| {p.series} | {p.x:g} | | {p.fid:.2f} ± {p.fid_std:.2f} | {p.fid / floor_fid:.2f} | {p.source} |")
+    for p in right:
+        print(f"| {p.series} | 50 | {p.x:g} | {p.fid:.2f} ± {p.fid_std:.2f} | {p.fid / floor_fid:.2f} | {p.source} |")
+    print(f"plot: {plot(left, right, floor_fid, teacher, Path(args.plot))}")
+
+
+if __name__ == "__main__":
+    main()
