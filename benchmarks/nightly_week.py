@@ -22,11 +22,11 @@ plot and lineage always run):
              <num-samples> → constant.json
   power-ema  the same with EDM2's power-function EMA (train.continue_ema_std=0.1, the default) → power-ema.json
   rejudge    the week's recorded nights judged again under the project's current rule (flows.gate.DEFAULT_RULE,
-             by flows.registry.judge) from their recorded gate scores and paired σ_gap (unpaired where the
-             comparison differs from the recorded one); exact because training is deterministic and a
-             `continue` night starts from the same version under either rule (the head, the newest version
-             the gate did not find worse). Each night's champion under it, scored at <num-samples> when
-             missing → week-rejudged.json
+             by flows.registry.judge) along each version's recorded parent, from the recorded gate scores and
+             paired σ_gap (unpaired where the pair differs from the recorded one); exact because training is
+             deterministic, and refused unless each night continued the version that is champion under the
+             rule (the version a night would continue under it). Each night's champion, scored at
+             <num-samples> when missing → week-rejudged.json
   plot       docs/nightly-week.png: the champion's and the night's new version's FID per night, beside the
              final scores of the week, the uninterrupted run and the arms (those whose JSON exists), and the
              champion per night of week-restart.json (an earlier week through the deployment whose continuations
@@ -184,6 +184,8 @@ def run_nights(args, work: Path) -> list[dict]:
                            "version": str(newest.version), "version_fid": float(newest.tags["eval.fid"]),
                            "version_fid_std": float(newest.tags["eval.fid_std"]),
                            "decision": newest.tags["champion.decision"], "reason": newest.tags["champion.reason"],
+                           "version_parent": newest.tags.get("lineage.parent", "none"),
+                           "compared_version": newest.tags.get("champion.compared_version", "none"),
                            "gap_std": newest.tags.get("champion.gap_std", "none"),
                            "margin": newest.tags.get("champion.margin", "none"),
                            "champion": champion, "fid": float(tags["eval.fid"]), "fid_std": float(tags["eval.fid_std"]),
@@ -213,13 +215,24 @@ def rejudge(args, work: Path, out: Path) -> None:
 
     recorded = json.loads((out / "week.json").read_text())["nights"]
     scores = {n["version"]: Score(n["version_fid"], {}, n["version_fid_std"]) for n in recorded}
+    parents = {n["version"]: n["version_parent"] for n in recorded}
     named = {id(score): version for version, score in scores.items()}
-    measured = {(before["champion"], night["version"]): float(night["gap_std"])  # the recorded paired σ_gap
-                for before, night in zip(recorded, recorded[1:]) if night["gap_std"] != "none"}
+    measured = {}  # (reference, candidate) → the paired σ_gap the week's gate measured
+    for before, night in zip(recorded, recorded[1:]):
+        compared = night.get("compared_version", "none")
+        if night["gap_std"] != "none":
+            measured[(before["champion"] if compared == "none" else compared, night["version"])] = float(night["gap_std"])
     champion, nights = None, []
-    for i, night in enumerate(recorded):
+    for night in recorded:
         version = night["version"]
-        line = [(earlier["version"], scores[earlier["version"]]) for earlier in reversed(recorded[:i])]
+        if parents[version] != (champion or "none"):
+            raise SystemExit(f"night {night['night']} continued v{parents[version]}, but under {DEFAULT_RULE.continuation!r} "
+                             f"the champion, which a night continues, would be v{champion}: the nights would differ, "
+                             "so only running the week again measures this rule")
+        line, node = [], parents[version]
+        while node != "none":
+            line.append((node, scores[node]))
+            node = parents[node]
         decision = judge(scores[version], champion, scores.get(champion), DEFAULT_RULE,
                          lambda reference, _, v=version: measured.get((named[id(reference)], v)), line)
         champion = version if decision.promoted else champion

@@ -4,9 +4,11 @@
   continue         continue the training head's full training state (weights, EMA, optimizer, RNG streams,
                    step: the run's `checkpoints/last.safetensors`, named by the version's `lineage.state`
                    tag) for train.steps more under train.continue_schedule and train.continue_ema_std. The head is the newest version
-                   descending from the champion that the gate did not find worse than it (see
-                   training_head): a night kept only because its gain was inside the noise is not thrown
-                   away, else the next night would repeat it bit for bit. A champion whose state is
+                   descending from the champion that the gate did not find worse than it and that was not
+                   rolled back from (see training_head): under a gate whose continuations must be
+                   "better", a night kept only because its gain was inside the noise is not thrown away,
+                   else the next night would repeat it bit for bit; under "not-worse" (the default) such
+                   a night is the champion, and the head is the champion. A champion whose state is
                    missing or was trained with other settings (model, diffusion, the objective) cannot be
                    continued: the run trains fresh and says why, naming both settings. New data at the
                    source is continued on, and said so.
@@ -23,7 +25,6 @@ MLflow UI shows.
 from __future__ import annotations
 
 import contextlib
-import json
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,7 @@ from diffusion_core.checkpoint import load_training_checkpoint
 from diffusion_core.config import Config, ConfigError
 from diffusion_core.train import CHECKPOINT, ContinuationMismatch, check_continuable
 
-from .registry import CHAMPION, PARENT_TAG, PromotionRule, Score
-from .rollback import ROLLBACK_TAG
+from .registry import CHAMPION, PARENT_TAG, PromotionRule, Score, rolled_back_from
 
 POLICIES = ("continue", "fresh", "skip-unchanged")
 STATE_TAG = "lineage.state"  # runs:/<run id>/checkpoints/last.safetensors: the version's full training state
@@ -74,9 +74,9 @@ def training_head(client: MlflowClient, name: str, champion: str, rule: Promotio
     """The version a `continue` night starts from: the newest version whose lineage.parent chain reaches
     `champion` through versions each scored under the champion's protocol, not worse than the champion
     beyond the margin (the candidate − champion FID ≤ the margin the gate judged it with against this
-    champion, else `rule`'s unpaired margin) and not rolled back from (flows.rollback: its last rollback
-    record moved the champion away from it); else the champion itself."""
-    scores, parents, margins, withdrawn = {}, {}, {}, set()
+    champion, else `rule`'s unpaired margin), not kept by the gate as a continuation found worse than its
+    line's best, and not rolled back from (flows.registry.rolled_back_from); else the champion itself."""
+    scores, parents, margins, rejected = {}, {}, {}, set()
     for version in client.search_model_versions(f"name='{name}'"):
         number = str(version.version)
         parents[number] = version.tags.get(PARENT_TAG, "none")
@@ -85,16 +85,17 @@ def training_head(client: MlflowClient, name: str, champion: str, rule: Promotio
         if compared == champion:
             with contextlib.suppress(ValueError):
                 margins[number] = float(version.tags.get("champion.margin", "none"))
-        rollbacks = sorted(key for key in version.tags if key.startswith(ROLLBACK_TAG))
-        if rollbacks and json.loads(version.tags[rollbacks[-1]]).get("from") == number:
-            withdrawn.add(number)
+        found_worse = (version.tags.get("champion.basis") == "continuation"
+                       and version.tags.get("champion.decision") == "kept")
+        if found_worse or rolled_back_from(version.tags, number):
+            rejected.add(number)
     best = scores.get(champion)
     if best is None:
         return champion
 
     def acceptable(number: str) -> bool:
         score = scores.get(number)
-        if score is None or score.protocol != best.protocol or number in withdrawn:
+        if score is None or score.protocol != best.protocol or number in rejected:
             return False
         margin = margins[number] if number in margins else rule.margin(score, best)
         return score.fid - best.fid <= margin  # a NaN FID is never acceptable

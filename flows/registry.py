@@ -6,7 +6,8 @@ its FID and that FID's standard error (`eval.fid`, `eval.fid_std`) and with ever
 depends on (`eval.extractor_id`, `eval.num_samples`, `eval.sampler`, `eval.dataset_sha256`: the
 protocol). `champion` moves to the new version only if the current champion was scored with the same
 protocol and the new FID is lower by more than the rule's margin, max(k·σ_gap, minimum improvement):
-a gap inside the measurement's own noise keeps the champion. σ_gap is the standard error of the gap
+a gap inside the measurement's own noise keeps the champion (a continuation of the champion's own
+line under a "not-worse" rule: below). σ_gap is the standard error of the gap
 itself, from a paired bootstrap of the two scored sample sets (each score names the run that holds its
 samples, `eval.run_id`; diffusion_core.evaluation.fid_gap_std). The gate fixes the sampling seed, so
 both sets start from the same noise and the noise they share cancels in the gap: σ_gap is smaller than
@@ -50,6 +51,7 @@ import mlflow
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from diffusion_core.checkpoint import LoadedModel, load_model
 from diffusion_core.config import ConfigError
@@ -59,6 +61,7 @@ FID_TAG, FID_STD_TAG = "eval.fid", "eval.fid_std"
 SCORE_RUN_TAG = "eval.run_id"  # the MLflow run whose samples/<primary tag>.safetensors the score was computed from
 SCORE_HISTORY_TAG = "eval.history."  # every score a version had before a re-score replaced it
 PARENT_TAG = "lineage.parent"  # the version a version continued ("none": trained from scratch); flows.nightly
+ROLLBACK_TAG = "rollback."  # rollback.<n>: JSON records of flows.rollback ({"from", "to", "by", "reason", "at"})
 PROTOCOL_KEYS = ("extractor_id", "num_samples", "sampler", "dataset_sha256")
 LOCK_TIMEOUT_S = 900  # how long a decision waits for another run's decision on the same model
 LOCK_LEASE_S = 300  # the slot's server-side lease, renewed in the background while the lock is held
@@ -95,7 +98,7 @@ class Score:
                    float(tags.get(FID_STD_TAG, 0.0)), tags.get(SCORE_RUN_TAG) or None)
 
 
-GapSpread = Callable[[Score, Score], float | None]  # (champion, candidate) → σ_gap, None when not measurable
+GapSpread = Callable[[Score, Score], float | None]  # (reference, candidate) → σ_gap, None when not measurable
 
 
 CONTINUATION_RULES = ("better", "not-worse")  # how a continuation of the champion's line is judged
@@ -293,15 +296,26 @@ def current_champion(client: MlflowClient, name: str) -> tuple[str | None, Score
     return str(version), version_score(client, name, str(version))
 
 
+def rolled_back_from(tags: Mapping[str, str], version: str) -> bool:
+    """Whether `version` (with `tags`) is withdrawn: its last rollback record moved the champion away from it."""
+    records = sorted(key for key in tags if key.startswith(ROLLBACK_TAG))
+    return bool(records) and json.loads(tags[records[-1]]).get("from") == version
+
+
 def lineage_of(client: MlflowClient, name: str, version: str) -> list[tuple[str, Score | None]]:
-    """`version`'s ancestors along its `lineage.parent` tags, nearest first, with their scores (the
-    version scored, for ancestors re-scored since, by their current score)."""
+    """`version`'s ancestors along its `lineage.parent` tags, nearest first, with their current scores. The
+    line ends before a deleted ancestor and before one the champion was rolled back from (a withdrawn line
+    is not the champion's)."""
     line: list[tuple[str, Score | None]] = []
     parent = client.get_model_version(name, version).tags.get(PARENT_TAG, "none")
     while parent != "none" and parent not in [v for v, _ in line] and parent != version:
         try:
             tags = client.get_model_version(name, parent).tags
-        except MlflowException:  # a deleted ancestor ends the line there
+        except MlflowException as exc:
+            if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+            break
+        if rolled_back_from(tags, parent):
             break
         line.append((parent, version_score(client, name, parent)))
         parent = tags.get(PARENT_TAG, "none")
@@ -311,9 +325,10 @@ def lineage_of(client: MlflowClient, name: str, version: str) -> list[tuple[str,
 def select_champion(client: MlflowClient, name: str, version: str, score: Score, rule: PromotionRule,
                     gap_spread: GapSpread | None = None) -> Decision:
     """Tag `version` with its score; under the model's champion lock, compare it with the current
-    champion by `rule` (the model's gate) with the paired σ_gap that `gap_spread(champion, score)`
-    measures (unpaired without it, or where it returns None), tag the decision on the version and, if it
-    wins, point `previous` at the champion it replaces and move `champion` to it (the last write)."""
+    champion by `rule` (the model's gate; a continuation of the champion's line under "not-worse": with
+    its line's best, see judge) with the paired σ_gap that `gap_spread(reference, score)` measures
+    (unpaired without it, or where it returns None), tag the decision on the version and, if it wins,
+    point `previous` at the champion it replaces and move `champion` to it (the last write)."""
     record_score(client, name, version, score)
     with champion_lock(name):
         champion_version, champion = current_champion(client, name)

@@ -6,7 +6,8 @@ Every promotion points `previous` at the champion it replaces (flows.registry.se
 swaps the two aliases under the model's champion lock, so `previous` then names the version rolled back
 from and running the command again undoes it; both versions get a `rollback.<n>` tag saying who, when,
 why and which way. Nothing is deleted or re-scored: the next train-eval run compares against the restored
-champion as usual, and a nightly `continue` run continues from it.
+champion as usual, and a nightly `continue` run continues from it, never from the version rolled back
+from or what descends from it (a withdrawn line; flows.registry.rolled_back_from).
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from mlflow import MlflowClient
 
 from diffusion_core.config import ConfigError
 
-from .registry import CHAMPION, PREVIOUS, champion_lock
+from .registry import CHAMPION, PREVIOUS, ROLLBACK_TAG, champion_lock
 
-ROLLBACK_TAG = "rollback."
 
 
 def rollback(client: MlflowClient, name: str, reason: str, by: str | None = None) -> tuple[str, str]:
