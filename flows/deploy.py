@@ -24,6 +24,10 @@
                        student, registered as `<model>-<method><steps>` with the teacher as parent
                        (flows.distill_eval), e.g. `prefect deployment run 'distill-eval/champion'
                        --param model=ddpm-mnist-cond --param overrides='{"distill.method": "progressive"}'`
+  train-distill/few-step
+                       no schedule: train a preset and distil the version it registered in one run
+                       (flows.train_distill), e.g. `prefect deployment run 'train-distill/few-step'
+                       --param preset=mnist-cpu-cond-few-step`
 
 Scheduled and triggered runs execute in subprocesses of this process, in its working folder, with
 its environment (PREFECT_API_URL, MLFLOW_TRACKING_URI, S3 settings: see .env.example). To run them
@@ -49,6 +53,7 @@ from .distill_eval import distill_eval
 from .nightly import check_policy
 from .rescore import rescore
 from .sample_model import DASK_ADDRESS_ENV, sample_model_flow
+from .train_distill import train_distill
 from .train_eval import train_eval
 
 COLLISION_ENV = "DIFFUSION_NIGHTLY_ON_COLLISION"
@@ -90,7 +95,8 @@ def main() -> None:
     sample_champion = sample_model_flow(os.environ.get(DASK_ADDRESS_ENV)).to_deployment(
         name="champion", tags=["sample"])
     distill_champion = distill_eval.to_deployment(name="champion", tags=["distill"])
-    serve(nightly, adhoc, rescore_champion, sample_champion, distill_champion)
+    train_then_distill = train_distill.to_deployment(name="few-step", tags=["distill"])
+    serve(nightly, adhoc, rescore_champion, sample_champion, distill_champion, train_then_distill)
 
 
 if __name__ == "__main__":

@@ -731,7 +731,7 @@ def test_a_night_continues_the_newest_version_of_the_champions_line_the_gate_did
 
 
 def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_scored_by_its_own_sampler(pipeline):
-    """A teacher through train-eval, then distill-eval of its version: the student is a version of
+    """A teacher through train-eval, then distill-eval of its version (one train-distill run): the student is a version of
     `ddpm-mnist-progressive2` naming its teacher, sampled only with its own 2-step sampler on the gate's budget,
     crowned in its own model (its first student), and served by MLflow with that sampler by default.
     Bad input (an alias the teacher's model lacks, levels progressive distillation cannot halve) is refused
@@ -740,21 +740,24 @@ def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_sc
     import pandas as pd
 
     from flows.distill_eval import distill_eval
+    from flows.train_distill import train_distill
 
     client = MlflowClient()
-    teacher_run = train_eval(preset="smoke", overrides=FAST, num_samples=32)
-    teacher = client.get_run(teacher_run).data.tags["model_version"]
-    experiment = client.get_run(teacher_run).info.experiment_id
+    experiment = client.get_experiment_by_name("diffusion-mnist").experiment_id
     runs_before = len(client.search_runs([experiment]))
     student_settings = {"distill.method": "progressive", "distill.ode_steps": 4, "distill.sample_steps": 2,
                         "distill.steps": 4, "distill.batch_size": 8, "distill.warmup_steps": 0}
     with pytest.raises(ConfigError, match="no alias 'nightly-best'"):
         distill_eval(model="ddpm-mnist", alias="nightly-best", overrides=student_settings)
     with pytest.raises(ConfigError, match="distill.ode_steps=6"):
-        distill_eval(model="ddpm-mnist", version=teacher, overrides={**student_settings, "distill.ode_steps": 6})
+        distill_eval(model="ddpm-mnist", version="1", overrides={**student_settings, "distill.ode_steps": 6})
+    with pytest.raises(ConfigError, match="distill.ode_steps=6"):  # the chained run refuses it before training
+        train_distill(preset="smoke", overrides=FAST, distill_overrides={**student_settings, "distill.ode_steps": 6})
     assert len(client.search_runs([experiment])) == runs_before  # refused before any run was made
 
-    run_id = distill_eval(model="ddpm-mnist", version=teacher, overrides=student_settings)
+    runs = train_distill(preset="smoke", overrides=FAST, distill_overrides=student_settings, num_samples=32)
+    teacher_run, run_id = runs["teacher"], runs["student"]
+    teacher = client.get_run(teacher_run).data.tags["model_version"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["distill.teacher"] == f"ddpm-mnist/{teacher}"

@@ -93,7 +93,7 @@ def test_mlflow_and_prefect_keep_their_data_in_the_stacks_postgres(pg_stack):
     with urllib.request.urlopen(client["PREFECT_API_URL"] + "/health", timeout=30) as response:
         assert response.read() == b"true"
     # The serve process registered its deployments through the Prefect API: they are rows in PostgreSQL.
-    assert {"nightly", "adhoc", "champion"} <= {name for (name,) in _query(env, "prefect", "SELECT name FROM deployment")}
+    assert {"nightly", "adhoc", "champion", "few-step"} <= {name for (name,) in _query(env, "prefect", "SELECT name FROM deployment")}
     name = f"pg-roundtrip-{uuid.uuid4().hex[:8]}"
     experiment_id = MlflowClient(client["MLFLOW_TRACKING_URI"]).create_experiment(name)
     assert _query(env, "mlflow", f"SELECT experiment_id FROM experiments WHERE name = '{name}'") == [(int(experiment_id),)]
