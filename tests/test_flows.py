@@ -109,7 +109,17 @@ def test_train_eval_tracks_registers_and_crowns_the_first_model(pipeline, mnist_
     assert images.shape == (2, 1, 28, 28) and images.dtype == torch.uint8
 
 
-def test_a_run_cannot_change_its_judge_and_the_gate_changes_only_by_command_with_history(pipeline):
+@pytest.fixture()
+def smoke_model(pipeline) -> str:
+    """`ddpm-mnist` with its gate and a champion: the first flow test's, else (a test run alone or first)
+    one smoke train-eval run's. Returns the model's name."""
+    client = MlflowClient()
+    if not client.search_registered_models(filter_string="name='ddpm-mnist'"):
+        train_eval(preset="smoke", overrides=FAST, num_samples=32)
+    return "ddpm-mnist"
+
+
+def test_a_run_cannot_change_its_judge_and_the_gate_changes_only_by_command_with_history(smoke_model):
     """The protocol and the rule belong to the registered model: a run that asks for another budget, no
     bootstrap or another rule is refused before any work; the maintenance command writes a new revision
     (who, when, why), keeping the old; a gate tag edited by hand is refused."""
@@ -730,7 +740,7 @@ def test_a_night_continues_the_newest_version_of_the_champions_line_the_gate_did
     assert training_head(client, name, v1, rule) == v8
 
 
-def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_scored_by_its_own_sampler(pipeline):
+def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_scored_by_its_own_sampler(smoke_model):
     """A teacher through train-eval, then distill-eval of its version (one train-distill run): the student is a version of
     `ddpm-mnist-progressive2` naming its teacher, sampled only with its own 2-step sampler on the gate's budget,
     crowned in its own model (its first student), and served by MLflow with that sampler by default.
