@@ -66,20 +66,22 @@ def by_evaluations(results: Path) -> list[Point]:
 
 
 def by_minutes(results: Path) -> list[Point]:
-    """Right panel: one run per budget of mnist-cpu and mnist-cpu-cond, and the nightly continuation."""
-    points = []
-    one_run = "mnist-cpu, one run"
+    """Right panel: one run per budget of mnist-cpu and mnist-cpu-cond (training seed 0; a second seed where
+    kept), and mnist-cpu continued night after night (the nightly week, each night's champion)."""
+    week_name = "nightly/week-rejudged.json"
+    week = _read(results, week_name)
+    one_run, cond = "mnist-cpu, one run", "mnist-cpu-cond (the default), one run"
+    points = [Point(one_run, 15, week["versions"]["1"]["fid"], week["versions"]["1"]["fid_std"],
+                    f"{week_name} (night 1: trained fresh)")]
     for name, series, minutes in (("quality-cost/mnist-cpu-5min.json", one_run, 5),
-                                  ("n10000/recipe-fast-seed2.json", one_run, 15),
-                                  ("quality-cost/mnist-cpu-cond-5min.json", "mnist-cpu-cond (the default), one run", 5),
-                                  ("n10000/recipe-cond-seed0.json", "mnist-cpu-cond (the default), one run", 15)):
+                                  ("n10000/recipe-fast-seed2.json", "mnist-cpu, one run, training seed 2", 15),
+                                  ("quality-cost/mnist-cpu-cond-5min.json", cond, 5),
+                                  ("n10000/recipe-cond-seed0.json", cond, 15)):
         score = _read(results, name)
         tag = next(k[len("fid_lenet_"):] for k in score if k.startswith("fid_lenet_dpmpp2msde50"))
         points.append(Point(series, minutes, *_fid(score, tag.split("_class")[0]), name))
     reference = _read(results, "nightly/reference.json")
     points.append(Point(one_run, 60, reference["fid"], reference["fid_std"], "nightly/reference.json"))
-    week_name = "nightly/week-rejudged.json"
-    week = _read(results, week_name)
     for night in week["nights"]:
         version = week["versions"].get(night["version"])
         if version is not None:
@@ -94,27 +96,40 @@ def floor(results: Path) -> float:
 
 
 def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: float, png: Path) -> Path:
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     from diffusion_core.figures import new_figure, save_png
 
-    fig, (nfe, minutes) = new_figure(2, width_in=11.0, height_in=4.4)
-    for ax, points in ((nfe, left), (minutes, right)):
+    fig, (nfe, minutes) = new_figure(2, width_in=11.0, height_in=4.6)
+    for ax, points, yticks in ((nfe, left, [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]),
+                               (minutes, right, [2, 3, 4, 6, 8, 10, 15, 20])):
         for k, series in enumerate(dict.fromkeys(p.series for p in points)):
             mine = [p for p in points if p.series == series]
             ax.errorbar([p.x for p in mine], [p.fid for p in mine], yerr=[p.fid_std for p in mine], marker="os^vD"[k % 5],
-                        capsize=3, color=f"C{k}", label=series)
+                        capsize=3, color=f"C{k}", label=series, linestyle="-" if len(mine) > 1 else "none")
         ax.axhline(floor_fid, color="0.3", linestyle="--", label=f"10,000 real training digits: {floor_fid:.2f}")
         ax.set_yscale("log")
-        ax.grid(alpha=0.3, which="both")
+        ax.set_yticks(yticks)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(alpha=0.3)
     nfe.axhline(1.5 * teacher_fid, color="C3", linestyle=":", label=f"1.5× the teacher at 50: {1.5 * teacher_fid:.1f}")
-    nfe.set_xscale("log", base=2)
-    nfe.set(xlabel="network evaluations per image", ylabel="LeNet FID, N = 10,000 (log)",
+    nfe.set_xscale("log")
+    nfe.set_xticks(sorted({p.x for p in left}))
+    nfe.xaxis.set_major_formatter(ScalarFormatter())
+    nfe.xaxis.set_minor_formatter(NullFormatter())
+    nfe.set(xlabel="network evaluations per image", ylabel="LeNet FID, N = 10,000 (log scale)",
             title="sampling cost (teacher: mnist-cpu, 60 min in 4 nights)")
-    minutes.set(xlabel="training minutes (320 images/s budget)", ylabel="LeNet FID, N = 10,000 (log)",
+    minutes.set(xlabel="training minutes (budget at 320 images/s)", ylabel="LeNet FID, N = 10,000 (log scale)",
                 title="training cost (SDE-DPM-Solver++(2M), 50 evaluations)", xticks=[5, 15, 30, 45, 60])
     nfe.legend(fontsize=7)
     minutes.legend(fontsize=7)
     fig.suptitle("quality against cost on MNIST (2-core CPU runs)")
     return save_png(fig, png, rect=(0, 0, 1, 0.95))
+
+
+def _fid_text(point: Point) -> str:
+    return f"{point.fid:.2f} ± {point.fid_std:.2f}" if point.fid_std else f"{point.fid:.2f}"
 
 
 def main() -> None:
@@ -128,9 +143,9 @@ def main() -> None:
     print("| series | network evaluations | training minutes | FID at N = 10,000 | × floor | file |")
     print("|---|---|---|---|---|---|")
     for p in left:
-        print(f"| {p.series} | {p.x:g} | | {p.fid:.2f} ± {p.fid_std:.2f} | {p.fid / floor_fid:.2f} | {p.source} |")
+        print(f"| {p.series} | {p.x:g} | | {_fid_text(p)} | {p.fid / floor_fid:.2f} | {p.source} |")
     for p in right:
-        print(f"| {p.series} | 50 | {p.x:g} | {p.fid:.2f} ± {p.fid_std:.2f} | {p.fid / floor_fid:.2f} | {p.source} |")
+        print(f"| {p.series} | 50 | {p.x:g} | {_fid_text(p)} | {p.fid / floor_fid:.2f} | {p.source} |")
     print(f"plot: {plot(left, right, floor_fid, teacher, Path(args.plot))}")
 
 
