@@ -102,7 +102,7 @@ def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: f
 
     fig, (nfe, minutes) = new_figure(2, width_in=11.0, height_in=4.6)
     for ax, points, yticks in ((nfe, left, [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]),
-                               (minutes, right, [2, 3, 4, 6, 8, 10, 15, 20])):
+                               (minutes, right, [2, 3, 4, 6, 8, 10, 15, 20, 30, 40])):
         for k, series in enumerate(dict.fromkeys(p.series for p in points)):
             mine = [p for p in points if p.series == series]
             ax.errorbar([p.x for p in mine], [p.fid for p in mine], yerr=[p.fid_std for p in mine], marker="os^vD"[k % 5],
