@@ -5,8 +5,8 @@ and the mnist-cpu recipe continued night after night).
 
     python benchmarks/quality_cost.py [--results benchmarks/results] [--plot docs/quality-cost.png]
 
-Prints every point as a Markdown table with the file it comes from; each file names the command that made
-it (docs/quality-cost.md lists them). Training minutes are the presets' budgets: steps of 64 images at
+Prints every point as a Markdown table with the file it comes from; docs/quality-cost.md names the command
+behind each file. Training minutes are the presets' budgets: steps of 64 images at
 320 images/s, the calibration of docs/training-recipe.md (15 minutes = 4,500 steps), whatever the machine
 that ran them took.
 """

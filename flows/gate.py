@@ -199,8 +199,7 @@ def change_gate(client: MlflowClient, name: str, reason: str, protocol: dict[str
     if any(v < 0 for v in rule_changes.values()):
         raise ConfigError(f"promotion sigmas and minimum improvement must be >= 0, got {rule_changes}")
     if continuation is not None:
-        if continuation not in CONTINUATION_RULES:
-            raise ConfigError(f"continuation={continuation!r} is unknown; choose one of {', '.join(CONTINUATION_RULES)}")
+        PromotionRule(0.0, 0.0, continuation)  # refuses an unknown value (ConfigError) before the lock
         rule_changes["continuation"] = continuation
     with champion_lock(name):
         try:

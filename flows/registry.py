@@ -172,7 +172,7 @@ class Decision:
 
 
 def judge(score: Score, champion_version: str | None, champion: Score | None, rule: PromotionRule,
-           gap_spread: GapSpread | None = None, line: Sequence[tuple[str, Score | None]] = ()) -> Decision:
+          gap_spread: GapSpread | None = None, line: Sequence[tuple[str, Score | None]] = ()) -> Decision:
     """The decision on `score` against the champion's; `gap_spread(reference, score)` measures σ_gap
     (only when the two are comparable). `line`: the candidate's ancestors, nearest first (lineage_of); when
     it holds the champion and the rule's continuation is "not-worse", the candidate is judged against the
@@ -281,7 +281,11 @@ def version_parser(prog: str, description: str | None, verb: str) -> argparse.Ar
 def version_score(client: MlflowClient, name: str, version: str) -> Score | None:
     """The score tagged on `version`; where it does not name its run (scored before runs were recorded),
     the run that holds its samples: its re-score's, else the run that registered it."""
-    model_version = client.get_model_version(name, version)
+    return _score_of(client.get_model_version(name, version))
+
+
+def _score_of(model_version) -> Score | None:
+    """version_score of an MLflow ModelVersion already read."""
     score = Score.from_tags(model_version.tags)
     if score is None or score.run_id:
         return score
@@ -310,15 +314,15 @@ def lineage_of(client: MlflowClient, name: str, version: str) -> list[tuple[str,
     parent = client.get_model_version(name, version).tags.get(PARENT_TAG, "none")
     while parent != "none" and parent not in [v for v, _ in line] and parent != version:
         try:
-            tags = client.get_model_version(name, parent).tags
+            model_version = client.get_model_version(name, parent)
         except MlflowException as exc:
             if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
                 raise
             break
-        if rolled_back_from(tags, parent):
+        if rolled_back_from(model_version.tags, parent):
             break
-        line.append((parent, version_score(client, name, parent)))
-        parent = tags.get(PARENT_TAG, "none")
+        line.append((parent, _score_of(model_version)))  # one registry read per ancestor
+        parent = model_version.tags.get(PARENT_TAG, "none")
     return line
 
 
