@@ -20,11 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
+from uuid import UUID
 
 import boto3
 import pytest
 import requests
 from mlflow import MlflowClient
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.states import Scheduled
 
 from diffusion_core import load_config
 from flows.tracking import git_commit
@@ -416,11 +419,13 @@ def test_nightly_runs_one_at_a_time_and_alerts_reach_the_webhook(stack, webhook)
         assert token not in installed.stdout + installed.stderr + again.stdout + again.stderr
 
         nightly = _prefect_api(stack, "/deployments/name/train-eval/nightly")
-        due = (datetime.now(timezone.utc) + timedelta(seconds=12)).isoformat()  # past the runner's 10 s prefetch
-        url = f"{stack.env['PREFECT_API_URL']}/deployments/{nightly['id']}/create_flow_run"
-        ids = [requests.post(url, timeout=30, json={
-            "parameters": {"preset": "no-such-preset"},
-            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": due}}}).json()["id"] for _ in range(2)]
+        due = datetime.now(timezone.utc) + timedelta(seconds=12)  # past the runner's 10 s prefetch
+        # Through Prefect's own client, as `prefect deployment run` does: it retries the 503 that the server
+        # answers when SQLite reports "database is locked" under load (infra/README.md, "Under load").
+        with SyncPrefectClient(stack.env["PREFECT_API_URL"]) as client:
+            ids = [str(client.create_flow_run_from_deployment(
+                UUID(nightly["id"]), parameters={"preset": "no-such-preset"}, state=Scheduled(scheduled_time=due)).id)
+                for _ in range(2)]
         deadline = time.monotonic() + 300
         while True:
             runs = [_prefect_api(stack, f"/flow_runs/{i}") for i in ids]
