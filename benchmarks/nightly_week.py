@@ -26,11 +26,14 @@ plot and lineage always run):
              paired σ_gap (unpaired where the pair differs from the recorded one); exact because training is
              deterministic, and refused unless each night continued the version that is champion under the
              rule (the version a night would continue under it). Each night's champion, scored at
-             <num-samples> when missing → week-rejudged.json
+             <num-samples> when missing → week-rejudged.json, which says whether each night was decided as the
+             week recorded it (agrees_with_the_week: the check that a week run under the current rule matches it)
   plot       docs/nightly-week.png: the champion's and the night's new version's FID per night, beside the
-             final scores of the week, the uninterrupted run and the arms (those whose JSON exists), and the
-             champion per night of week-restart.json (an earlier week through the deployment whose continuations
-             restarted warm-up and cosine decay each night) when it is kept
+             final scores of the week, the uninterrupted run and the arms (those whose JSON exists), the
+             champion per night of week-rule-better.json (the same nights through the deployment when the gate
+             judged a continuation 'better', as any other candidate) and of week-restart.json (an earlier week
+             whose continuations restarted warm-up and cosine decay each night) when they are kept, and the
+             re-judged champion where re-judging disagrees with the week
   lineage    docs/mlflow-lineage.png: the stack brought up again on the week's state (ports change, the
              registry and artifacts stay) and the champion version's page shot by infra/mlflow_screenshots.py
              (needs Chromium and the `screenshots` extra): its description states the lineage and the gate's
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -59,6 +63,7 @@ from load_test import group_alive, kill_below, stack, stack_env
 
 from diffusion_core.config import load_config
 from diffusion_core.runtime import matmul_gflops
+from flows.registry import CONTINUATION_RULES
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "ddpm-mnist"
@@ -73,10 +78,31 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
+def score_key(model_dir: Path, num_samples: int) -> str:
+    """What a `diffusion evaluate` score of `model_dir` is a function of (with this code): the weights' bytes, the
+    config sections that build, sample and bootstrap it, the data version it is scored against, and N."""
+    model_dir = model_dir / "model" if (model_dir / "model").is_dir() else model_dir  # a run folder holds it
+    saved = json.loads((model_dir / "config.json").read_text())
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes())
+    settings = {section: saved["config"][section] for section in ("model", "diffusion", "sample", "evaluation")}
+    digest.update(json.dumps({**settings, "dataset_sha256": saved["dataset_sha256"], "num_samples": num_samples},
+                             sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def evaluate(model_dir: Path, num_samples: int, out: Path) -> dict:
-    """`diffusion evaluate` → `out`, unless `out` exists (an interrupted benchmark keeps its scores)."""
+    """`diffusion evaluate` → `out`, unless `out` exists (an interrupted benchmark keeps its scores) or a model
+    with the same score_key was scored in this --work folder before (training is deterministic, so a week run
+    again reproduces its models bit for bit): then that score is reused, and `out` says so (`score_reused`)."""
     if not out.is_file():
-        run(["diffusion", "evaluate", "--model", str(model_dir), "-n", str(num_samples), "--out", str(out)])
+        cached = out.parent / "scores" / f"{score_key(model_dir, num_samples)}.json"
+        if cached.is_file():
+            print(f"{model_dir}: same weights and settings as {cached.name[:12]}…, its N = {num_samples:,} score reused")
+            out.write_text(json.dumps({**json.loads(cached.read_text()), "score_reused": cached.stem}, indent=2) + "\n")
+        else:
+            run(["diffusion", "evaluate", "--model", str(model_dir), "-n", str(num_samples), "--out", str(out)])
+            cached.parent.mkdir(exist_ok=True)
+            shutil.copy(out, cached)
     return json.loads(out.read_text())
 
 
@@ -108,10 +134,9 @@ def week(args, work: Path, out: Path) -> None:
     peak = matmul_gflops()
     progress = work / "week-nights.json"
     done = json.loads(progress.read_text()) if progress.is_file() else {}
-    if done.get("kept") and len(done["nights"]) == args.nights:  # the nights ran; only the scores are left
-        nights = done["nights"]
-    else:
-        nights = run_nights(args, work)
+    if not (done.get("kept") and len(done["nights"]) == args.nights):  # else the nights ran; only scores are left
+        done = run_nights(args, work)
+    nights = done["nights"]
     # At <num-samples>: every night's champion (the gate promotes only on a gain beyond its margin, so a
     # champion can stay for nights) and the last night's new version, the training head.
     models = {night["champion"]: night["model_dir"] for night in nights}
@@ -125,7 +150,8 @@ def week(args, work: Path, out: Path) -> None:
                               f"(policy continue, continue_schedule {recipe.continue_schedule}, continue_ema_std "
                               f"{recipe.continue_ema_std}); fid: the champion after the last night (v{final}); "
                               f"versions: each night's champion and the last new version at N = {args.num_samples:,}",
-                              "nights": nights, "champion": final, **versions[final], "score": scores[final],
+                              "gate_rule": done.get("rule", "not recorded"),
+                              "gate_continuation": done.get("continuation", "not recorded"), "nights": nights, "champion": final, **versions[final], "score": scores[final],
                               "versions": versions, "head": nights[-1]["version"],
                               "matmul_gflops_fp32": {"before": round(peak, 1), "after": round(matmul_gflops(), 1)}})
 
@@ -155,8 +181,10 @@ def local_stack(root: Path):
                 os.killpg(pid, signal.SIGKILL)
 
 
-def run_nights(args, work: Path) -> list[dict]:
-    """The nights through the stack's nightly deployment; their models and training states kept in `work`."""
+def run_nights(args, work: Path) -> dict:
+    """The nights through the stack's nightly deployment, their models and training states kept in `work`:
+    {"nights": […], "kept": True, "rule" and "continuation": the registered model's promotion rule after the last
+    night}."""
     progress = work / "week-nights.json"
     root = work / "stack"
     shutil.rmtree(root, ignore_errors=True)
@@ -204,8 +232,12 @@ def run_nights(args, work: Path) -> list[dict]:
             shutil.copytree(Path(night["version_model_dir"]), work / target / "version" / "model", dirs_exist_ok=True)
             night["model_dir"], night["state_file"] = str(target / "model"), str(target / "checkpoints" / "last.safetensors")
             night["version_model_dir"] = str(target / "version" / "model")
-        write(progress, {"nights": nights, "kept": True})
-    return nights
+        from flows.gate import read_gate
+
+        rule = read_gate(client, MODEL).rule
+        done = {"nights": nights, "kept": True, "rule": str(rule), "continuation": rule.continuation}
+        write(progress, done)
+    return done
 
 
 def rejudge(args, work: Path, out: Path) -> None:
@@ -238,13 +270,19 @@ def rejudge(args, work: Path, out: Path) -> None:
         champion = version if decision.promoted else champion
         nights.append({"night": night["night"], "version": version,
                        "decision": "promoted" if decision.promoted else "kept", "reason": decision.reason,
-                       "champion": champion})
+                       "champion": champion, "as_run": night["decision"] == ("promoted" if decision.promoted else
+                                                                              "kept") and night["champion"] == champion})
     model_dirs = {n["version"]: n["version_model_dir"] for n in recorded}
     versions = {v: dict(zip(("fid", "fid_std"), fid_of(evaluate(work / model_dirs[v], args.num_samples,
                                                                work / f"version-{v}-score.json"))))
                 for v in dict.fromkeys(n["champion"] for n in nights)}
-    write(out / "week-rejudged.json", {"what": f"week.json's nights judged again under: {DEFAULT_RULE}; versions: "
-                                       f"each night's champion at N = {args.num_samples:,}", "nights": nights,
+    agrees = all(n["as_run"] for n in nights)
+    print(f"re-judged under {DEFAULT_RULE.continuation!r}: " + ("every night decided as the week did" if agrees else
+          "nights " + ", ".join(str(n["night"]) for n in nights if not n["as_run"]) + " decided otherwise"))
+    write(out / "week-rejudged.json", {"what": f"week.json's nights judged again under: {DEFAULT_RULE}; as_run: the "
+                                       "decision and champion the week itself recorded; versions: each night's "
+                                       f"champion at N = {args.num_samples:,}", "agrees_with_the_week": agrees,
+                                       "nights": nights,
                                        "champion": champion, **versions[champion], "versions": versions})
 
 
@@ -298,9 +336,10 @@ def plot(args, out: Path) -> Path:
     x = [n["night"] for n in nights]
     fig, (final, gate) = new_figure(2, width_in=11.0, height_in=4.2)
     n_final, n_gate = f"N = {args.num_samples:,}", f"N = {nights[0]['num_samples']:,}"
+    judged = week_doc.get("gate_continuation")  # recorded since the rule had that setting
     final.errorbar(x, [versions[n["champion"]]["fid"] for n in nights],
                    yerr=[versions[n["champion"]]["fid_std"] for n in nights], marker="o", capsize=3, color="C0",
-                   label="champion after each night, as run (continuations judged 'better')")
+                   label="champion after each night, as run" + (f" (continuations judged '{judged}')" if judged in CONTINUATION_RULES else ""))
     head = versions[week_doc["head"]]
     final.errorbar([x[-1] + 0.05], [head["fid"]], yerr=[head["fid_std"]], marker="s", capsize=3, color="C4",
                    linestyle="none", label=f"night {x[-1]}'s new version v{week_doc['head']} (training head)")
@@ -315,11 +354,18 @@ def plot(args, out: Path) -> Path:
             final.axhline(doc["fid"], color=color, linestyle=style, label=f"{what}: {doc['fid']:.2f} ± {doc['fid_std']:.2f}")
             if name == "reference":
                 final.axhline(1.1 * doc["fid"], color=color, linestyle="-", alpha=0.4, label="1.1× the uninterrupted run")
+    stricter = out / "week-rule-better.json"
+    if stricter.is_file():
+        before = json.loads(stricter.read_text())
+        final.plot([n["night"] + 0.1 for n in before["nights"]], [before["versions"][n["champion"]]["fid"]
+                                                                 for n in before["nights"]],
+                   marker="x", color="0.4", linestyle="--", label="champion, same nights judged 'better'")
+        versions = {**versions, **before["versions"]}
     rejudged = out / "week-rejudged.json"
-    if rejudged.is_file():
+    again = json.loads(rejudged.read_text()) if rejudged.is_file() else {"agrees_with_the_week": True}
+    if not again.get("agrees_with_the_week", False):
         from flows.gate import DEFAULT_RULE
 
-        again = json.loads(rejudged.read_text())
         final.errorbar([n["night"] - 0.05 for n in again["nights"]],
                        [again["versions"][n["champion"]]["fid"] for n in again["nights"]],
                        yerr=[again["versions"][n["champion"]]["fid_std"] for n in again["nights"]], marker="^",

@@ -68,7 +68,7 @@ def by_evaluations(results: Path) -> list[Point]:
 def by_minutes(results: Path) -> list[Point]:
     """Right panel: one run per budget of mnist-cpu and mnist-cpu-cond (training seed 0; a second seed where
     kept), and mnist-cpu continued night after night (the nightly week, each night's champion)."""
-    week_name = "nightly/week-rejudged.json"
+    week_name = "nightly/week.json"
     week = _read(results, week_name)
     one_run, cond = "mnist-cpu, one run", "mnist-cpu-cond (the default), one run"
     points = [Point(one_run, 15, week["versions"]["1"]["fid"], week["versions"]["1"]["fid_std"],
@@ -83,10 +83,9 @@ def by_minutes(results: Path) -> list[Point]:
     reference = _read(results, "nightly/reference.json")
     points.append(Point(one_run, 60, reference["fid"], reference["fid_std"], "nightly/reference.json"))
     for night in week["nights"]:
-        version = week["versions"].get(night["version"])
-        if version is not None:
-            points.append(Point("mnist-cpu, continued each night (nightly)", 15 * night["night"], version["fid"],
-                                version["fid_std"], week_name))
+        champion = week["versions"][night["champion"]]
+        points.append(Point("mnist-cpu, continued each night (nightly)", 15 * night["night"], champion["fid"],
+                            champion["fid_std"], week_name))
     return sorted(points, key=lambda p: (p.series, p.x))
 
 
