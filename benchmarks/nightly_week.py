@@ -16,7 +16,8 @@ plot and lineage always run):
              Per night: the flow run's state and duration, the new version and the gate's decision, the
              champion's version, its FID under the gate (N = the preset's evaluation.num_samples) and its
              lineage. Every night's champion and the last night's new version (the training head, which the
-             gate may have kept out) are scored at <num-samples> → week.json (its fid: the last champion's)
+             gate may have kept out) are scored at <num-samples> → week.json (its fid: the last champion's;
+             gate_rule, gate_continuation: the registered model's rule after the last night)
   constant   the same nights 2… by `diffusion train --continue-from` from night 1's training state with
              train.continue_schedule=constant and the run's fixed EMA (train.continue_ema_std=0), scored at
              <num-samples> → constant.json
@@ -63,7 +64,6 @@ from load_test import group_alive, kill_below, stack, stack_env
 
 from diffusion_core.config import load_config
 from diffusion_core.runtime import matmul_gflops
-from flows.registry import CONTINUATION_RULES
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "ddpm-mnist"
@@ -79,8 +79,10 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
 
 
 def score_key(model_dir: Path, num_samples: int) -> str:
-    """What a `diffusion evaluate` score of `model_dir` is a function of (with this code): the weights' bytes, the
-    config sections that build, sample and bootstrap it, the data version it is scored against, and N."""
+    """What a `diffusion evaluate` score of `model_dir` is a function of, given the scoring code: the weights'
+    bytes, the config sections that build, sample and bootstrap it, the data version it is scored against, and
+    N. The code and the feature extractor are not in the key: after changing how models are scored, delete
+    <work>/scores."""
     model_dir = model_dir / "model" if (model_dir / "model").is_dir() else model_dir  # a run folder holds it
     saved = json.loads((model_dir / "config.json").read_text())
     digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes())
@@ -97,7 +99,8 @@ def evaluate(model_dir: Path, num_samples: int, out: Path) -> dict:
     if not out.is_file():
         cached = out.parent / "scores" / f"{score_key(model_dir, num_samples)}.json"
         if cached.is_file():
-            print(f"{model_dir}: same weights and settings as {cached.name[:12]}…, its N = {num_samples:,} score reused")
+            print(f"{model_dir}: same weights and settings as {cached.name[:12]}…, "
+                  f"its N = {num_samples:,} score reused")
             out.write_text(json.dumps({**json.loads(cached.read_text()), "score_reused": cached.stem}, indent=2) + "\n")
         else:
             run(["diffusion", "evaluate", "--model", str(model_dir), "-n", str(num_samples), "--out", str(out)])
@@ -150,8 +153,8 @@ def week(args, work: Path, out: Path) -> None:
                               f"(policy continue, continue_schedule {recipe.continue_schedule}, continue_ema_std "
                               f"{recipe.continue_ema_std}); fid: the champion after the last night (v{final}); "
                               f"versions: each night's champion and the last new version at N = {args.num_samples:,}",
-                              "gate_rule": done.get("rule", "not recorded"),
-                              "gate_continuation": done.get("continuation", "not recorded"), "nights": nights, "champion": final, **versions[final], "score": scores[final],
+                              "gate_rule": done.get("rule"), "gate_continuation": done.get("continuation"),
+                              "nights": nights, "champion": final, **versions[final], "score": scores[final],
                               "versions": versions, "head": nights[-1]["version"],
                               "matmul_gflops_fp32": {"before": round(peak, 1), "after": round(matmul_gflops(), 1)}})
 
@@ -268,10 +271,9 @@ def rejudge(args, work: Path, out: Path) -> None:
         decision = judge(scores[version], champion, scores.get(champion), DEFAULT_RULE,
                          lambda reference, _, v=version: measured.get((named[id(reference)], v)), line)
         champion = version if decision.promoted else champion
-        nights.append({"night": night["night"], "version": version,
-                       "decision": "promoted" if decision.promoted else "kept", "reason": decision.reason,
-                       "champion": champion, "as_run": night["decision"] == ("promoted" if decision.promoted else
-                                                                              "kept") and night["champion"] == champion})
+        decided = "promoted" if decision.promoted else "kept"
+        nights.append({"night": night["night"], "version": version, "decision": decided, "reason": decision.reason,
+                       "champion": champion, "as_run": (night["decision"], night["champion"]) == (decided, champion)})
     model_dirs = {n["version"]: n["version_model_dir"] for n in recorded}
     versions = {v: dict(zip(("fid", "fid_std"), fid_of(evaluate(work / model_dirs[v], args.num_samples,
                                                                work / f"version-{v}-score.json"))))
@@ -336,10 +338,10 @@ def plot(args, out: Path) -> Path:
     x = [n["night"] for n in nights]
     fig, (final, gate) = new_figure(2, width_in=11.0, height_in=4.2)
     n_final, n_gate = f"N = {args.num_samples:,}", f"N = {nights[0]['num_samples']:,}"
-    judged = week_doc.get("gate_continuation")  # recorded since the rule had that setting
+    judged = week_doc.get("gate_continuation")  # recorded since the rule has that setting
     final.errorbar(x, [versions[n["champion"]]["fid"] for n in nights],
                    yerr=[versions[n["champion"]]["fid_std"] for n in nights], marker="o", capsize=3, color="C0",
-                   label="champion after each night, as run" + (f" (continuations judged '{judged}')" if judged in CONTINUATION_RULES else ""))
+                   label=f"champion after each night, as run{f' (continuations judged {judged!r})' if judged else ''}")
     head = versions[week_doc["head"]]
     final.errorbar([x[-1] + 0.05], [head["fid"]], yerr=[head["fid_std"]], marker="s", capsize=3, color="C4",
                    linestyle="none", label=f"night {x[-1]}'s new version v{week_doc['head']} (training head)")
@@ -362,8 +364,8 @@ def plot(args, out: Path) -> Path:
                    marker="x", color="0.4", linestyle="--", label="champion, same nights judged 'better'")
         versions = {**versions, **before["versions"]}
     rejudged = out / "week-rejudged.json"
-    again = json.loads(rejudged.read_text()) if rejudged.is_file() else {"agrees_with_the_week": True}
-    if not again.get("agrees_with_the_week", False):
+    again = json.loads(rejudged.read_text()) if rejudged.is_file() else None
+    if again and not again.get("agrees_with_the_week"):  # else the week's own line shows it
         from flows.gate import DEFAULT_RULE
 
         final.errorbar([n["night"] - 0.05 for n in again["nights"]],
