@@ -12,6 +12,19 @@ REPO = Path(__file__).resolve().parent.parent
 PIPELINE_SECRET = "canary-secret-never-logged"  # the pipeline fixture's AWS secret: tests check it is never logged
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (pyproject.toml runs the suite on up to four workers), each worker and every process it
+    starts (training ranks, servers) gets an equal share of the cores: two PyTorch processes that each spin up
+    threads for every core slow each other down many times over. Without workers nothing changes."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mnist_raw_source() -> Path:
     """The folder holding the four original MNIST .gz files (read-only is fine: nothing is written there).
@@ -142,7 +155,7 @@ def grow_mnist_source(source: Path, target: Path, added: int) -> Path:
         count = struct.unpack(">I", data[4:8])[0]
         item = (len(data) - header) // count
         grown = data[:4] + struct.pack(">I", count + added) + data[8:] + data[header:header + added * item]
-        (target / name).write_bytes(gzip.compress(grown))
+        (target / name).write_bytes(gzip.compress(grown, compresslevel=1))  # level 9 takes 20 s
     sums = [f"{hashlib.md5(f.read_bytes()).hexdigest()}  {f.name}" for f in sorted(target.glob("*.gz"))]
     (target / "MD5SUMS").write_text("\n".join(sums) + "\n")
     return target
