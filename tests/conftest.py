@@ -13,9 +13,10 @@ PIPELINE_SECRET = "canary-secret-never-logged"  # the pipeline fixture's AWS sec
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (pyproject.toml runs the suite on up to four workers), each worker and every process it
-    starts (training ranks, servers) gets an equal share of the cores: two PyTorch processes that each spin up
-    threads for every core slow each other down many times over. Without workers nothing changes."""
+    """Under pytest-xdist (pyproject.toml: a worker per logical CPU, four at most, whole files each), each worker
+    and every process it starts (training ranks, servers) gets an equal share of the cores: two PyTorch processes
+    that each spin up threads for every core slow each other down many times over. Without workers (`-n 0`)
+    nothing changes."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
         import torch
