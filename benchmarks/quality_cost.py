@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS_PER_MINUTE = 4500 / 15  # the presets' calibration: 320 images/s in steps of 64
+DEFAULT_SEED0 = "n10000/recipe-cond-seed0"  # the default preset, training seed 0 (test-split class mix); + sampler suffix
+DEFAULT_SDE = "default (mnist-cpu-cond), SDE-DPM-Solver++(2M)"
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,18 @@ def _fid(score: dict, tag: str) -> tuple[float, float]:
     return score[f"fid_lenet_{tag}"], score.get(f"fid_std_lenet_{tag}", 0.0)
 
 
+def _scored(results: Path, name: str) -> tuple[float, float]:
+    """FID and its standard error of the one sampler (no guidance) a `diffusion evaluate --out` file scored."""
+    score = _read(results, name)
+    tags = {k[len("fid_lenet_"):].split("_class")[0] for k in score if k.startswith("fid_lenet_dpmpp2m")}
+    if len(tags) != 1:
+        raise SystemExit(f"{results / name} scores {sorted(tags) or 'no'} DPM-Solver++ samplers; expected one")
+    return _fid(score, tags.pop())
+
+
 def by_evaluations(results: Path) -> list[Point]:
-    """Left panel: the teacher (four nights of mnist-cpu) with its SDE and ODE solvers, and the students."""
+    """Left panel: the teacher (four nights of mnist-cpu) with its SDE and ODE solvers, the students, and the
+    default preset's model (mnist-cpu-cond, 15 minutes, training seed 0) with its SDE and ODE solvers."""
     points = []
     pd_name, cd_name = "few-step/progressive-v-1500.json", "few-step/consistency-v-2900.json"
     pd, cd = _read(results, pd_name), _read(results, cd_name)
@@ -62,6 +73,9 @@ def by_evaluations(results: Path) -> list[Point]:
                               (cd, cd_name, "consistency distillation (of the 60-min run)")):
         for steps, score in doc["student"].items():
             points.append(Point(series, int(steps), score["fid"], score["fid_std"], name))
+    for name, series, steps in ((f"{DEFAULT_SEED0}-sde20.json", DEFAULT_SDE, 20), (f"{DEFAULT_SEED0}.json", DEFAULT_SDE, 50),
+                                (f"{DEFAULT_SEED0}-ode50.json", "default (mnist-cpu-cond), DPM-Solver++(2M) (ODE)", 50)):
+        points.append(Point(series, steps, *_scored(results, name), name))
     return sorted(points, key=lambda p: (p.series, p.x))
 
 
@@ -76,10 +90,9 @@ def by_minutes(results: Path) -> list[Point]:
     for name, series, minutes in (("quality-cost/mnist-cpu-5min.json", one_run, 5),
                                   ("n10000/recipe-fast-seed2.json", "mnist-cpu, one run, training seed 2", 15),
                                   ("quality-cost/mnist-cpu-cond-5min.json", cond, 5),
-                                  ("n10000/recipe-cond-seed0.json", cond, 15)):
-        score = _read(results, name)
-        tag = next(k[len("fid_lenet_"):] for k in score if k.startswith("fid_lenet_dpmpp2msde50"))
-        points.append(Point(series, minutes, *_fid(score, tag.split("_class")[0]), name))
+                                  (f"{DEFAULT_SEED0}.json", cond, 15),
+                                  ("n10000/recipe-cond-seed1.json", "mnist-cpu-cond, one run, training seed 1", 15)):
+        points.append(Point(series, minutes, *_scored(results, name), name))
     reference = _read(results, "nightly/reference.json")
     points.append(Point(one_run, 60, reference["fid"], reference["fid_std"], "nightly/reference.json"))
     for night in week["nights"]:
@@ -91,7 +104,7 @@ def by_minutes(results: Path) -> list[Point]:
 
 def floor(results: Path) -> float:
     """FID of 10,000 real training digits against the test digits."""
-    return _read(results, "n10000/recipe-cond-seed0.json")["fid_lenet_train"]
+    return _read(results, f"{DEFAULT_SEED0}.json")["fid_lenet_train"]
 
 
 def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: float, png: Path) -> Path:
@@ -118,7 +131,7 @@ def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: f
     nfe.xaxis.set_major_formatter(ScalarFormatter())
     nfe.xaxis.set_minor_formatter(NullFormatter())
     nfe.set(xlabel="network evaluations per image", ylabel="LeNet FID, N = 10,000 (log scale)",
-            title="sampling cost (teacher: mnist-cpu, 60 min in 4 nights)")
+            title="sampling cost (teacher: mnist-cpu, 60 min in 4 nights; the default, 15 min)")
     minutes.set(xlabel="training minutes (budget at 320 images/s)", ylabel="LeNet FID, N = 10,000 (log scale)",
                 title="training cost (SDE-DPM-Solver++(2M), 50 evaluations)", xticks=[5, 15, 30, 45, 60])
     nfe.legend(fontsize=7)
