@@ -45,7 +45,8 @@ def _fid(score: dict, tag: str) -> tuple[float, float]:
 
 
 def _scored(results: Path, name: str) -> tuple[float, float]:
-    """FID and its standard error of the one sampler (no guidance) a `diffusion evaluate --out` file scored."""
+    """FID and its standard error from a `diffusion evaluate --out` file that scored one DPM-Solver++ sampler at one
+    guidance weight; a file with several (a guidance or steps sweep) is refused rather than read at random."""
     score = _read(results, name)
     tags = {k[len("fid_lenet_"):].split("_class")[0] for k in score if k.startswith("fid_lenet_dpmpp2m")}
     if len(tags) != 1:
@@ -73,7 +74,8 @@ def by_evaluations(results: Path) -> list[Point]:
                               (cd, cd_name, "consistency distillation (of the 60-min run)")):
         for steps, score in doc["student"].items():
             points.append(Point(series, int(steps), score["fid"], score["fid_std"], name))
-    for name, series, steps in ((f"{DEFAULT_SEED0}-sde20.json", DEFAULT_SDE, 20), (f"{DEFAULT_SEED0}.json", DEFAULT_SDE, 50),
+    for name, series, steps in ((f"{DEFAULT_SEED0}-sde20.json", DEFAULT_SDE, 20),
+                                (f"{DEFAULT_SEED0}.json", DEFAULT_SDE, 50),
                                 (f"{DEFAULT_SEED0}-ode50.json", "default (mnist-cpu-cond), DPM-Solver++(2M) (ODE)", 50)):
         points.append(Point(series, steps, *_scored(results, name), name))
     return sorted(points, key=lambda p: (p.series, p.x))
