@@ -11,6 +11,7 @@ Stages, each a subprocess whose output is kept in DIR/<stage>.log, in this order
   eval-S     diffusion evaluate --model <run>/model -n 10000 --floors --bootstrap 20 --seed 0 at the preset's
              sampler and 50 steps (fp32 sampling), then at 20 steps
   speed-*    benchmarks/throughput.py: bf16 and fp32 at the preset's batch, bf16 at 1,024 and compiled
+DIR/model-S holds each trained model (exported: safetensors + JSON), so a lent machine's models come back.
 A stage whose expected length would end it past --budget-s (wall seconds from the start) is skipped and
 listed as such. DIR/card.json gathers the numbers; model FLOP utilisation = training FLOPs per image
 (throughput.py's count, forward + backward) × images/s ÷ the same run's bf16 matmul peak.
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -153,6 +155,7 @@ def main() -> None:
         if trained is None:
             continue
         train_s = stages.card["stages"][f"train-{seed}"]["seconds"]
+        shutil.copytree(run_dir / "model", out / f"model-seed{seed}", dirs_exist_ok=True)  # the exported model travels too
         rates = training_rates(run_dir, batch) | {"wall_s": train_s}
         card.setdefault("train", {})[str(seed)] = rates
         for steps in EVAL_STEPS[:1]:
