@@ -10,11 +10,13 @@ Stages, each a subprocess whose output is kept in DIR/<stage>.log, in this order
              (the preset's steps and batch: the same images as its CPU run), wall seconds and images/s
   eval-S     diffusion evaluate --model <run>/model -n 10000 --floors --bootstrap 20 --seed 0 at the preset's
              sampler and 50 steps (fp32 sampling), then at 20 steps
-  speed-*    benchmarks/throughput.py: bf16 and fp32 at the preset's batch, bf16 at 1,024 and compiled
+  speed-*    benchmarks/throughput.py: the training precision (bf16, or fp32 with --fp32) and fp32 at the
+             preset's batch, the training precision at 1,024 and compiled
 DIR/model-S holds each trained model (exported: safetensors + JSON), so a lent machine's models come back.
-A stage whose expected length would end it past --budget-s (wall seconds from the start) is skipped and
-listed as such. DIR/card.json gathers the numbers; model FLOP utilisation = training FLOPs per image
-(throughput.py's count, forward + backward) × images/s ÷ the same run's bf16 matmul peak.
+Each stage's log is written as it runs (`tail -f DIR/<stage>.log` shows its progress). A stage whose expected
+length would end it past --budget-s (wall seconds from the start) is skipped and listed as such. DIR/card.json
+gathers the numbers; model FLOP utilisation = training FLOPs per image (throughput.py's count, forward +
+backward) × images/s ÷ the same run's matmul peak in the training precision.
 """
 
 from __future__ import annotations
@@ -68,21 +70,22 @@ class Stages:
             print(f"[{self.elapsed():6.0f} s] skip {name}: about {expected_s:.0f} s would pass the budget", flush=True)
             self.card["skipped"].append(name)
             return None
+        log = self.out / f"{name}.log"
         shown = " ".join(arg if len(arg) < 80 else "<script>" for arg in cmd)
-        print(f"[{self.elapsed():6.0f} s] {name}: {shown}", flush=True)
+        print(f"[{self.elapsed():6.0f} s] {name} (log: {log}): {shown}", flush=True)
         began = time.perf_counter()
         env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        seconds = time.perf_counter() - began
-        (self.out / f"{name}.log").write_text(proc.stdout)
-        self.card["stages"][name] = {"seconds": round(seconds, 1), "returncode": proc.returncode}
+        with open(log, "w") as stream:  # written as the stage runs, so a stage cut short still leaves its log
+            returncode = subprocess.run(cmd, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
+        seconds, output = time.perf_counter() - began, log.read_text()
+        self.card["stages"][name] = {"seconds": round(seconds, 1), "returncode": returncode}
         self.save()
-        if proc.returncode != 0:
-            print(f"[{self.elapsed():6.0f} s] {name} FAILED (exit {proc.returncode}):\n{proc.stdout[-3000:]}", flush=True)
+        if returncode != 0:
+            print(f"[{self.elapsed():6.0f} s] {name} FAILED (exit {returncode}):\n{output[-3000:]}", flush=True)
             self.card["failed"].append(name)
             return None
         print(f"[{self.elapsed():6.0f} s] {name} done in {seconds:.0f} s", flush=True)
-        return proc.stdout
+        return output
 
     def save(self) -> None:
         (self.out / "card.json").write_text(json.dumps(self.card, indent=1) + "\n")
@@ -136,14 +139,21 @@ def main() -> None:
     if text is None:
         return
     card.update(json.loads(text.strip().splitlines()[-1]))
-    bf16_tflops = card["matmul_tflops"]["bf16"]
+    precision = "fp32" if args.fp32 else "bf16"  # of training, and of the throughput stages that mirror it
+    amp = [] if args.fp32 else ["--bf16"]
 
     def speed(name: str, flags: list[str], expected_s: float) -> None:
         text = stages.run(name, [py, "benchmarks/throughput.py", "--preset", args.preset, "--device", args.device,
-                                 *flags],
-                          expected_s)
+                                 *flags], expected_s)
         if text is not None:
             card.setdefault("speed", {})[name] = parse_speed(text)
+
+    def evaluate(seed: int, steps: int, expected_s: float, *extra: str) -> None:
+        model = ROOT / args.runs / f"seed{seed}" / "model"
+        stages.run(f"eval-{seed}-{steps}", [*cli, "evaluate", "--model", str(model), "--steps", str(steps),
+                                            "-n", str(args.eval_n), "--device", args.device, *extra, "--bootstrap", "20",
+                                            "--seed", "0", "--batch-size", "1000",
+                                            "--out", str(out / f"seed{seed}-steps{steps}.json")], expected_s)
 
     train_s = 240.0  # until the first run says otherwise
     for i, seed in enumerate(args.seeds):
@@ -158,29 +168,22 @@ def main() -> None:
         shutil.copytree(run_dir / "model", out / f"model-seed{seed}", dirs_exist_ok=True)  # the exported model travels too
         rates = training_rates(run_dir, batch) | {"wall_s": train_s}
         card.setdefault("train", {})[str(seed)] = rates
-        for steps in EVAL_STEPS[:1]:
-            stages.run(f"eval-{seed}-{steps}", [*cli, "evaluate", "--model", str(run_dir / "model"), "--steps",
-                                                str(steps), "-n", str(args.eval_n), "--device", args.device, "--floors", "--bootstrap", "20",
-                                                "--seed", "0", "--batch-size", "1000",
-                                                "--out", str(out / f"seed{seed}-steps{steps}.json")], 120)
+        evaluate(seed, EVAL_STEPS[0], 120, "--floors")
         if i == 0:  # speed right after the first run, so a short budget still gets it
-            amp = [] if args.fp32 else ["--bf16"]
-            speed("speed-bf16", amp, 60)
-            speed("speed-fp32", [], 60)
-            speed("speed-bf16-b1024", [*amp, "--batch-size", "1024"], 60)
-            if "speed" in card and "speed-bf16" in card["speed"]:
-                gflop = card["speed"]["speed-bf16"]["gflop_per_image"]
-                rates["model_flop_utilisation"] = rates["images_per_s_median"] * gflop / (bf16_tflops * 1000)
+            speed(f"speed-{precision}", amp, 60)
+            if amp:
+                speed("speed-fp32", [], 60)
+            speed(f"speed-{precision}-b1024", [*amp, "--batch-size", "1024"], 60)
+            if f"speed-{precision}" in card.get("speed", {}):
+                gflop = card["speed"][f"speed-{precision}"]["gflop_per_image"]
+                peak_gflops = card["matmul_tflops"][precision] * 1000
+                rates["model_flop_utilisation"] = rates["images_per_s_median"] * gflop / peak_gflops
         stages.save()
     for seed in args.seeds:
-        run_dir = ROOT / args.runs / f"seed{seed}"
         if str(seed) in card.get("train", {}):
             for steps in EVAL_STEPS[1:]:
-                stages.run(f"eval-{seed}-{steps}", [*cli, "evaluate", "--model", str(run_dir / "model"), "--steps",
-                                                    str(steps), "-n", str(args.eval_n), "--device", args.device, "--bootstrap", "20", "--seed", "0",
-                                                    "--batch-size", "1000",
-                                                    "--out", str(out / f"seed{seed}-steps{steps}.json")], 90)
-    speed("speed-bf16-compiled", [*([] if args.fp32 else ["--bf16"]), "--compile"], 150)
+                evaluate(seed, steps, 90)
+    speed(f"speed-{precision}-compiled", [*amp, "--compile"], 150)
     stages.save()
     print(json.dumps(card, indent=1))
 
