@@ -26,10 +26,12 @@ DEFAULT_SDE = "default (mnist-cpu-cond), SDE-DPM-Solver++(2M)"
 @dataclass(frozen=True)
 class Point:
     series: str
-    x: float
+    x: float                # left panel: network evaluations per image; right panel: training minutes
     fid: float
     fid_std: float
     source: str
+    seed: int = 0           # training seed; the right panel draws a line through seed 0, other seeds as hollow marks
+    evaluations: int = 50   # right panel: the sampler's network evaluations per image
 
 
 def _read(results: Path, name: str) -> dict:
@@ -85,26 +87,34 @@ def by_evaluations(results: Path) -> list[Point]:
 
 
 def by_minutes(results: Path) -> list[Point]:
-    """Right panel: one run per budget of mnist-cpu and mnist-cpu-cond (training seed 0; a second seed where
-    kept), and mnist-cpu continued night after night (the nightly week, each night's champion)."""
+    """Right panel: one run per budget of mnist-cpu and mnist-cpu-cond (training seed 0, other seeds where kept),
+    each scored at 50 evaluations, the default also at its own 20; and mnist-cpu continued night after night
+    (the nightly week, each night's champion)."""
     week_name = "nightly/week.json"
     week = _read(results, week_name)
-    one_run, cond = "mnist-cpu, one run", "mnist-cpu-cond (the default), one run"
+    one_run = "mnist-cpu, one run, 50 steps"
+    cond50, cond20 = "mnist-cpu-cond (the default), one run, 50 steps", "mnist-cpu-cond (the default), one run, 20 steps"
     points = [Point(one_run, 15, week["versions"]["1"]["fid"], week["versions"]["1"]["fid_std"],
                     f"{week_name} (night 1: trained fresh)")]
-    for name, series, minutes in (("quality-cost/mnist-cpu-5min.json", one_run, 5),
-                                  ("n10000/recipe-fast-seed2.json", "mnist-cpu, one run, training seed 2", 15),
-                                  ("quality-cost/mnist-cpu-cond-5min.json", cond, 5),
-                                  (f"{DEFAULT_SEED0}.json", cond, 15),
-                                  ("n10000/recipe-cond-seed1.json", "mnist-cpu-cond, one run, training seed 1", 15)):
-        points.append(Point(series, minutes, *_scored(results, name), name))
+    for name, series, minutes, seed in (("quality-cost/mnist-cpu-5min.json", one_run, 5, 0),
+                                        ("n10000/recipe-fast-seed2.json", one_run, 15, 2),
+                                        ("quality-cost/mnist-cpu-cond-5min.json", cond50, 5, 0),
+                                        (f"{DEFAULT_SEED0}.json", cond50, 15, 0),
+                                        ("n10000/recipe-cond-seed1.json", cond50, 15, 1),
+                                        ("quality-cost/mnist-cpu-cond-5min-sde20.json", cond20, 5, 0),
+                                        (f"{DEFAULT_SEED0}-sde20.json", cond20, 15, 0),
+                                        ("n10000/recipe-cond-seed1-sde20.json", cond20, 15, 1),
+                                        ("quality-cost/mnist-cpu-cond-30min-sde20.json", cond20, 30, 0),
+                                        ("quality-cost/mnist-cpu-cond-30min-seed1-sde20.json", cond20, 30, 1)):
+        evaluations = 20 if series == cond20 else 50
+        points.append(Point(series, minutes, *_scored(results, name), name, seed, evaluations))
     reference = _read(results, "nightly/reference.json")
     points.append(Point(one_run, 60, reference["fid"], reference["fid_std"], "nightly/reference.json"))
     for night in week["nights"]:
         champion = week["versions"][night["champion"]]
-        points.append(Point("mnist-cpu, continued each night (nightly)", 15 * night["night"], champion["fid"],
+        points.append(Point("mnist-cpu, continued each night (nightly), 50 steps", 15 * night["night"], champion["fid"],
                             champion["fid_std"], week_name))
-    return sorted(points, key=lambda p: (p.series, p.x))
+    return sorted(points, key=lambda p: (p.series, p.seed, p.x))
 
 
 def floor(results: Path) -> float:
@@ -121,9 +131,14 @@ def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: f
     for ax, points, yticks in ((nfe, left, [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]),
                                (minutes, right, [2, 3, 4, 6, 8, 10, 15, 20, 30, 40])):
         for k, series in enumerate(dict.fromkeys(p.series for p in points)):
-            mine = [p for p in points if p.series == series]
-            ax.errorbar([p.x for p in mine], [p.fid for p in mine], yerr=[p.fid_std for p in mine], marker="os^vD"[k % 5],
-                        capsize=3, color=f"C{k}", label=series, linestyle="-" if len(mine) > 1 else "none")
+            mine = [p for p in points if p.series == series and p.seed == 0]
+            others = [p for p in points if p.series == series and p.seed != 0]
+            style = dict(marker="os^vD"[k % 5], capsize=3, color=f"C{k}")
+            ax.errorbar([p.x for p in mine], [p.fid for p in mine], yerr=[p.fid_std for p in mine], label=series,
+                        linestyle="-" if len(mine) > 1 else "none", **style)
+            if others:
+                ax.errorbar([p.x for p in others], [p.fid for p in others], yerr=[p.fid_std for p in others],
+                            linestyle="none", markerfacecolor="none", **style)
         ax.axhline(floor_fid, color="0.3", linestyle="--", label=f"10,000 real training digits: {floor_fid:.2f}")
         ax.set_yscale("log")
         ax.set_yticks(yticks)
@@ -138,7 +153,7 @@ def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: f
     nfe.set(xlabel="network evaluations per image", ylabel="LeNet FID, N = 10,000 (log scale)",
             title="sampling cost (teacher: mnist-cpu, 60 min; default: 15 min)")
     minutes.set(xlabel="training minutes (budget at 320 images/s)", ylabel="LeNet FID, N = 10,000 (log scale)",
-                title="training cost (SDE-DPM-Solver++(2M), 50 evaluations)", xticks=[5, 15, 30, 45, 60])
+                title="training cost (SDE-DPM-Solver++(2M); hollow: other training seeds)", xticks=[5, 15, 30, 45, 60])
     nfe.legend(fontsize=7)
     minutes.legend(fontsize=7)
     fig.suptitle("quality against cost on MNIST (2-core CPU runs)")
@@ -157,12 +172,12 @@ def main() -> None:
     results = Path(args.results)
     left, right, floor_fid = by_evaluations(results), by_minutes(results), floor(results)
     teacher = next(p.fid for p in left if p.series.startswith("teacher, SDE") and p.x == 50)
-    print("| series | network evaluations | training minutes | FID at N = 10,000 | × floor | file |")
-    print("|---|---|---|---|---|---|")
+    print("| series | network evaluations | training minutes | training seed | FID at N = 10,000 | × floor | file |")
+    print("|---|---|---|---|---|---|---|")
     for p in left:
-        print(f"| {p.series} | {p.x:g} | | {_fid_text(p)} | {p.fid / floor_fid:.2f} | {p.source} |")
+        print(f"| {p.series} | {p.x:g} | | | {_fid_text(p)} | {p.fid / floor_fid:.2f} | {p.source} |")
     for p in right:
-        print(f"| {p.series} | 50 | {p.x:g} | {_fid_text(p)} | {p.fid / floor_fid:.2f} | {p.source} |")
+        print(f"| {p.series} | {p.evaluations} | {p.x:g} | {p.seed} | {_fid_text(p)} | {p.fid / floor_fid:.2f} | {p.source} |")
     print(f"plot: {plot(left, right, floor_fid, teacher, Path(args.plot))}")
 
 
