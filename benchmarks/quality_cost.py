@@ -151,9 +151,9 @@ def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: f
     nfe.xaxis.set_major_formatter(ScalarFormatter())
     nfe.xaxis.set_minor_formatter(NullFormatter())
     nfe.set(xlabel="network evaluations per image", ylabel="LeNet FID, N = 10,000 (log scale)",
-            title="sampling cost (teacher: mnist-cpu, 60 min; default: 15 min)")
+            title="sampling cost (teacher: mnist-cpu 60 min; default 15 min)")
     minutes.set(xlabel="training minutes (budget at 320 images/s)", ylabel="LeNet FID, N = 10,000 (log scale)",
-                title="training cost (SDE-DPM-Solver++(2M); hollow: other training seeds)", xticks=[5, 15, 30, 45, 60])
+                title="training cost (hollow: other training seeds)", xticks=[5, 15, 30, 45, 60])
     nfe.legend(fontsize=7)
     minutes.legend(fontsize=7)
     fig.suptitle("quality against cost on MNIST (2-core CPU runs)")
