@@ -46,14 +46,15 @@ def _fid(score: dict, tag: str) -> tuple[float, float]:
     return score[f"fid_lenet_{tag}"], score.get(f"fid_std_lenet_{tag}", 0.0)
 
 
-def _scored(results: Path, name: str) -> tuple[float, float]:
-    """FID and its standard error from a `diffusion evaluate --out` file that scored one DPM-Solver++ sampler at one
-    guidance weight; a file with several (a guidance or steps sweep) is refused rather than read at random."""
+def _scored(results: Path, name: str) -> tuple[float, float, int]:
+    """FID, its standard error and the sampler's steps from a `diffusion evaluate --out` file that scored one
+    DPM-Solver++ sampler at one guidance weight; a file with several (a guidance or steps sweep) is refused rather
+    than read at random."""
     score = _read(results, name)
     tags = {k[len("fid_lenet_"):].split("_class")[0] for k in score if k.startswith("fid_lenet_dpmpp2m")}
     if len(tags) != 1:
         raise SystemExit(f"{results / name} scores {sorted(tags) or 'no'} DPM-Solver++ samplers; expected one")
-    return _fid(score, tags.pop())
+    return (*_fid(score, tags.pop()), score["steps"])
 
 
 def by_evaluations(results: Path) -> list[Point]:
@@ -82,7 +83,7 @@ def by_evaluations(results: Path) -> list[Point]:
                                 (f"{DEFAULT_SEED0}-sde30.json", DEFAULT_SDE, 30),
                                 (f"{DEFAULT_SEED0}.json", DEFAULT_SDE, 50),
                                 (f"{DEFAULT_SEED0}-ode50.json", "default (mnist-cpu-cond), DPM-Solver++(2M) (ODE)", 50)):
-        points.append(Point(series, steps, *_scored(results, name), name))
+        points.append(Point(series, steps, *_scored(results, name)[:2], name))
     return sorted(points, key=lambda p: (p.series, p.x))
 
 
@@ -106,8 +107,8 @@ def by_minutes(results: Path) -> list[Point]:
                                         ("n10000/recipe-cond-seed1-sde20.json", cond20, 15, 1),
                                         ("quality-cost/mnist-cpu-cond-30min-sde20.json", cond20, 30, 0),
                                         ("quality-cost/mnist-cpu-cond-30min-seed1-sde20.json", cond20, 30, 1)):
-        evaluations = 20 if series == cond20 else 50
-        points.append(Point(series, minutes, *_scored(results, name), name, seed, evaluations))
+        fid, fid_std, steps = _scored(results, name)
+        points.append(Point(series, minutes, fid, fid_std, name, seed, steps))
     reference = _read(results, "nightly/reference.json")
     points.append(Point(one_run, 60, reference["fid"], reference["fid_std"], "nightly/reference.json"))
     for night in week["nights"]:
