@@ -88,6 +88,10 @@ ARMS: dict[str, tuple[str, dict]] = {
                   {**RECIPE_FAST, "train.bf16": True}),
     "recipe-cond": ("the mnist-cpu-cond preset (the default): recipe-fast with class labels (label dropout 0.1), "
                     "scored with the test split's class mix and no guidance", {**RECIPE_FAST, **RECIPE_COND}),
+    "cond-patch2": ("recipe-cond on 2×2 patches: the image enters as 14×14×4 (space-to-depth), so the network "
+                    "runs 14 → 7 at 32 / 64 channels, recipe-cond's two lower levels, and skips the 28×28 level",
+                    {**RECIPE_FAST, **RECIPE_COND, "model.patch_size": 2, "model.base_channels": 32,
+                     "model.channel_mults": [1, 2]}),
     "fast-net": ("cosine-lr + one residual block per level and no attention at 7×7 (middle block keeps its own)",
                  {"train.lr_decay": "cosine", "model.num_res_blocks": 1, "model.attention_levels": []}),
 }

@@ -3,6 +3,11 @@
 Layout for `channel_mults=(1, 2, 2)` on 28×28: resolutions 28 → 14 → 7 (two stride-2 downsamplings,
 so every skip connection matches), self-attention at the levels in `attention_levels`,
 upsampling by nearest-neighbour interpolation + 3×3 conv (no transposed-conv checkerboards).
+
+`patch_size = p > 1` folds each p×p patch of pixels into channels before the first level and unfolds the
+output the same way (space-to-depth, `pixel_unshuffle`; the patching of DiT, Peebles & Xie 2023, and of
+simple diffusion, Hoogeboom et al. 2023): a 28×28×1 image enters as 14×14×4 at p = 2, so the levels run at
+14 → 7 and the network skips the full-resolution level, where small channel counts use the CPU worst.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class UNetConfig:
     attention_heads: int = 4        # heads in each self-attention layer
     dropout: float = 0.1            # dropout inside residual blocks
     num_classes: int | None = None  # class-conditional: the dataset's class count; None = unconditional
+    patch_size: int = 1             # pixels per side folded into channels before the first level (1 = none)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -50,21 +56,24 @@ class UNetConfig:
             problems.append(f"model.num_classes must be >= 1 or unset, got {self.num_classes}")
         if self.attention_heads < 1:
             problems.append(f"model.attention_heads must be >= 1, got {self.attention_heads}")
+        if self.patch_size < 1:
+            problems.append(f"model.patch_size must be >= 1 (1 = no patching), got {self.patch_size}")
         if problems:
             raise ValueError("; ".join(problems))
 
     @property
     def size_multiple(self) -> int:
-        """Image height and width must be multiples of this (one halving per level after the first)."""
-        return 2 ** (len(self.channel_mults) - 1)
+        """Image height and width must be multiples of this (the patch, then one halving per level after the first)."""
+        return self.patch_size * 2 ** (len(self.channel_mults) - 1)
 
     def check_image_size(self, height: int, width: int) -> None:
         m = self.size_multiple
         if height < m or width < m or height % m or width % m:
+            patches = f"cuts it into {self.patch_size}×{self.patch_size} patches, then " if self.patch_size > 1 else ""
             raise ValueError(
-                f"a U-Net with channel_mults={self.channel_mults} halves the image {len(self.channel_mults) - 1} "
-                f"times, so height and width must be multiples of {m}; got {height}×{width}. "
-                "Use fewer channel_mults or pad the images."
+                f"a U-Net with patch_size={self.patch_size} and channel_mults={self.channel_mults} {patches}halves "
+                f"the image {len(self.channel_mults) - 1} times, so height and width must be multiples of {m}; "
+                f"got {height}×{width}. Use a smaller patch_size, fewer channel_mults or pad the images."
             )
 
 
@@ -179,7 +188,8 @@ class UNet(nn.Module):
         self.class_embedding = (
             nn.Embedding(config.num_classes + 1, emb_dim) if config.num_classes else None  # last row = "no class"
         )
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        patch_channels = config.in_channels * config.patch_size ** 2  # channels of the space-to-depth input
+        self.conv_in = nn.Conv2d(patch_channels, ch, 3, padding=1)
 
         skip_channels = [ch]
         self.down = nn.ModuleList()
@@ -211,7 +221,7 @@ class UNet(nn.Module):
             self.upsample.append(Upsample(ch) if level > 0 else nn.Identity())
 
         self.norm_out = group_norm(ch)
-        self.conv_out = zero_init(nn.Conv2d(ch, config.in_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(ch, patch_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
@@ -225,7 +235,8 @@ class UNet(nn.Module):
         elif class_labels is not None:
             raise ValueError("this model is unconditional (trained without class conditioning); do not pass class labels")
 
-        h = self.conv_in(x)
+        p = self.config.patch_size
+        h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)
         skips = [h]
         for level, down in zip(self.down, self.downsample):
             for block, attn in zip(level.blocks, level.attns):
@@ -239,7 +250,8 @@ class UNet(nn.Module):
             for block, attn in zip(level.blocks, level.attns):
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
             h = up(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, p) if p > 1 else out
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -33,6 +33,7 @@ BOUNDS = {
     "train.steps": (1, 1_000_000), "train.batch_size": (1, 1024),
     "diffusion.timesteps": (2, 4000),                     # DDPM sampling runs all T steps
     "model.base_channels": (4, 256), "model.num_res_blocks": (1, 4), "model.attention_heads": (1, 16),
+    "model.patch_size": (1, 8),                           # the input layer's channels grow with its square
     "sample.num_samples": (MIN_SCORED_IMAGES, 50_000), "sample.batch_size": (1, 4096), "sample.steps": (1, 4000),
     "evaluation.num_samples": (10, 50_000), "evaluation.bootstrap": (0, 10_000),
     "num_samples": (1, 50_000), "nproc_per_node": (1, os.cpu_count() or 1),

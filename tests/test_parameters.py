@@ -16,6 +16,7 @@ SHIPPED = PRESET_DIR / "smoke.toml"
 # One value past each bound of flows.parameters, in dotted form; the table form of each is tested too.
 PAST_BOUNDS = {"train.steps": 10**9, "train.batch_size": 10**6, "diffusion.timesteps": 10**6,
                "model.base_channels": 4096, "model.num_res_blocks": 64, "model.attention_heads": 512,
+               "model.patch_size": 64,
                "sample.num_samples": 10**7, "sample.batch_size": 10**6, "sample.steps": 10**6, "sample.seed": 2**32,
                "evaluation.num_samples": 10**7, "evaluation.bootstrap": 10**6,
                "model.channel_mults": [1, 2, 2, 2, 2, 2, 2], "model.attention_levels": [0, 1, 2, 3, 4, 5],
