@@ -89,12 +89,13 @@ def by_evaluations(results: Path) -> list[Point]:
 
 def by_minutes(results: Path) -> list[Point]:
     """Right panel: one run per budget of mnist-cpu and mnist-cpu-cond (training seed 0, other seeds where kept),
-    each scored at 50 evaluations, the default also at its own 20; and mnist-cpu continued night after night
-    (the nightly week, each night's champion)."""
+    each scored at 50 evaluations, the default also at its own 20 and on 2×2 patches at equal time; and mnist-cpu
+    continued night after night (the nightly week, each night's champion)."""
     week_name = "nightly/week.json"
     week = _read(results, week_name)
     one_run = "mnist-cpu, one run, 50 steps"
     cond50, cond20 = "mnist-cpu-cond (the default), one run, 50 steps", "mnist-cpu-cond (the default), one run, 20 steps"
+    patch20 = "the default on 2×2 patches (model.patch_size = 2), 20 steps"
     points = [Point(one_run, 15, week["versions"]["1"]["fid"], week["versions"]["1"]["fid_std"],
                     f"{week_name} (night 1: trained fresh)")]
     for name, series, minutes, seed in (("quality-cost/mnist-cpu-5min.json", one_run, 5, 0),
@@ -106,7 +107,11 @@ def by_minutes(results: Path) -> list[Point]:
                                         (f"{DEFAULT_SEED0}-sde20.json", cond20, 15, 0),
                                         ("n10000/recipe-cond-seed1-sde20.json", cond20, 15, 1),
                                         ("quality-cost/mnist-cpu-cond-30min-sde20.json", cond20, 30, 0),
-                                        ("quality-cost/mnist-cpu-cond-30min-seed1-sde20.json", cond20, 30, 1)):
+                                        ("quality-cost/mnist-cpu-cond-30min-seed1-sde20.json", cond20, 30, 1),
+                                        ("quality-cost/mnist-cpu-cond-30min-sde50.json", cond50, 30, 0),
+                                        ("quality-cost/mnist-cpu-cond-30min-seed1-sde50.json", cond50, 30, 1),
+                                        ("n10000/cond-patch2-seed0-sde20.json", patch20, 15, 0),
+                                        ("n10000/cond-patch2-seed1-sde20.json", patch20, 15, 1)):
         fid, fid_std, steps = _scored(results, name)
         points.append(Point(series, minutes, fid, fid_std, name, seed, steps))
     reference = _read(results, "nightly/reference.json")
