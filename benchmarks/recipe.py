@@ -92,6 +92,8 @@ ARMS: dict[str, tuple[str, dict]] = {
                     "runs 14 → 7 at 32 / 64 channels, recipe-cond's two lower levels, and skips the 28×28 level",
                     {**RECIPE_FAST, **RECIPE_COND, "model.patch_size": 2, "model.base_channels": 32,
                      "model.channel_mults": [1, 2]}),
+    "cond-batch32": ("recipe-cond with batches of 32: more optimizer steps for the images the same time buys",
+                     {**RECIPE_FAST, **RECIPE_COND, "train.batch_size": 32}),
     "fast-net": ("cosine-lr + one residual block per level and no attention at 7×7 (middle block keeps its own)",
                  {"train.lr_decay": "cosine", "model.num_res_blocks": 1, "model.attention_levels": []}),
 }
