@@ -69,11 +69,13 @@ class UNetConfig:
     def check_image_size(self, height: int, width: int) -> None:
         m = self.size_multiple
         if height < m or width < m or height % m or width % m:
-            patches = f"cuts it into {self.patch_size}×{self.patch_size} patches, then " if self.patch_size > 1 else ""
+            steps = [f"cuts the image into {self.patch_size}×{self.patch_size} patches"] if self.patch_size > 1 else []
+            if len(self.channel_mults) > 1:
+                steps.append(f"halves {'it' if steps else 'the image'} {len(self.channel_mults) - 1} times")
             raise ValueError(
-                f"a U-Net with patch_size={self.patch_size} and channel_mults={self.channel_mults} {patches}halves "
-                f"the image {len(self.channel_mults) - 1} times, so height and width must be multiples of {m}; "
-                f"got {height}×{width}. Use a smaller patch_size, fewer channel_mults or pad the images."
+                f"a U-Net with patch_size={self.patch_size} and channel_mults={self.channel_mults} "
+                f"{' and '.join(steps)}, so height and width must be multiples of {m}; got {height}×{width}. "
+                "Use a smaller patch_size, fewer channel_mults or pad the images."
             )
 
 
