@@ -102,6 +102,7 @@ class TrainConfig:
     noise_levels: str = "uniform"  # how t is drawn: "uniform" or "log_snr_normal" (log SNR ~ N(mean, std²))
     log_snr_mean: float = 2.4    # log_snr_normal: mean of log SNR (EDM's P_mean = −1.2 on ln σ is 2.4)
     log_snr_std: float = 2.4     # log_snr_normal: its standard deviation (EDM's P_std = 1.2 on ln σ is 2.4)
+    stratified_noise_levels: bool = False  # one t per 1/batch of p(t)'s mass (VDM's low-discrepancy draw), not independent
     loss_weighting: str = "none"  # w(t) on the squared error: "none" (L_simple) or "min_snr" (Min-SNR-γ)
     min_snr_gamma: float = 5.0   # min_snr: the SNR at which the x̂0 error's weight stops growing
     bf16: bool = False           # bfloat16 autocast (GPUs, or CPUs with AMX/AVX512-BF16; emulated and far slower elsewhere)

@@ -10,7 +10,7 @@ import torch
 from diffusion_core import EMA, NoiseSchedule
 from diffusion_core.denoiser import Denoiser, predict_x0
 from diffusion_core.ema import power_ema_exponent
-from diffusion_core.noise_levels import loss_weights, timestep_probabilities
+from diffusion_core.noise_levels import draw_timesteps, loss_weights, timestep_probabilities
 from diffusion_core.train import learning_rate
 
 
@@ -51,6 +51,28 @@ def test_log_snr_normal_puts_mass_where_asked():
     assert timestep_probabilities(schedule, "uniform")[tail].sum() > 0.25
     expected = 0.5 * math.erfc((2.4 + 5) / 2.4 / math.sqrt(2))
     assert timestep_probabilities(schedule, "log_snr_normal")[tail].sum().item() == pytest.approx(expected, rel=0.05)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "log_snr_normal"])
+def test_stratified_draws_hold_one_level_per_share_of_mass(schedule, distribution):
+    """The low-discrepancy property, checked against the CDF F of p(t) computed here: in every batch of n,
+    #{t_i ≤ k} is within 1 of n·F(k) for every k (independent draws of 64 miss this by ~8), and over many
+    batches each t still comes up with probability p(t) (within 5 binomial standard errors)."""
+    p = timestep_probabilities(schedule, distribution)
+    table = None if distribution == "uniform" else p.float()
+    cdf = torch.cumsum(p, 0)
+    n, batches = 64, 3000
+    rng = torch.Generator().manual_seed(0)
+    draws = torch.stack([draw_timesteps(table, 1000, n, rng, stratified=True) for _ in range(batches)])
+    assert draws.dtype == torch.long and draws.min() >= 0 and draws.max() <= 999
+    levels = torch.arange(1000).expand(batches, 1000).contiguous()
+    at_or_below = torch.searchsorted(draws.sort(1).values, levels, right=True).double()  # [batch, k]: #{t_i ≤ k}
+    assert (at_or_below - n * cdf).abs().max().item() <= 1 + 1e-6
+    histogram = torch.bincount(draws.flatten(), minlength=1000).double() / draws.numel()
+    standard_error = (p * (1 - p) / draws.numel()).sqrt().clamp(min=1 / draws.numel())
+    assert ((histogram - p).abs() / standard_error).max() < 5
+    independent = torch.stack([draw_timesteps(table, 1000, n, rng) for _ in range(200)]).sort(1).values
+    assert (torch.searchsorted(independent, levels[:200], right=True) - n * cdf).abs().max() > 3
 
 
 class RandomNet(torch.nn.Module):

@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 import pickle
@@ -82,6 +83,30 @@ def test_exact_resume_mid_run_with_the_recipe_options(smoke_overrides, tmp_path)
     for part in ("model", "ema"):
         for key in getattr(a, part):
             assert torch.equal(getattr(a, part)[key], getattr(b, part)[key]), (part, key)
+
+
+def test_stratified_noise_levels_reach_the_objective(smoke_overrides, tmp_path, monkeypatch):
+    """train.stratified_noise_levels: every batch the objective sees holds one t in each 1/16 of the smoke
+    schedule's 100 levels (sorted, 100·i/16 − 1 < t_i < 100·(i + 1)/16). Independent draws of 16 do that
+    with chance 16!/16¹⁶ ≈ 1e-6 per batch."""
+    training = importlib.import_module("diffusion_core.train")  # the module; the package exports train()
+
+    seen = []
+
+    class Recording(training.TrainingObjective):
+        def forward(self, x0, t, noise, **cond):
+            seen.append(t.clone())
+            return super().forward(x0, t, noise, **cond)
+
+    monkeypatch.setattr(training, "TrainingObjective", Recording)
+    config = load_config("smoke", {**smoke_overrides, "train.steps": 3, "train.checkpoint_every": 3,
+                                   "train.stratified_noise_levels": True})
+    train(config, tmp_path, progress=False)
+    assert len(seen) == 3
+    i = torch.arange(16)
+    for t in seen:
+        t = t.sort().values
+        assert ((t > 100 * i / 16 - 1) & (t < 100 * (i + 1) / 16)).all(), t
 
 
 def test_resume_with_other_settings_is_refused(smoke_run, smoke_overrides):
