@@ -107,6 +107,7 @@ def by_minutes(results: Path) -> list[Point]:
                                         ("n10000/recipe-cond-seed1-sde20.json", cond20, 15, 1),
                                         ("quality-cost/mnist-cpu-cond-30min-sde20.json", cond20, 30, 0),
                                         ("quality-cost/mnist-cpu-cond-30min-seed1-sde20.json", cond20, 30, 1),
+                                        ("quality-cost/mnist-cpu-cond-60min-sde20.json", cond20, 60, 0),
                                         ("quality-cost/mnist-cpu-cond-30min-sde50.json", cond50, 30, 0),
                                         ("quality-cost/mnist-cpu-cond-30min-seed1-sde50.json", cond50, 30, 1),
                                         ("n10000/cond-patch2-seed0-sde20.json", patch20, 15, 0),
