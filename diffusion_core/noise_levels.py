@@ -5,7 +5,7 @@ levels; these two tables are that weighting, split into its two halves:
 
 - `timestep_probabilities`: p(t), the chance a training example gets noise level t.
 - `loss_weights`: w(t), the factor on the squared error of the network's own target at t.
-- `draw_timesteps`: a batch of t from p(t), independently or stratified (one draw per 1/B of p's mass).
+- `TimestepDraw`: a batch of t from p(t), independently or stratified (one draw per 1/B of p's mass).
 
 The effective weight of noise level t in the loss is p(t)·w(t). Both are float64 tables of length T.
 """
@@ -49,9 +49,8 @@ def timestep_probabilities(schedule: NoiseSchedule, distribution: str = "uniform
     return normal.cdf(upper) - normal.cdf(lower)
 
 
-def draw_timesteps(probabilities: torch.Tensor | None, timesteps: int, n: int, generator: torch.Generator, *,
-                   stratified: bool = False) -> torch.Tensor:
-    """n noise levels t ∈ {0, …, timesteps − 1} from p(t) (`probabilities`, or None for uniform).
+class TimestepDraw:
+    """Draws a batch of noise levels t ∈ {0, …, timesteps − 1} from p(t) (`probabilities`, or None for uniform).
 
     Independent: each t on its own (randint, or multinomial on the table).
     Stratified: the low-discrepancy draw of Kingma et al. (2021, VDM, App. I.1). One u ~ U[0, 1) places
@@ -59,17 +58,25 @@ def draw_timesteps(probabilities: torch.Tensor | None, timesteps: int, n: int, g
     distributed as p(t), so the loss stays unbiased. Each 1/n of p's mass now holds exactly one t, so the
     batch's loss varies less from step to step: for every k, #{t_i ≤ k} is within 1 of n·F(k).
     """
-    device = generator.device
-    if not stratified:
-        if probabilities is None:
-            return torch.randint(0, timesteps, (n,), generator=generator, device=device)
-        return torch.multinomial(probabilities, n, replacement=True, generator=generator)
-    offset = torch.rand((), generator=generator, device=device, dtype=torch.float64)
-    quantiles = (offset + torch.arange(n, device=device, dtype=torch.float64)) / n
-    if probabilities is None:  # F⁻¹(q) = ⌊q·T⌋ exactly
-        return (quantiles * timesteps).floor().long()
-    cdf = probabilities.to(torch.float64).cumsum(0)
-    return torch.searchsorted(cdf, quantiles, right=True).clamp(max=timesteps - 1)
+
+    def __init__(self, probabilities: torch.Tensor | None, timesteps: int, *, stratified: bool = False) -> None:
+        self.probabilities, self.timesteps, self.stratified = probabilities, timesteps, stratified
+        # F, built once: the stratified draw inverts it at every training step
+        self.cdf = None if probabilities is None else probabilities.to(torch.float64).cumsum(0)
+
+    def __call__(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        device = generator.device
+        if not self.stratified:
+            if self.probabilities is None:
+                return torch.randint(0, self.timesteps, (n,), generator=generator, device=device)
+            return torch.multinomial(self.probabilities, n, replacement=True, generator=generator)
+        offset = torch.rand((), generator=generator, device=device, dtype=torch.float64)
+        quantiles = (offset + torch.arange(n, device=device, dtype=torch.float64)) / n
+        if self.cdf is None:  # F⁻¹(q) = ⌊q·T⌋
+            t = (quantiles * self.timesteps).floor().long()
+        else:
+            t = torch.searchsorted(self.cdf, quantiles, right=True)
+        return t.clamp(max=self.timesteps - 1)  # q can round up to 1 when u is within 2⁻⁵³ of 1
 
 
 def loss_weights(schedule: NoiseSchedule, prediction: str, weighting: str = "none", *,

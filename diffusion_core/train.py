@@ -45,7 +45,7 @@ from .figures import new_figure, save_png
 from .forward import save_forward_process_grid
 from .guidance import drop_labels
 from .images import to_model_space
-from .noise_levels import draw_timesteps, timestep_probabilities
+from .noise_levels import TimestepDraw, timestep_probabilities
 from .runtime import tune_cpu_runtime
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -214,9 +214,10 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
     optimizer = torch.optim.AdamW(denoiser.net.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay, fused=True)  # one kernel for all parameters
     noise_rng = torch.Generator(device).manual_seed(cfg.seed + 1)
-    # p(t): None for uniform draws, else a table (noise_levels.draw_timesteps)
+    # p(t): None for uniform draws, else a table
     t_probs = None if cfg.noise_levels == "uniform" else timestep_probabilities(
         schedule, cfg.noise_levels, log_snr_mean=cfg.log_snr_mean, log_snr_std=cfg.log_snr_std).float().to(device)
+    draw_t = TimestepDraw(t_probs, schedule.timesteps, stratified=cfg.stratified_noise_levels)
     torch.manual_seed(cfg.seed + 2 + ctx.rank)  # dropout: independent per rank
 
     start_step = origin = 0
@@ -283,8 +284,7 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
     for step in range(start_step, end_step):
         index = batches.indices(step).to(device)  # the global batch; this rank takes its slice `mine`
         x0 = to_model_space(images_u8[index[mine]])
-        t = draw_timesteps(t_probs, schedule.timesteps, cfg.batch_size, noise_rng,
-                           stratified=cfg.stratified_noise_levels)[mine]
+        t = draw_t(cfg.batch_size, noise_rng)[mine]
         noise = torch.randn((cfg.batch_size, *image_shape), generator=noise_rng, device=device)[mine]
         cond = {}
         if config.conditional:  # drawn for the global batch too, so DDP keeps the single-process math

@@ -10,7 +10,7 @@ import torch
 from diffusion_core import EMA, NoiseSchedule
 from diffusion_core.denoiser import Denoiser, predict_x0
 from diffusion_core.ema import power_ema_exponent
-from diffusion_core.noise_levels import draw_timesteps, loss_weights, timestep_probabilities
+from diffusion_core.noise_levels import TimestepDraw, loss_weights, timestep_probabilities
 from diffusion_core.train import learning_rate
 
 
@@ -63,7 +63,8 @@ def test_stratified_draws_hold_one_level_per_share_of_mass(schedule, distributio
     cdf = torch.cumsum(p, 0)
     n, batches = 64, 3000
     rng = torch.Generator().manual_seed(0)
-    draws = torch.stack([draw_timesteps(table, 1000, n, rng, stratified=True) for _ in range(batches)])
+    stratified, independent = TimestepDraw(table, 1000, stratified=True), TimestepDraw(table, 1000)
+    draws = torch.stack([stratified(n, rng) for _ in range(batches)])
     assert draws.dtype == torch.long and draws.min() >= 0 and draws.max() <= 999
     levels = torch.arange(1000).expand(batches, 1000).contiguous()
     at_or_below = torch.searchsorted(draws.sort(1).values, levels, right=True).double()  # [batch, k]: #{t_i ≤ k}
@@ -71,8 +72,8 @@ def test_stratified_draws_hold_one_level_per_share_of_mass(schedule, distributio
     histogram = torch.bincount(draws.flatten(), minlength=1000).double() / draws.numel()
     standard_error = (p * (1 - p) / draws.numel()).sqrt().clamp(min=1 / draws.numel())
     assert ((histogram - p).abs() / standard_error).max() < 5
-    independent = torch.stack([draw_timesteps(table, 1000, n, rng) for _ in range(200)]).sort(1).values
-    assert (torch.searchsorted(independent, levels[:200], right=True) - n * cdf).abs().max() > 3
+    independent_draws = torch.stack([independent(n, rng) for _ in range(200)]).sort(1).values
+    assert (torch.searchsorted(independent_draws, levels[:200], right=True) - n * cdf).abs().max() > 3
 
 
 class RandomNet(torch.nn.Module):
