@@ -21,6 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SEED0 = "n10000/recipe-cond-seed0"  # the default preset, training seed 0 (test-split class mix); + sampler suffix
 DEFAULT_SDE = "default (mnist-cpu-cond), SDE-DPM-Solver++(2M)"
+# students of the default's seed-0 model, 2,900 steps of consistency distillation each (distillation seed 0, 1)
+DEFAULT_CD_EPS = "few-step/default-consistency-eps-minsnr-2900.json"
+DEFAULT_CD_EPS_SEED1 = "few-step/default-consistency-eps-minsnr-2900-seed1.json"
+DEFAULT_CD_V = "few-step/default-consistency-v-2900.json"
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class Point:
     fid: float
     fid_std: float
     source: str
-    seed: int = 0           # training seed; the right panel draws a line through seed 0, other seeds as hollow marks
+    seed: int = 0           # training seed (a student's: distillation seed); a line through seed 0, others hollow
     evaluations: int = 50   # right panel: the sampler's network evaluations per image
 
 
@@ -58,8 +62,9 @@ def _scored(results: Path, name: str) -> tuple[float, float, int]:
 
 
 def by_evaluations(results: Path) -> list[Point]:
-    """Left panel: the teacher (four nights of mnist-cpu) with its SDE and ODE solvers, the students, and the
-    default preset's model (mnist-cpu-cond, 15 minutes, training seed 0) with its SDE and ODE solvers."""
+    """Left panel: the teacher (four nights of mnist-cpu) with its SDE and ODE solvers and its students, and the
+    default preset's model (mnist-cpu-cond, 15 minutes, training seed 0) with its SDE and ODE solvers and its
+    students (hollow: a second distillation seed)."""
     points = []
     pd_name, cd_name = "few-step/progressive-v-1500.json", "few-step/consistency-v-2900.json"
     pd, cd = _read(results, pd_name), _read(results, cd_name)
@@ -77,6 +82,11 @@ def by_evaluations(results: Path) -> list[Point]:
                               (cd, cd_name, "consistency distillation (of the 60-min run)")):
         for steps, score in doc["student"].items():
             points.append(Point(series, int(steps), score["fid"], score["fid_std"], name))
+    for name, series, seed in ((DEFAULT_CD_EPS, "consistency distillation of the default, ε head", 0),
+                               (DEFAULT_CD_EPS_SEED1, "consistency distillation of the default, ε head", 1),
+                               (DEFAULT_CD_V, "consistency distillation of the default, v head", 0)):
+        for steps, score in _read(results, name)["student"].items():
+            points.append(Point(series, int(steps), score["fid"], score["fid_std"], name, seed=seed))
     for name, series in ((f"{DEFAULT_SEED0}-sde10.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde15.json", DEFAULT_SDE),
                          (f"{DEFAULT_SEED0}-sde20.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde30.json", DEFAULT_SDE),
                          (f"{DEFAULT_SEED0}.json", DEFAULT_SDE),
@@ -128,12 +138,13 @@ def floor(results: Path) -> float:
     return _read(results, f"{DEFAULT_SEED0}.json")["fid_lenet_train"]
 
 
-def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: float, png: Path) -> Path:
+def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: float, default_fid: float,
+         png: Path) -> Path:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     from diffusion_core.figures import new_figure, save_png
 
-    fig, (nfe, minutes) = new_figure(2, width_in=11.0, height_in=4.6)
+    fig, (nfe, minutes) = new_figure(2, width_in=11.0, height_in=7.4)
     for ax, points, yticks in ((nfe, left, [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]),
                                (minutes, right, [2, 3, 4, 6, 8, 10, 15, 20, 30, 40])):
         for k, series in enumerate(dict.fromkeys(p.series for p in points)):
@@ -152,6 +163,7 @@ def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: f
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
     nfe.axhline(1.5 * teacher_fid, color="C3", linestyle=":", label=f"1.5× the teacher at 50: {1.5 * teacher_fid:.1f}")
+    nfe.axhline(1.5 * default_fid, color="C9", linestyle=":", label=f"1.5× the default at 50: {1.5 * default_fid:.1f}")
     nfe.set_xscale("log")
     nfe.set_xticks(sorted({p.x for p in left}))
     nfe.xaxis.set_major_formatter(ScalarFormatter())
@@ -160,8 +172,8 @@ def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: f
             title="sampling cost (teacher: mnist-cpu 60 min; default 15 min)")
     minutes.set(xlabel="training minutes (budget at each network's calibrated images/s)", ylabel="LeNet FID, N = 10,000 (log scale)",
                 title="training cost (hollow: other training seeds)", xticks=[5, 15, 30, 45, 60])
-    nfe.legend(fontsize=7)
-    minutes.legend(fontsize=7)
+    for ax in (nfe, minutes):  # below each panel, so that no line is hidden
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1)
     fig.suptitle("quality against cost on MNIST (2-core CPU runs)")
     return save_png(fig, png, rect=(0, 0, 1, 0.95))
 
@@ -178,13 +190,14 @@ def main() -> None:
     results = Path(args.results)
     left, right, floor_fid = by_evaluations(results), by_minutes(results), floor(results)
     teacher = next(p.fid for p in left if p.series.startswith("teacher, SDE") and p.x == 50)
+    default = next(p.fid for p in left if p.series == DEFAULT_SDE and p.x == 50)
     print("| series | network evaluations | training minutes | training seed | FID at N = 10,000 | × floor | file |")
     print("|---|---|---|---|---|---|---|")
     for p in left:
         print(f"| {p.series} | {p.x:g} | | | {_fid_text(p)} | {p.fid / floor_fid:.2f} | {p.source} |")
     for p in right:
         print(f"| {p.series} | {p.evaluations} | {p.x:g} | {p.seed} | {_fid_text(p)} | {p.fid / floor_fid:.2f} | {p.source} |")
-    print(f"plot: {plot(left, right, floor_fid, teacher, Path(args.plot))}")
+    print(f"plot: {plot(left, right, floor_fid, teacher, default, Path(args.plot))}")
 
 
 if __name__ == "__main__":
