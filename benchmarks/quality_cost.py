@@ -78,14 +78,13 @@ def by_evaluations(results: Path) -> list[Point]:
     for steps in (10, 20):
         points.append(Point(sde, steps, *_fid(sweep, f"dpmpp2msde{steps}"), sweep_name))
         points.append(Point(ode, steps, *_fid(sweep, f"dpmpp2m{steps}"), sweep_name))
-    for doc, name, series in ((pd, pd_name, "progressive distillation (of the teacher)"),
-                              (cd, cd_name, "consistency distillation (of the 60-min run)")):
+    for doc, name, series, seed in (
+            (pd, pd_name, "progressive distillation (of the teacher)", 0),
+            (cd, cd_name, "consistency distillation (of the 60-min run)", 0),
+            (_read(results, DEFAULT_CD_EPS), DEFAULT_CD_EPS, "consistency distillation of the default, ε head", 0),
+            (_read(results, DEFAULT_CD_EPS_SEED1), DEFAULT_CD_EPS_SEED1, "consistency distillation of the default, ε head", 1),
+            (_read(results, DEFAULT_CD_V), DEFAULT_CD_V, "consistency distillation of the default, v head", 0)):
         for steps, score in doc["student"].items():
-            points.append(Point(series, int(steps), score["fid"], score["fid_std"], name))
-    for name, series, seed in ((DEFAULT_CD_EPS, "consistency distillation of the default, ε head", 0),
-                               (DEFAULT_CD_EPS_SEED1, "consistency distillation of the default, ε head", 1),
-                               (DEFAULT_CD_V, "consistency distillation of the default, v head", 0)):
-        for steps, score in _read(results, name)["student"].items():
             points.append(Point(series, int(steps), score["fid"], score["fid_std"], name, seed=seed))
     for name, series in ((f"{DEFAULT_SEED0}-sde10.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde15.json", DEFAULT_SDE),
                          (f"{DEFAULT_SEED0}-sde20.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde30.json", DEFAULT_SDE),
