@@ -94,6 +94,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     class_labels = _class_request(args, loaded.config, settings.num_samples)
     if class_labels is None:
         settings = settings.override(guidance=0.0)
+    loaded.config.check_guidance(settings.guidance)
     spec_shape = (loaded.config.model.in_channels,) + (_image_size(loaded.config),) * 2
     images = torch.cat(list(generate_batches(loaded.denoiser, schedule, spec_shape, settings, device=device,
                                              class_labels=class_labels)))

@@ -306,12 +306,26 @@ class Config:
                "but the primary one on sample.num_samples images, and FID, KID and precision/recall need at least "
                f"{MIN_SCORED_IMAGES}; set sample.num_samples >= {MIN_SCORED_IMAGES} "
                "(`diffusion sample -n` takes any number)")
-        guided = [w for w in (self.sample.guidance, *self.sample.guidance_sweep) if w > 0] if self.conditional else []
-        _check(p, self.train.label_dropout > 0 or not guided,
+        guided = self.unguidable((self.sample.guidance, *self.sample.guidance_sweep))
+        _check(p, not guided,
                f"train.label_dropout=0 with guidance weights {guided} in sample.guidance / sample.guidance_sweep: a "
                "model that never saw the \"no class\" label cannot be guided; set train.label_dropout > 0 (0.1 is "
                "usual), or sample.guidance=0 and sample.guidance_sweep=[] (or weights of 0 only)")
         _raise_if(p)
+
+    def unguidable(self, weights: typing.Iterable[float]) -> list[float]:
+        """The guidance weights w > 0 among `weights` when this class-conditional model was trained without
+        label dropout: it never learnt ε̂(x, ∅), the unconditional half of eq. 6 of Ho & Salimans (2022)."""
+        if not self.conditional or self.train.label_dropout > 0:
+            return []
+        return [w for w in weights if w > 0]
+
+    def check_guidance(self, guidance: float) -> None:
+        """Refuse, before any sampling, a guidance weight this model was not trained for (`unguidable`)."""
+        if self.unguidable([guidance]):
+            raise ConfigError(f"guidance {guidance} refused: this model was trained with train.label_dropout=0, so "
+                              "it never learnt the \"no class\" prediction guidance subtracts; sample it with "
+                              "guidance 0, or train one with train.label_dropout > 0 (0.1 is usual)")
 
     @property
     def conditional(self) -> bool:

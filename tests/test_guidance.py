@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffusion_core import NoiseSchedule
-from diffusion_core.config import SampleConfig
+from diffusion_core.config import ConfigError, SampleConfig
 from diffusion_core.guidance import balanced_labels, drop_labels, guided, parse_classes
 from diffusion_core.samplers import ddim_sample, generate_batches, sample
 from diffusion_core.unet import UNet, UNetConfig
@@ -204,3 +204,32 @@ def test_short_conditional_mnist_training_draws_the_requested_digits(smoke_overr
     model = load_model(tmp_path / "model")
     guided_result = evaluate(model, num_samples=200, steps=20, guidance=3.0, progress=False, device="cpu")
     assert guided_result["class_consistency_lenet_ddim20_w3"] >= CONSISTENCY_BAR, guided_result
+
+
+def test_a_model_trained_without_label_dropout_refuses_guidance_at_every_door(smoke_overrides, tmp_path, capsys):
+    """With train.label_dropout = 0 the "no class" embedding is never trained, so ε̂(x, ∅) is whatever it was
+    initialised to: the CLI, the evaluator, the served model and the sampling flow refuse w > 0 by name and
+    still sample at w = 0."""
+    from mlflow.exceptions import MlflowException
+
+    from diffusion_core import load_config, load_model, train
+    from diffusion_core.cli import main
+    from diffusion_core.serving import default_params, request
+    from flows.sample_model import _request
+
+    train(load_config("smoke", {**smoke_overrides, "model.num_classes": 10, "train.label_dropout": 0.0,
+                                "sample.guidance_sweep": []}), tmp_path, progress=False)
+    loaded = load_model(tmp_path / "model")
+    for argv in (["sample", "--model", str(tmp_path / "model"), "--class", "7", "--guidance", "2", "--device", "cpu"],
+                 ["evaluate", "--model", str(tmp_path / "model"), "--guidance", "2", "--device", "cpu"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and "train.label_dropout=0" in capsys.readouterr().err
+    params = {**default_params(loaded.config), "guidance": 2.0}
+    with pytest.raises(MlflowException, match=r"guidance 2\.0 refused: .*train\.label_dropout=0"):
+        request(loaded.config, {"class": [7]}, params)
+    with pytest.raises(ConfigError, match=r"guidance 2\.0 refused: .*train\.label_dropout=0"):
+        _request(loaded, {"guidance": 2.0}, 4, 2, [7])
+    settings, labels = request(loaded.config, {"class": [7]}, {**params, "guidance": 0.0})
+    assert settings.guidance == 0.0 and labels.tolist() == [7]
+    assert _request(loaded, {"guidance": 0.0}, 4, 2, [7])[0].guidance == 0.0

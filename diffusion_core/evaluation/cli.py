@@ -48,6 +48,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device) if args.model else None
     config = load_config(args.preset) if loaded is None else loaded.config
     s = _settings(config, args)
+    if loaded is not None:
+        config.check_guidance(s.guidance)
     data = _data_config(config.data, args)
     common = dict(extractor=args.extractor, split=args.split, seed=s.seed, batch_size=s.batch_size, device=device,
                   inception_weights=args.inception_weights)
