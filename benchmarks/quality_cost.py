@@ -25,6 +25,9 @@ DEFAULT_SDE = "default (mnist-cpu-cond), SDE-DPM-Solver++(2M)"
 DEFAULT_CD_EPS = "few-step/default-consistency-eps-minsnr-2900.json"
 DEFAULT_CD_EPS_SEED1 = "few-step/default-consistency-eps-minsnr-2900-seed1.json"
 DEFAULT_CD_V = "few-step/default-consistency-v-2900.json"
+# the same two ε-head students sampled at the preset's levels (log SNR −4.5, −1.5, 0.5 after T−1): `diffusion evaluate` files
+DEFAULT_CD_EPS_LEVELS = ("few-step/default-consistency-eps-minsnr-2900-levels4.json",
+                         "few-step/default-consistency-eps-minsnr-2900-seed1-levels4.json")
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def _scored(results: Path, name: str) -> tuple[float, float, int]:
 def by_evaluations(results: Path) -> list[Point]:
     """Left panel: the teacher (four nights of mnist-cpu) with its SDE and ODE solvers and its students, and the
     default preset's model (mnist-cpu-cond, 15 minutes, training seed 0) with its SDE and ODE solvers and its
-    students (hollow: a second distillation seed)."""
+    students, the ε head also at the preset's levels (hollow: a second distillation seed)."""
     points = []
     pd_name, cd_name = "few-step/progressive-v-1500.json", "few-step/consistency-v-2900.json"
     pd, cd = _read(results, pd_name), _read(results, cd_name)
@@ -86,6 +89,10 @@ def by_evaluations(results: Path) -> list[Point]:
             (_read(results, DEFAULT_CD_V), DEFAULT_CD_V, "consistency distillation of the default, v head", 0)):
         for steps, score in doc["student"].items():
             points.append(Point(series, int(steps), score["fid"], score["fid_std"], name, seed=seed))
+    for seed, name in enumerate(DEFAULT_CD_EPS_LEVELS):
+        score = _read(results, name)
+        points.append(Point("consistency distillation of the default, ε head, at levels −4.5, −1.5, 0.5", score["steps"],
+                            *_fid(score, f"consistency{score['steps']}_w0"), name, seed=seed))
     for name, series in ((f"{DEFAULT_SEED0}-sde10.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde15.json", DEFAULT_SDE),
                          (f"{DEFAULT_SEED0}-sde20.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde30.json", DEFAULT_SDE),
                          (f"{DEFAULT_SEED0}.json", DEFAULT_SDE),

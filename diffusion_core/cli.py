@@ -30,6 +30,20 @@ def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = DEFA
                         help="override one setting (repeatable), e.g. --set train.steps=100")
 
 
+def _log_snr_levels(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of log SNR values such as "
+                                         "-4.5,-1.5,0.5") from None
+
+
+def _add_levels_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--levels-log-snr", type=_log_snr_levels, metavar="L2,L3,…",
+                        help="consistency sampler: log SNR of the levels after T−1, one per step after the first, "
+                             "written --levels-log-snr=-4.5,-1.5,0.5 (default: the model's config at its steps)")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .data import prepare_dataset
 
@@ -87,14 +101,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device)
     schedule = loaded.denoiser.schedule
     settings = loaded.config.sample.override(
-        sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing, num_samples=args.num,
+        sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+        levels_log_snr=args.levels_log_snr, num_samples=args.num,
         batch_size=args.batch_size, seed=args.seed, guidance=args.guidance).resolved(schedule.timesteps)
     if settings.steps > schedule.timesteps:
         raise ConfigError(f"--steps {settings.steps} exceeds the model's {schedule.timesteps} timesteps")
     class_labels = _class_request(args, loaded.config, settings.num_samples)
     if class_labels is None:
         settings = settings.override(guidance=0.0)
-    loaded.config.check_guidance(settings.guidance)
+    loaded.config.check_sample(settings)
     spec_shape = (loaded.config.model.in_channels,) + (_image_size(loaded.config),) * 2
     images = torch.cat(list(generate_batches(loaded.denoiser, schedule, spec_shape, settings, device=device,
                                              class_labels=class_labels)))
@@ -107,6 +122,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         with atomic_path(args.tensor_out) as tmp:
             save_file(tensors, str(tmp), metadata={"sampler": settings.sampler, "steps": str(settings.steps),
                                                   "eta": str(settings.eta), "spacing": settings.spacing,
+                                                  "levels_log_snr": ",".join(map(str, settings.levels_log_snr)),
                                                   "seed": str(settings.seed), "guidance": str(settings.guidance)})
         print(f"{len(images)} uint8 images: {args.tensor_out}")
 
@@ -188,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "else all T for ddpm, 50 for the others)")
     p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: the model's config for its sampler; "
                                                        "else log_snr for dpm++2m(-sde), linear for ddpm and ddim)")
+    _add_levels_arg(p)
     p.add_argument("--eta", type=float, help="DDIM η in [0, 1]")
     p.add_argument("--class", dest="classes", metavar="C",
                    help="conditional models: class to draw (7), several (1,3,5: one grid row each), 'all' "

@@ -20,7 +20,8 @@ from typing import Any
 from .data import DATASETS
 from .denoiser import PREDICTIONS
 from .noise_levels import LOSS_WEIGHTINGS, NOISE_LEVEL_DISTRIBUTIONS
-from .samplers import SAMPLERS, SPACINGS, default_spacing, default_steps
+from .samplers import SAMPLERS, SPACINGS, default_spacing, default_steps, few_step_levels
+from .schedule import NoiseSchedule
 from .schedule import SCHEDULE_KINDS
 from .unet import UNetConfig
 
@@ -160,6 +161,8 @@ class SampleConfig:
     steps: int | None = None     # network evaluations; unset: all T for ddpm, else 50 (samplers.default_steps)
     eta: float = 0.0             # DDIM stochasticity: 0 deterministic … 1 ancestral (= ddpm)
     spacing: str | None = None   # timesteps "linear" in t or even in "log_snr"; unset: log_snr for dpm++*, else linear
+    levels_log_snr: tuple[float, ...] = ()  # consistency sampler: log SNR of its levels after T−1 (steps − 1 of them,
+                                            # increasing), in place of spacing's; () = spacing's levels
     num_samples: int = 64        # images to generate
     batch_size: int = 256        # images per network call
     clip_x0: bool = True         # clip x̂0 to [-1, 1] at every step
@@ -171,12 +174,22 @@ class SampleConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "guidance_sweep", tuple(self.guidance_sweep))
         object.__setattr__(self, "nfe_sweep", tuple(self.nfe_sweep))
+        object.__setattr__(self, "levels_log_snr", tuple(self.levels_log_snr))
         p: list[str] = []
         _check(p, self.sampler in SAMPLERS, f"sample.sampler={self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         _check(p, self.steps is None or self.steps >= 1, f"sample.steps must be >= 1 (or unset), got {self.steps}")
         _check(p, 0 <= self.eta <= 1, f"sample.eta must be in [0, 1], got {self.eta}")
         _check(p, self.spacing is None or self.spacing in SPACINGS,
                f"sample.spacing={self.spacing!r} is unknown; choose one of {', '.join(SPACINGS)} (or leave it unset)")
+        levels = list(self.levels_log_snr)
+        _check(p, not levels or self.sampler == "consistency",
+               f"sample.levels_log_snr={levels} is a setting of the consistency sampler, not of {self.sampler!r}; "
+               "leave it empty")
+        _check(p, all(a < b for a, b in zip(levels, levels[1:])),
+               f"sample.levels_log_snr={levels} must increase (each level cleaner than the one before)")
+        _check(p, not levels or self.steps is None or self.steps == len(levels) + 1,
+               f"sample.steps={self.steps} with {len(levels)} sample.levels_log_snr: the consistency sampler visits "
+               f"T−1 and then those levels, {len(levels) + 1} steps; set steps={len(levels) + 1} or leave it unset")
         _check(p, self.num_samples >= 1, f"sample.num_samples must be >= 1, got {self.num_samples}")
         _check(p, self.batch_size >= 1, f"sample.batch_size must be >= 1, got {self.batch_size}")
         _check(p, self.guidance >= 0, f"sample.guidance must be >= 0 (0 = plain conditional sampling), got {self.guidance}")
@@ -186,17 +199,25 @@ class SampleConfig:
         _raise_if(p)
 
     def override(self, **changes: Any) -> SampleConfig:
-        """These settings with `changes` (None values ignored). Another sampler drops the configured steps
-        and spacing unless they are given too: they were chosen for the configured sampler (DDIM's 50
-        steps are no DDPM setting), so the new one takes its own defaults."""
+        """These settings with `changes` (None values ignored). Another sampler drops the configured steps,
+        spacing and levels unless they are given too: they were chosen for the configured sampler (DDIM's 50
+        steps are no DDPM setting), so the new one takes its own defaults. Another step count or a spacing
+        asked for drops the configured levels_log_snr, which hold one step count's levels; levels asked for
+        without steps set the steps to theirs."""
         changes = {key: value for key, value in changes.items() if value is not None}
+        if changes.get("levels_log_snr") and "steps" not in changes:
+            changes["steps"] = len(changes["levels_log_snr"]) + 1
         if changes.get("sampler", self.sampler) != self.sampler:
-            changes = {"steps": None, "spacing": None, **changes}
+            changes = {"steps": None, "spacing": None, "levels_log_snr": (), **changes}
+        elif self.levels_log_snr and "levels_log_snr" not in changes and (
+                "spacing" in changes or changes.get("steps", len(self.levels_log_snr) + 1) != len(self.levels_log_snr) + 1):
+            changes = {"levels_log_snr": (), **changes}
         return dataclasses.replace(self, **changes)
 
     def resolved(self, timesteps: int) -> SampleConfig:
         """These settings with unset steps and spacing filled in for a model of `timesteps` steps."""
-        return dataclasses.replace(self, steps=self.steps or default_steps(self.sampler, timesteps),
+        steps = self.steps or (len(self.levels_log_snr) + 1 if self.levels_log_snr else None)
+        return dataclasses.replace(self, steps=steps or default_steps(self.sampler, timesteps),
                                    spacing=self.spacing or default_spacing(self.sampler))
 
 
@@ -244,10 +265,14 @@ class DistillConfig:
     target_ema: float = 0.95     # μ of the target network θ⁻ ← μ·θ⁻ + (1 − μ)·θ (Song et al. 2023: 0.95 for CD)
     ema_decay: float = 0.999     # EMA of the student: the weights that are exported and sampled
     sample_steps: int = 4        # network evaluations of the student's sampler (its sample.steps)
+    sample_levels_log_snr: tuple[float, ...] = ()  # consistency students: log SNR of the levels after T−1 (its
+                                                   # sample.levels_log_snr, sample_steps − 1 of them); () = levels
+                                                   # even in log SNR, the only ones a progressive student learns
     seed: int = 0                # data order, noise levels and noise of the distillation
     log_every: int = 50          # steps between metrics.jsonl reports
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sample_levels_log_snr", tuple(self.sample_levels_log_snr))
         p: list[str] = []
         _check(p, self.method in DISTILL_METHODS,
                f"distill.method={self.method!r} is unknown; choose one of {', '.join(DISTILL_METHODS)}")
@@ -270,6 +295,12 @@ class DistillConfig:
         _check(p, 0 <= self.target_ema < 1, f"distill.target_ema must be in [0, 1), got {self.target_ema}")
         _check(p, 0 <= self.ema_decay < 1, f"distill.ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(p, self.sample_steps >= 1, f"distill.sample_steps must be >= 1, got {self.sample_steps}")
+        _check(p, not self.sample_levels_log_snr or len(self.sample_levels_log_snr) == self.sample_steps - 1,
+               f"distill.sample_levels_log_snr={list(self.sample_levels_log_snr)} for distill.sample_steps="
+               f"{self.sample_steps}: give sample_steps − 1 levels (the first is always T−1), or none")
+        _check(p, self.method != "progressive" or not self.sample_levels_log_snr,
+               f"distill.sample_levels_log_snr={list(self.sample_levels_log_snr)} with progressive distillation: its "
+               "student learnt the levels even in log SNR only; leave it empty (or set distill.method=consistency)")
         _check(p, self.log_every >= 1, f"distill.log_every must be >= 1, got {self.log_every}")
         _raise_if(p)
 
@@ -306,6 +337,8 @@ class Config:
                "but the primary one on sample.num_samples images, and FID, KID and precision/recall need at least "
                f"{MIN_SCORED_IMAGES}; set sample.num_samples >= {MIN_SCORED_IMAGES} "
                "(`diffusion sample -n` takes any number)")
+        levels_problem = _levels_problem(self.diffusion, self.sample)
+        _check(p, not levels_problem, levels_problem)
         guided = self.unguidable((self.sample.guidance, *self.sample.guidance_sweep))
         _check(p, not guided,
                f"train.label_dropout=0 with guidance weights {guided} in sample.guidance / sample.guidance_sweep: a "
@@ -320,12 +353,17 @@ class Config:
             return []
         return [w for w in weights if w > 0]
 
-    def check_guidance(self, guidance: float) -> None:
-        """Refuse, before any sampling, a guidance weight this model was not trained for (`unguidable`)."""
-        if self.unguidable([guidance]):
-            raise ConfigError(f"guidance {guidance} refused: this model was trained with train.label_dropout=0, so "
-                              "it never learnt the \"no class\" prediction guidance subtracts; sample it with "
-                              "guidance 0, or train one with train.label_dropout > 0 (0.1 is usual)")
+    def check_sample(self, settings: SampleConfig) -> None:
+        """Refuse, before any sampling, settings this model cannot sample with: a guidance weight it was not
+        trained for (`unguidable`), or levels_log_snr that do not fit its schedule (`few_step_levels`)."""
+        if self.unguidable([settings.guidance]):
+            raise ConfigError(f"guidance {settings.guidance} refused: this model was trained with "
+                              "train.label_dropout=0, so it never learnt the \"no class\" prediction guidance "
+                              "subtracts; sample it with guidance 0, or train one with train.label_dropout > 0 "
+                              "(0.1 is usual)")
+        problem = _levels_problem(self.diffusion, settings)
+        if problem:
+            raise ConfigError(problem)
 
     @property
     def conditional(self) -> bool:
@@ -344,6 +382,18 @@ class Config:
             else:
                 out[section] = values
         return out
+
+
+def _levels_problem(diffusion: DiffusionConfig, settings: SampleConfig) -> str:
+    """Why `settings`' levels_log_snr do not fit a model of `diffusion`'s schedule, or ""."""
+    if not settings.levels_log_snr:
+        return ""
+    schedule = NoiseSchedule(diffusion.timesteps, diffusion.schedule)
+    try:
+        few_step_levels(schedule, len(settings.levels_log_snr) + 1, levels_log_snr=settings.levels_log_snr)
+    except ValueError as exc:
+        return f"sample.levels_log_snr refused for this model's {diffusion.schedule} schedule of {diffusion.timesteps} steps: {exc}"
+    return ""
 
 
 def _build(cls, values: dict[str, Any], where: str):

@@ -70,7 +70,9 @@ def student_config(teacher: Config, overrides: list[str] | dict | None = None) -
     config = override_config(teacher, overrides or [])
     return override_config(config, {"diffusion.prediction": config.distill.prediction,
                                     "sample.sampler": config.distill.method,
-                                    "sample.steps": config.distill.sample_steps, "sample.spacing": "log_snr",
+                                    "sample.steps": config.distill.sample_steps,
+                                    "sample.spacing": "log_snr",
+                                    "sample.levels_log_snr": list(config.distill.sample_levels_log_snr),
                                     "name": f"{teacher.name}-{config.distill.method}"})
 
 

@@ -222,15 +222,31 @@ def dpm_solver_sample(
     return x.clamp(-1.0, 1.0) if clip_x0 else x
 
 
-def few_step_levels(schedule: NoiseSchedule, steps: int, spacing: Spacing = "log_snr") -> list[int]:
+def few_step_levels(schedule: NoiseSchedule, steps: int, spacing: Spacing = "log_snr",
+                    levels_log_snr: tuple[float, ...] = ()) -> list[int]:
     """The `steps` noise levels (descending timesteps, T−1 first) of a few-step sampler, the step after the last
     going to clean data: the first `steps` of `sampling_timesteps(steps + 1)`, whose last entry, index 0 (ᾱ ≈ 1),
     would spend an evaluation on almost nothing. Levels of `steps`·2^k are nested: every 2^k-th of them are the
-    `steps` levels (even in λ, up to the nearest index), which progressive distillation relies on."""
+    `steps` levels (even in λ, up to the nearest index), which progressive distillation relies on.
+
+    With `levels_log_snr` (steps − 1 values, increasing: each level cleaner), the levels after T−1 are instead
+    the timesteps whose λ = log(ᾱ/(1−ᾱ)) is nearest to each value; they must land on distinct timesteps below T−1."""
     if not isinstance(steps, int) or not 1 <= steps < schedule.timesteps:
         raise ValueError(f"steps must be an integer in [1, {schedule.timesteps - 1}] for a few-step sampler, "
                          f"got {steps!r}")
-    return sampling_timesteps(schedule, steps + 1, spacing)[:-1]
+    if not levels_log_snr:
+        return sampling_timesteps(schedule, steps + 1, spacing)[:-1]
+    if len(levels_log_snr) != steps - 1:
+        raise ValueError(f"{len(levels_log_snr)} levels_log_snr for {steps} steps: give steps − 1 = {steps - 1} "
+                         "(the first level is always T−1)")
+    log_snr = schedule.log_snr.double()
+    wanted = torch.tensor(levels_log_snr, dtype=torch.float64)
+    levels = [schedule.timesteps - 1] + torch.argmin((log_snr[None, :] - wanted[:, None]).abs(), dim=1).tolist()
+    if any(later >= earlier for earlier, later in zip(levels, levels[1:])):
+        raise ValueError(f"levels_log_snr {list(levels_log_snr)} give timesteps {levels}: each level must be "
+                         f"cleaner than the one before, between log SNR {float(log_snr[-1]):.2f} (T−1) and "
+                         f"{float(log_snr[0]):.2f} (t = 0), and land on its own timestep")
+    return levels
 
 
 @torch.no_grad()
@@ -241,6 +257,7 @@ def consistency_sample(
     *,
     steps: int = FEW_STEPS,
     spacing: Spacing = "log_snr",
+    levels_log_snr: tuple[float, ...] = (),
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -249,14 +266,14 @@ def consistency_sample(
     progress: bool = False,
 ) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Alg. 1) at the levels t_1 > … > t_n of
-    `few_step_levels`: x̂0 = f(x_T, t_1), then for each later level
+    `few_step_levels` (`spacing`, or `levels_log_snr`): x̂0 = f(x_T, t_1), then for each later level
         x_t = √ᾱ_t · x̂0 + √(1 − ᾱ_t) · z,   x̂0 = f(x_t, t),
     one network evaluation per level. f(x, t) is the model's x̂0 (`predict_x0` of its ε̂), which for a
     consistency model is the end of the probability-flow ODE through (x, t): a sample, not a mean. The
     fresh noise at each level is what lets a later evaluation correct an earlier one. (Used on an ordinary
     ε-model, whose x̂0 is the posterior mean, this gives blurred images.)
     """
-    levels = few_step_levels(schedule, steps, spacing)
+    levels = few_step_levels(schedule, steps, spacing, levels_log_snr)
     x = _resolve_start(shape, x_T, generator, device, dtype)
     alpha_bars = schedule.table("alpha_bars", x.device)
     x0 = x
@@ -273,10 +290,12 @@ def consistency_sample(
 
 def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, sampler: str = "ddim",
            steps: int | None = None, eta: float = 0.0, spacing: Spacing | None = None,
-           class_labels: torch.Tensor | None = None, guidance: float = 0.0, **kwargs) -> torch.Tensor:
+           levels_log_snr: tuple[float, ...] = (), class_labels: torch.Tensor | None = None, guidance: float = 0.0,
+           **kwargs) -> torch.Tensor:
     """Dispatch by sampler name: "ddpm" (ancestral), "ddim" (with `eta`), "dpm++2m" or its stochastic
     variant "dpm++2m-sde", "consistency" (a consistency-distilled student) or "progressive" (a progressively
-    distilled one: deterministic DDIM on `few_step_levels`). `steps` and `spacing` left as None take `default_steps` and `default_spacing`.
+    distilled one: deterministic DDIM on `few_step_levels`). `steps` and `spacing` left as None take `default_steps` and `default_spacing`;
+    `levels_log_snr` places the consistency sampler's levels (few_step_levels) and is refused by the others.
     With `class_labels` [B] (a class-conditional model), every sampler runs on the classifier-free-guided
     ε̂ with weight `guidance` (see diffusion_core.guidance)."""
     if sampler not in SAMPLERS:
@@ -287,13 +306,15 @@ def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
         if len(class_labels) != shape[0]:
             raise ValueError(f"{len(class_labels)} class labels for {shape[0]} images")
         model = guided(model, class_labels, guidance)  # checks the labels against the model
+    if levels_log_snr and sampler != "consistency":
+        raise ValueError(f"levels_log_snr is a setting of the consistency sampler, not of {sampler!r}")
     grid = dict(steps=steps or default_steps(sampler, schedule.timesteps), spacing=spacing or default_spacing(sampler))
     if sampler == "ddpm":
         return ddpm_sample(model, schedule, shape, **grid, **kwargs)
     if sampler == "ddim":
         return ddim_sample(model, schedule, shape, eta=eta, **grid, **kwargs)
     if sampler == "consistency":
-        return consistency_sample(model, schedule, shape, **grid, **kwargs)
+        return consistency_sample(model, schedule, shape, levels_log_snr=levels_log_snr, **grid, **kwargs)
     if sampler == "progressive":
         return ddim_sample(model, schedule, shape, timesteps=few_step_levels(schedule, grid["steps"], grid["spacing"]),
                            **kwargs)
@@ -325,7 +346,8 @@ def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tupl
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + k)
         labels = None if class_labels is None else class_labels[made:made + b]
         x = sample(model, schedule, (b, *image_shape), sampler=settings.sampler, steps=settings.steps,
-                   eta=settings.eta, spacing=settings.spacing, clip_x0=settings.clip_x0, class_labels=labels,
+                   eta=settings.eta, spacing=settings.spacing, levels_log_snr=settings.levels_log_snr,
+                   clip_x0=settings.clip_x0, class_labels=labels,
                    guidance=settings.guidance, generator=generator, device=device)
         made += b
         bar.update(b)

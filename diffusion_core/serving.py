@@ -117,7 +117,7 @@ def request(config: Config, model_input: Any, params: dict[str, Any]) -> tuple[S
     try:
         settings = config.sample.override(sampler=sampler, steps=int(steps), guidance=float(guidance), seed=int(seed),
                                           num_samples=rows * int(n)).resolved(timesteps)
-        config.check_guidance(settings.guidance)
+        config.check_sample(settings)
     except ConfigError as exc:
         raise _refuse(str(exc)) from exc
     labels = None if classes is None else torch.tensor(classes).repeat_interleave(int(n))

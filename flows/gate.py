@@ -50,7 +50,11 @@ OPERATOR_ENV = "DIFFUSION_OPERATOR"
 DEFAULT_RULE = PromotionRule(sigmas=2.0, min_improvement=0.0, continuation="not-worse")
 # What the protocol fixes: the feature extractor, the evaluation budget and the primary sampler's settings.
 PROTOCOL_KEYS = ("extractor", "evaluation.num_samples", "evaluation.bootstrap", "sample.sampler", "sample.steps",
-                 "sample.eta", "sample.spacing", "sample.guidance", "sample.seed", "sample.clip_x0")
+                 "sample.eta", "sample.spacing", "sample.levels_log_snr", "sample.guidance", "sample.seed",
+                 "sample.clip_x0")
+# Keys added to PROTOCOL_KEYS after gates were written, with the value every run had before: a gate without one
+# fixed it implicitly, so it goes on scoring with that value.
+IMPLICIT_PROTOCOL = {"sample.levels_log_snr": []}
 
 
 def _now() -> str:
@@ -102,7 +106,7 @@ class Gate:
         """`config` with the gate's protocol; a ConfigError names what does not fit the config (say, more
         sampler steps than diffusion.timesteps)."""
         tree = config.to_dict()
-        for key, value in self.protocol.items():
+        for key, value in {**IMPLICIT_PROTOCOL, **self.protocol}.items():
             if key != "extractor":
                 section, field = key.split(".")
                 tree[section][field] = value

@@ -146,7 +146,7 @@ def _request(loaded: LoadedModel, given: dict, num_samples: int, shard_size: int
             raise ConfigError("parameters classes and guidance refused: this version is unconditional "
                               "(trained without model.num_classes)")
         return replace(settings, guidance=0.0), None
-    config.check_guidance(settings.guidance)
+    config.check_sample(settings)
     k = config.model.num_classes
     if classes is not None and not all(0 <= c < k for c in classes):
         raise ConfigError(f"parameter classes refused: this version knows classes 0 to {k - 1}, got {classes}")

@@ -1,7 +1,9 @@
+import re
+
 import pytest
 
 from diffusion_core import ConfigError, load_config
-from diffusion_core.config import MIN_SCORED_IMAGES, PRESET_DIR, config_from_dict
+from diffusion_core.config import MIN_SCORED_IMAGES, PRESET_DIR, SampleConfig, config_from_dict
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
@@ -52,6 +54,20 @@ def test_guidance_without_label_dropout_is_refused(sampling):
     with pytest.raises(ConfigError, match=r"train\.label_dropout=0 .*sample\.guidance / sample\.guidance_sweep") as err:
         load_config("smoke", {"model.num_classes": 10, "train.label_dropout": 0.0, **sampling}, environ={})
     assert "set train.label_dropout > 0" in str(err.value) and "sample.guidance_sweep=[]" in str(err.value)
+
+
+def test_consistency_levels_belong_to_one_step_count_and_one_sampler():
+    levels = SampleConfig(sampler="consistency", levels_log_snr=[-4.5, -1.5, 0.5])
+    assert levels.levels_log_snr == (-4.5, -1.5, 0.5) and levels.resolved(1000).steps == 4
+    assert levels.override(steps=4, seed=3).levels_log_snr == (-4.5, -1.5, 0.5)
+    # another step count, a spacing asked for or another sampler: the levels (4 steps' worth) are dropped
+    assert levels.override(steps=2).levels_log_snr == levels.override(spacing="linear").levels_log_snr == ()
+    assert levels.override(sampler="ddim").levels_log_snr == ()
+    for bad, named in (({"sampler": "ddim"}, "a setting of the consistency sampler, not of 'ddim'"),
+                       ({"steps": 3}, "sample.steps=3 with 3 sample.levels_log_snr"),
+                       ({"levels_log_snr": [0.5, -1.5]}, "must increase")):
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            SampleConfig(**{"sampler": "consistency", "levels_log_snr": [-4.5, -1.5, 0.5], **bad})
 
 
 def test_label_dropout_0_is_fine_without_guidance():

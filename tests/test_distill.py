@@ -55,18 +55,18 @@ class GaussianEps(nn.Module):
         return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4])
-def test_consistency_sampler_draws_the_data_distribution_with_the_exact_consistency_function(steps):
+@pytest.mark.parametrize("steps, levels_log_snr", [(1, ()), (2, ()), (4, ()), (4, (-4.5, -1.5, 0.5))])
+def test_consistency_sampler_draws_the_data_distribution_with_the_exact_consistency_function(steps, levels_log_snr):
     schedule = NoiseSchedule(T, "linear")
     shape = (4000, 1, 4, 4)
     exact = sample(GaussianEps(ode_end=True), schedule, shape, sampler="consistency", steps=steps,
-                   generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
+                   levels_log_snr=levels_log_snr, generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
     # 64,000 draws: the mean's standard error is 0.001, the std's 0.0007
     assert abs(exact.mean().item() - MU) < 0.006
     assert exact.std().item() == pytest.approx(S, rel=0.02)
     # the posterior mean in its place (an ordinary ε-model) shrinks the spread: the check can tell
     blurred = sample(GaussianEps(ode_end=False), schedule, shape, sampler="consistency", steps=steps,
-                     generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
+                     levels_log_snr=levels_log_snr, generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
     assert blurred.std().item() < 0.9 * S
 
 
@@ -76,6 +76,37 @@ def test_few_step_levels_are_the_first_steps_of_the_log_snr_grid():
     assert few_step_levels(schedule, 1) == [T - 1]
     with pytest.raises(ValueError, match="few-step sampler"):
         few_step_levels(schedule, T)
+
+
+def log_snr_at(t: int) -> float:
+    """λ_t = log(ᾱ_t / (1 − ᾱ_t)) of the paper's linear schedule, computed here from its β's."""
+    alpha_bar = paper_alpha_bars()[t]
+    return float((alpha_bar / (1 - alpha_bar)).log())
+
+
+def test_levels_given_in_log_snr_are_the_nearest_timesteps_after_the_first():
+    schedule = NoiseSchedule(T, "linear")
+    chosen = [666, 407, 213]
+    assert few_step_levels(schedule, 4, levels_log_snr=tuple(log_snr_at(t) for t in chosen)) == [T - 1, *chosen]
+    halfway = 0.5 * (log_snr_at(500) + log_snr_at(499))  # nearest: 500 just above the midpoint, 499 just below
+    assert few_step_levels(schedule, 2, levels_log_snr=(halfway + 1e-6,)) == [T - 1, 499]
+    assert few_step_levels(schedule, 2, levels_log_snr=(halfway - 1e-6,)) == [T - 1, 500]
+    with pytest.raises(ValueError, match="2 levels_log_snr for 4 steps"):
+        few_step_levels(schedule, 4, levels_log_snr=(-2.0, 0.0))
+    with pytest.raises(ValueError, match="each level must be cleaner than the one before"):
+        few_step_levels(schedule, 3, levels_log_snr=(0.0, -2.0))
+    with pytest.raises(ValueError, match="each level must be cleaner than the one before"):
+        few_step_levels(schedule, 2, levels_log_snr=(-30.0,))  # below λ at T−1: lands on T−1 itself
+
+
+def test_consistency_sampler_visits_the_levels_it_is_given():
+    model = RecordingEps()
+    levels = (log_snr_at(700), log_snr_at(350), log_snr_at(100))
+    sample(model, NoiseSchedule(T, "linear"), (2, 1, 2, 2), sampler="consistency", steps=4, levels_log_snr=levels,
+           generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert model.asked == [T - 1, 700, 350, 100]
+    with pytest.raises(ValueError, match="levels_log_snr is a setting of the consistency sampler, not of 'progressive'"):
+        sample(model, NoiseSchedule(T, "linear"), (2, 1, 2, 2), sampler="progressive", steps=4, levels_log_snr=levels)
 
 
 class RecordingEps(nn.Module):
@@ -251,6 +282,12 @@ def test_student_config_predicts_v_and_samples_with_the_consistency_sampler():
     assert student.distill.steps == 7 and student.model == teacher.model
     with pytest.raises(ConfigError, match="distill.ode_steps"):
         student_config(teacher, ["distill.ode_steps=1"])
+    assert (student.sample.spacing, student.sample.levels_log_snr) == ("log_snr", ())
+    assert student_config(teacher, ["distill.sample_levels_log_snr=[1,3,5]"]).sample.levels_log_snr == (1, 3, 5)
+    with pytest.raises(ConfigError, match="give sample_steps − 1 levels"):
+        student_config(teacher, ["distill.sample_levels_log_snr=[-1.5,0.5]"])
+    with pytest.raises(ConfigError, match=r"sample_levels_log_snr=\[1.0, 3.0, 5.0\] with progressive distillation"):
+        student_config(teacher, ["distill.method=progressive", "distill.sample_levels_log_snr=[1,3,5]"])
 
 
 @pytest.mark.parametrize("method", ["consistency", "progressive"])
@@ -258,22 +295,57 @@ def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tm
     from diffusion_core.checkpoint import load_model
     from diffusion_core.cli import main
 
+    from safetensors import safe_open
+
     run_dir = tmp_path / "student"
+    levels = ["--set", "distill.sample_levels_log_snr=[0.5]"] if method == "consistency" else []
     main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(run_dir), "--set", f"distill.method={method}",
           "--set", "distill.ode_steps=8", "--set", "distill.sample_steps=2",  # progressive: 2 halvings of 3 steps
-          "--set", "distill.steps=6", "--set", "distill.batch_size=8", "--set", "distill.log_every=3"])
+          "--set", "distill.steps=6", "--set", "distill.batch_size=8", "--set", "distill.log_every=3", *levels])
     reports = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in reports] == [3, 6]
     loaded = load_model(run_dir / "model")
     assert loaded.config.sample.sampler == method and loaded.config.diffusion.prediction == "v"
     assert loaded.config.sample.steps == 2
     assert loaded.info["teacher"]["path"] == str(smoke_cond_run)
+    assert loaded.config.sample.levels_log_snr == ((0.5,) if method == "consistency" else ())
     out = tmp_path / "grid.png"
     main(["sample", "--model", str(run_dir / "model"), "-n", "4", "--out", str(out)])
     assert out.is_file()
+    tensors = tmp_path / "levels.safetensors"
+    argv = ["sample", "--model", str(run_dir / "model"), "-n", "2", "--levels-log-snr=1,4", "--tensor-out", str(tensors)]
+    if method == "progressive":  # its student learnt its own levels only
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+        assert refused.value.code == 2 and "a setting of the consistency sampler" in capsys.readouterr().err
+    else:
+        main(argv)
+        with safe_open(str(tensors), "pt") as saved:
+            assert (saved.metadata()["steps"], saved.metadata()["levels_log_snr"]) == ("3", "1.0,4.0")
+        # this schedule of 100 steps starts at log SNR −0.56: a level below it is refused before any sampling
+        with pytest.raises(SystemExit) as refused:
+            main([*argv[:5], "--levels-log-snr=-3"])
+        assert refused.value.code == 2 and "sample.levels_log_snr refused for this model's linear schedule" in \
+            capsys.readouterr().err
     # a second distillation into the same folder is refused before any work: the student stays
     weights = (run_dir / "model" / "model.safetensors").read_bytes()
     with pytest.raises(SystemExit) as refused:
         main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(run_dir), "--set", "distill.steps=6"])
     assert refused.value.code == 2 and "already holds a distilled model" in capsys.readouterr().err
     assert (run_dir / "model" / "model.safetensors").read_bytes() == weights
+
+
+def test_a_students_levels_are_part_of_its_gate_and_older_gates_keep_scoring_without_them():
+    """The levels change the samples, so the protocol a registered model's gate fixes holds them; a gate written
+    before the protocol had them fixed the spacing's levels, and a run under it is scored with those."""
+    from flows.gate import DEFAULT_RULE, Gate, protocol_of
+
+    student = student_config(load_config("smoke"), {"distill.sample_levels_log_snr": [1, 3, 5]})
+    protocol = protocol_of(student, "lenet")
+    assert (protocol["sample.sampler"], protocol["sample.steps"], protocol["sample.levels_log_snr"]) == (
+        "consistency", 4, [1, 3, 5])
+    now = Gate(DEFAULT_RULE, protocol, 1, "test", "2026-12-05T00:00:00+00:00", "first")
+    assert now.apply(student).sample.levels_log_snr == (1, 3, 5)
+    older = Gate(DEFAULT_RULE, {k: v for k, v in protocol.items() if k != "sample.levels_log_snr"}, 1, "test",
+                 "2026-01-01T00:00:00+00:00", "written before the protocol held levels")
+    assert older.apply(student).sample.levels_log_snr == ()

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import os
 
-from ..cli import _add_config_args
+from ..cli import _add_config_args, _add_levels_arg
 from ..config import DEFAULT_PRESET, ENV_OVERRIDES, SAMPLERS, Config, ConfigError, DataConfig, SampleConfig, load_config
 from ..data import SPLITS
 from ..samplers import SPACINGS
@@ -32,7 +32,8 @@ def _settings(config: Config, args: argparse.Namespace) -> SampleConfig:
     flags given on top; a sampler other than the config's takes its own default steps and spacing unless
     they are given too."""
     settings = primary_settings(config).override(
-        sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing, num_samples=args.num_samples,
+        sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+        levels_log_snr=args.levels_log_snr, num_samples=args.num_samples,
         seed=args.seed, batch_size=args.batch_size, guidance=args.guidance)
     return settings.resolved(config.diffusion.timesteps)
 
@@ -49,13 +50,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     config = load_config(args.preset) if loaded is None else loaded.config
     s = _settings(config, args)
     if loaded is not None:
-        config.check_guidance(s.guidance)
+        config.check_sample(s)
     data = _data_config(config.data, args)
     common = dict(extractor=args.extractor, split=args.split, seed=s.seed, batch_size=s.batch_size, device=device,
                   inception_weights=args.inception_weights)
     metrics = {}
     if loaded is not None:
         metrics.update(evaluate(loaded, data=data, sampler=s.sampler, steps=s.steps, eta=s.eta, spacing=s.spacing,
+                                levels_log_snr=s.levels_log_snr,
                                 clip_x0=s.clip_x0, num_samples=s.num_samples,
                                 guidance=s.guidance if config.conditional else args.guidance,
                                 bootstrap=config.evaluation.bootstrap if args.bootstrap is None else args.bootstrap,
@@ -94,6 +96,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eta", type=float, help="DDIM η in [0, 1] (default: the model's sample.eta)")
     p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: the model's config for its sampler; "
                                                        "else log_snr for dpm++2m(-sde), linear for ddpm and ddim)")
+    _add_levels_arg(p)
     p.add_argument("--guidance", type=float, help="class-conditional models: guidance weight w (default: the "
                                                   "model's sample.guidance); labels follow the --split's class mix")
     p.add_argument("-n", "--num-samples", type=int, help="images to generate, and floor set size "
