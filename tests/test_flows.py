@@ -800,3 +800,32 @@ def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_sc
     defaults = {p.name: p.default for p in served.metadata.get_params_schema().params}
     assert (defaults["sampler"], defaults["steps"]) == ("progressive", 2)
     assert served.predict(pd.DataFrame(index=[0]), params={"n": 3}).shape == (3, 1, 28, 28)
+
+
+def test_a_consistency_students_levels_travel_to_its_gate_its_score_and_its_served_images(smoke_model):
+    """distill.sample_levels_log_snr goes into the student's config: its registered model's gate fixes them, its
+    score names them, and MLflow serves images drawn at them (not at the spacing's levels)."""
+    import mlflow
+    import pandas as pd
+
+    from flows.distill_eval import distill_eval
+
+    client = MlflowClient()
+    settings = {"distill.method": "consistency", "distill.sample_steps": 2, "distill.sample_levels_log_snr": [2.0],
+                "distill.steps": 2, "distill.batch_size": 8, "distill.warmup_steps": 0}
+    run_id = distill_eval(model="ddpm-mnist", overrides=settings)
+    name, version = "ddpm-mnist-consistency2", client.get_run(run_id).data.tags["model_version"]
+    assert read_gate(client, name).protocol["sample.levels_log_snr"] == [2.0]
+    assert client.get_model_version(name, version).tags["eval.sampler"] == "consistency2-levels2"
+    served = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(pd.DataFrame(index=[0]),
+                                                                          params={"n": 4, "seed": 3})
+    student = load_registered_model(f"models:/{name}/{version}")
+    assert student.config.sample.levels_log_snr == (2.0,)
+
+    def drawn(sample_config: SampleConfig) -> torch.Tensor:
+        return torch.cat(list(generate_batches(student.denoiser, student.denoiser.schedule, (1, 28, 28),
+                                               sample_config.override(num_samples=4, seed=3), device="cpu",
+                                               progress=False)))
+    at_levels = drawn(student.config.sample)
+    assert torch.equal(torch.from_numpy(served), at_levels)
+    assert not torch.equal(at_levels, drawn(student.config.sample.override(levels_log_snr=(), steps=2)))

@@ -25,9 +25,12 @@ _LABEL_STREAM = 0x1ABE1  # keeps the label order's random stream apart from the 
 
 def sampling_settings(config: Config, **changes) -> SampleConfig:
     """`config.sample` with `changes`, steps and spacing resolved for the model's T; an unconditional
-    model gets guidance 0 (it has no classes to guide towards)."""
+    model gets guidance 0 (it has no classes to guide towards), another sampler no levels_log_snr (they are
+    the consistency sampler's)."""
     if not config.conditional:
         changes["guidance"] = 0.0
+    if changes.get("sampler", config.sample.sampler) != config.sample.sampler:
+        changes.setdefault("levels_log_snr", ())
     return dataclasses.replace(config.sample, **changes).resolved(config.diffusion.timesteps)
 
 
