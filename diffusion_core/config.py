@@ -21,8 +21,7 @@ from .data import DATASETS
 from .denoiser import PREDICTIONS
 from .noise_levels import LOSS_WEIGHTINGS, NOISE_LEVEL_DISTRIBUTIONS
 from .samplers import SAMPLERS, SPACINGS, default_spacing, default_steps, few_step_levels
-from .schedule import NoiseSchedule
-from .schedule import SCHEDULE_KINDS
+from .schedule import SCHEDULE_KINDS, NoiseSchedule
 from .unet import UNetConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # shipped in the package (pyproject package-data)
@@ -209,9 +208,10 @@ class SampleConfig:
             changes["steps"] = len(changes["levels_log_snr"]) + 1
         if changes.get("sampler", self.sampler) != self.sampler:
             changes = {"steps": None, "spacing": None, "levels_log_snr": (), **changes}
-        elif self.levels_log_snr and "levels_log_snr" not in changes and (
-                "spacing" in changes or changes.get("steps", len(self.levels_log_snr) + 1) != len(self.levels_log_snr) + 1):
-            changes = {"levels_log_snr": (), **changes}
+        elif self.levels_log_snr and "levels_log_snr" not in changes:
+            own_steps = len(self.levels_log_snr) + 1
+            if "spacing" in changes or changes.get("steps", own_steps) != own_steps:
+                changes = {"levels_log_snr": (), **changes}
         return dataclasses.replace(self, **changes)
 
     def resolved(self, timesteps: int) -> SampleConfig:
@@ -392,7 +392,8 @@ def _levels_problem(diffusion: DiffusionConfig, settings: SampleConfig) -> str:
     try:
         few_step_levels(schedule, len(settings.levels_log_snr) + 1, levels_log_snr=settings.levels_log_snr)
     except ValueError as exc:
-        return f"sample.levels_log_snr refused for this model's {diffusion.schedule} schedule of {diffusion.timesteps} steps: {exc}"
+        return (f"sample.levels_log_snr refused for this model's {diffusion.schedule} schedule of "
+                f"{diffusion.timesteps} steps: {exc}")
     return ""
 
 

@@ -230,7 +230,8 @@ def few_step_levels(schedule: NoiseSchedule, steps: int, spacing: Spacing = "log
     `steps` levels (even in λ, up to the nearest index), which progressive distillation relies on.
 
     With `levels_log_snr` (steps − 1 values, increasing: each level cleaner), the levels after T−1 are instead
-    the timesteps whose λ = log(ᾱ/(1−ᾱ)) is nearest to each value; they must land on distinct timesteps below T−1."""
+    the timesteps whose λ = log(ᾱ/(1−ᾱ)) is nearest to each value; they must land on distinct timesteps below
+    T−1."""
     if not isinstance(steps, int) or not 1 <= steps < schedule.timesteps:
         raise ValueError(f"steps must be an integer in [1, {schedule.timesteps - 1}] for a few-step sampler, "
                          f"got {steps!r}")
@@ -294,8 +295,9 @@ def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
            **kwargs) -> torch.Tensor:
     """Dispatch by sampler name: "ddpm" (ancestral), "ddim" (with `eta`), "dpm++2m" or its stochastic
     variant "dpm++2m-sde", "consistency" (a consistency-distilled student) or "progressive" (a progressively
-    distilled one: deterministic DDIM on `few_step_levels`). `steps` and `spacing` left as None take `default_steps` and `default_spacing`;
-    `levels_log_snr` places the consistency sampler's levels (few_step_levels) and is refused by the others.
+    distilled one: deterministic DDIM on `few_step_levels`). `steps` and `spacing` left as None take
+    `default_steps` and `default_spacing`; `levels_log_snr` places the consistency sampler's levels
+    (few_step_levels) and is refused by the others.
     With `class_labels` [B] (a class-conditional model), every sampler runs on the classifier-free-guided
     ε̂ with weight `guidance` (see diffusion_core.guidance)."""
     if sampler not in SAMPLERS:

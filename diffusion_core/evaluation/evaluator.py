@@ -112,14 +112,15 @@ def _generate(loaded: LoadedModel, settings: SampleConfig, image_shape: tuple[in
 
 def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = None, extractor: str = "lenet",
              num_samples: int = 1000, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
-             spacing: str | None = None, levels_log_snr: tuple[float, ...] = (), clip_x0: bool = True, seed: int = 0, batch_size: int = 256,
+             spacing: str | None = None, levels_log_snr: tuple[float, ...] = (), clip_x0: bool = True, seed: int = 0,
+             batch_size: int = 256,
              device: torch.device | str = "auto", split: str = REFERENCE_SPLIT, inception_weights: str | Path | None = None,
              tag: str = "samples", labels: torch.Tensor | None = None, guidance: float | None = None,
              bootstrap: int = 0, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Metrics of a model's samples (or of given uint8 images [N, C, H, W]) against the real `split`.
 
-    For a model, `num_samples` images are drawn with `sampler`/`steps`/`eta`/`spacing`/`levels_log_snr` (batch k seeded
-    by (seed, k); unset steps and spacing take the sampler's defaults, see SampleConfig), on `device`
+    For a model, `num_samples` images are drawn with `sampler`/`steps`/`eta`/`spacing`/`levels_log_snr` (batch k
+    seeded by (seed, k); unset steps and spacing take the sampler's defaults, see SampleConfig), on `device`
     (the denoiser is moved there); `data` defaults to the model's data config. For a tensor, `data` is
     required and `tag` names it in the keys. Extractor weights and the dataset are checked before any
     sampling. With `bootstrap` > 0, FID's standard error `fid_std` from that many resamples of the
