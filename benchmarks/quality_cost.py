@@ -91,8 +91,8 @@ def by_evaluations(results: Path) -> list[Point]:
             points.append(Point(series, int(steps), score["fid"], score["fid_std"], name, seed=seed))
     for seed, name in enumerate(DEFAULT_CD_EPS_LEVELS):
         score = _read(results, name)
-        points.append(Point("consistency distillation of the default, ε head, at levels −4.5, −1.5, 0.5", score["steps"],
-                            *_fid(score, f"consistency{score['steps']}_w0"), name, seed=seed))
+        series = "consistency distillation of the default, ε head, at levels −4.5, −1.5, 0.5"
+        points.append(Point(series, score["steps"], *_fid(score, f"consistency{score['steps']}_w0"), name, seed=seed))
     for name, series in ((f"{DEFAULT_SEED0}-sde10.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde15.json", DEFAULT_SDE),
                          (f"{DEFAULT_SEED0}-sde20.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde30.json", DEFAULT_SDE),
                          (f"{DEFAULT_SEED0}.json", DEFAULT_SDE),

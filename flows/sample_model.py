@@ -141,12 +141,12 @@ def _request(loaded: LoadedModel, given: dict, num_samples: int, shard_size: int
     settings = config.sample.override(**given, num_samples=num_samples, batch_size=shard_size).resolved(timesteps)
     if settings.steps > timesteps:
         raise ConfigError(f"parameter steps refused: {settings.steps} exceeds the model's {timesteps} timesteps")
+    config.check_sample(settings)
     if not config.conditional:
         if classes is not None or given.get("guidance"):
             raise ConfigError("parameters classes and guidance refused: this version is unconditional "
                               "(trained without model.num_classes)")
         return replace(settings, guidance=0.0), None
-    config.check_sample(settings)
     k = config.model.num_classes
     if classes is not None and not all(0 <= c < k for c in classes):
         raise ConfigError(f"parameter classes refused: this version knows classes 0 to {k - 1}, got {classes}")
