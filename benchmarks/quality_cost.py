@@ -21,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SEED0 = "n10000/recipe-cond-seed0"  # the default preset, training seed 0 (test-split class mix); + sampler suffix
 DEFAULT_SDE = "default (mnist-cpu-cond), SDE-DPM-Solver++(2M)"
+DEFAULT_ODE = "default (mnist-cpu-cond), DPM-Solver++(2M) (ODE)"
 # students of the default's seed-0 model, 2,900 steps of consistency distillation each (distillation seed 0, 1)
 DEFAULT_CD_EPS = "few-step/default-consistency-eps-minsnr-2900.json"
 DEFAULT_CD_EPS_SEED1 = "few-step/default-consistency-eps-minsnr-2900-seed1.json"
@@ -96,7 +97,7 @@ def by_evaluations(results: Path) -> list[Point]:
     for name, series in ((f"{DEFAULT_SEED0}-sde10.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde15.json", DEFAULT_SDE),
                          (f"{DEFAULT_SEED0}-sde20.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde30.json", DEFAULT_SDE),
                          (f"{DEFAULT_SEED0}.json", DEFAULT_SDE),
-                         (f"{DEFAULT_SEED0}-ode50.json", "default (mnist-cpu-cond), DPM-Solver++(2M) (ODE)")):
+                         (f"{DEFAULT_SEED0}-ode20.json", DEFAULT_ODE), (f"{DEFAULT_SEED0}-ode50.json", DEFAULT_ODE)):
         fid, fid_std, steps = _scored(results, name)
         points.append(Point(series, steps, fid, fid_std, name))
     return sorted(points, key=lambda p: (p.series, p.x))

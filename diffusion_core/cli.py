@@ -44,6 +44,12 @@ def _add_levels_arg(parser: argparse.ArgumentParser) -> None:
                              "written --levels-log-snr=-4.5,-1.5,0.5 (default: the model's config at its steps)")
 
 
+def _add_sde_noise_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sde-noise", type=float, metavar="η",
+                        help="dpm++2m-sde: noise of the reverse SDE, > 0; 1 is Lu et al.'s, larger re-noises more each "
+                             "step (default: the model's sample.sde_noise)")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .data import prepare_dataset
 
@@ -101,7 +107,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device)
     schedule = loaded.denoiser.schedule
     settings = loaded.config.sample.override(
-        sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+        sampler=args.sampler, steps=args.steps, eta=args.eta, sde_noise=args.sde_noise, spacing=args.spacing,
         levels_log_snr=args.levels_log_snr, num_samples=args.num,
         batch_size=args.batch_size, seed=args.seed, guidance=args.guidance).resolved(schedule.timesteps)
     if settings.steps > schedule.timesteps:
@@ -121,7 +127,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         tensors = {"images": images} if class_labels is None else {"images": images, "labels": class_labels}
         with atomic_path(args.tensor_out) as tmp:
             save_file(tensors, str(tmp), metadata={"sampler": settings.sampler, "steps": str(settings.steps),
-                                                  "eta": str(settings.eta), "spacing": settings.spacing,
+                                                  "eta": str(settings.eta), "sde_noise": str(settings.sde_noise),
+                                                  "spacing": settings.spacing,
                                                   "levels_log_snr": ",".join(map(str, settings.levels_log_snr)),
                                                   "seed": str(settings.seed), "guidance": str(settings.guidance)})
         print(f"{len(images)} uint8 images: {args.tensor_out}")
@@ -206,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "else log_snr for dpm++2m(-sde), linear for ddpm and ddim)")
     _add_levels_arg(p)
     p.add_argument("--eta", type=float, help="DDIM η in [0, 1]")
+    _add_sde_noise_arg(p)
     p.add_argument("--class", dest="classes", metavar="C",
                    help="conditional models: class to draw (7), several (1,3,5: one grid row each), 'all' "
                         "(the default: every class equally often) or 'none' (the unconditional mode)")

@@ -159,6 +159,9 @@ class SampleConfig:
     sampler: str = "ddim"        # "ddpm" (ancestral), "ddim", "dpm++2m" (DPM-Solver++ 2M) or "dpm++2m-sde" (SDE)
     steps: int | None = None     # network evaluations; unset: all T for ddpm, else 50 (samplers.default_steps)
     eta: float = 0.0             # DDIM stochasticity: 0 deterministic … 1 ancestral (= ddpm)
+    sde_noise: float = 1.0       # dpm++2m-sde: noise η of its reverse SDE, 1 = Lu et al.'s, more re-noises more each
+                                 # step (samplers.dpm_solver_sample); η = 0.5 / 1 / 2 scored 3.81 / 3.25 / 3.91
+                                 # (docs/sampling.md)
     spacing: str | None = None   # timesteps "linear" in t or even in "log_snr"; unset: log_snr for dpm++*, else linear
     levels_log_snr: tuple[float, ...] = ()  # consistency sampler: log SNR of its levels after T−1 (steps − 1 of them,
                                             # increasing), in place of spacing's; () = spacing's levels
@@ -178,6 +181,11 @@ class SampleConfig:
         _check(p, self.sampler in SAMPLERS, f"sample.sampler={self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         _check(p, self.steps is None or self.steps >= 1, f"sample.steps must be >= 1 (or unset), got {self.steps}")
         _check(p, 0 <= self.eta <= 1, f"sample.eta must be in [0, 1], got {self.eta}")
+        _check(p, self.sde_noise > 0,
+               f"sample.sde_noise must be > 0 (for no noise use sampler dpm++2m), got {self.sde_noise}")
+        _check(p, self.sde_noise == 1 or self.sampler == "dpm++2m-sde",
+               f"sample.sde_noise={self.sde_noise} is a setting of the dpm++2m-sde sampler, not of {self.sampler!r}; "
+               "leave it at 1")
         _check(p, self.spacing is None or self.spacing in SPACINGS,
                f"sample.spacing={self.spacing!r} is unknown; choose one of {', '.join(SPACINGS)} (or leave it unset)")
         levels = list(self.levels_log_snr)
@@ -199,15 +207,15 @@ class SampleConfig:
 
     def override(self, **changes: Any) -> SampleConfig:
         """These settings with `changes` (None values ignored). Another sampler drops the configured steps,
-        spacing and levels unless they are given too: they were chosen for the configured sampler (DDIM's 50
-        steps are no DDPM setting), so the new one takes its own defaults. Another step count or a spacing
+        spacing, levels and SDE noise unless they are given too: they were chosen for the configured sampler (DDIM's
+        50 steps are no DDPM setting), so the new one takes its own defaults. Another step count or a spacing
         asked for drops the configured levels_log_snr, which hold one step count's levels; levels asked for
         without steps set the steps to theirs."""
         changes = {key: value for key, value in changes.items() if value is not None}
         if changes.get("levels_log_snr") and "steps" not in changes:
             changes["steps"] = len(changes["levels_log_snr"]) + 1
         if changes.get("sampler", self.sampler) != self.sampler:
-            changes = {"steps": None, "spacing": None, "levels_log_snr": (), **changes}
+            changes = {"steps": None, "spacing": None, "levels_log_snr": (), "sde_noise": 1.0, **changes}
         elif self.levels_log_snr and "levels_log_snr" not in changes:
             own_steps = len(self.levels_log_snr) + 1
             if "spacing" in changes or changes.get("steps", own_steps) != own_steps:

@@ -52,15 +52,31 @@ class Denoiser(nn.Module):
         return (self.schedule.gather("sqrt_alpha_bars", t, x0) * noise
                 - self.schedule.gather("sqrt_one_minus_alpha_bars", t, x0) * x0)
 
-    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+             self_conditioned: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """E[w(t)·‖target − net(x_t, t)‖²], the squared error averaged over each image's elements.
 
         With w = 1 this is L_simple (Ho et al. 2020, eq. 14); w(t) is `noise_levels.loss_weights`.
+        `self_conditioned` [B] bool, for a self-conditioning network (Chen et al. 2022, §3.2): those images are
+        first denoised once with no estimate, and that x̂0 (clipped, no gradient) is the estimate the loss's pass
+        reads; the others read zeros, as a sampler's first step does.
         """
         x_t = q_sample(self.schedule, x0, t, noise)
+        if self_conditioned is not None:
+            cond = {**cond, "x0_estimate": self._first_estimate(x_t, t, self_conditioned, **cond)}
         out = self.net(x_t, t, **cond)
         per_image = ((out.float() - self.target(x0, t, noise).float()) ** 2).flatten(1).mean(1)
         return torch.mean(self.loss_weight[t] * per_image)
+
+    @torch.no_grad()
+    def _first_estimate(self, x_t: torch.Tensor, t: torch.Tensor, which: torch.Tensor, **cond) -> torch.Tensor:
+        """x̂0(x_t) without an estimate for the images in `which`, zeros for the rest."""
+        estimate = torch.zeros_like(x_t)
+        if which.any():
+            mine = {key: value[which] for key, value in cond.items()}
+            estimate[which] = predict_x0(self.schedule, x_t[which], t[which],
+                                         self(x_t[which], t[which], **mine)).clamp(-1, 1).to(x_t.dtype)
+        return estimate
 
 
 def predict_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -205,6 +205,10 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
                           "--run-dir, or delete that folder to replace it")
     device = torch.device(device)
     loaded = load_model(teacher_path, device)
+    if loaded.config.model.self_condition:
+        raise ConfigError("the teacher reads its own estimate of x0 (model.self_condition = true), which distillation "
+                          "does not hand it nor teaches the student to read; distil a model trained without "
+                          "self-conditioning")
     teacher = loaded.denoiser.requires_grad_(False).eval()
     config = student_config(loaded.config, overrides)
     cfg = config.distill

@@ -52,6 +52,27 @@ def _resolve_start(shape, x_T, generator, device, dtype) -> torch.Tensor:
     return _initial_noise(shape, generator, device or "cpu", dtype)
 
 
+class SelfConditioning:
+    """A self-conditioning model (UNetConfig.self_condition) as an ε-model for one sampling run: each call also
+    passes the model the x̂0 (clipped) of its call before, zeros at the first (Chen et al. 2022, Alg. 2). Under
+    guidance the conditional and unconditional halves of a batch each read their own."""
+
+    def __init__(self, model: EpsModel, schedule: NoiseSchedule) -> None:
+        self.model, self.schedule, self.estimate = model, schedule, None
+        self.net = getattr(model, "net", model)  # what num_classes_of reads
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        previous = self.estimate if self.estimate is not None and self.estimate.shape == x_t.shape else None
+        eps = self.model(x_t, t, x0_estimate=previous, **cond)
+        self.estimate = predict_x0(self.schedule, x_t, t, eps).clamp(-1.0, 1.0)
+        return eps
+
+
+def self_conditioning(model) -> bool:
+    """Whether `model` (a Denoiser or its network) reads an estimate of x0 beside x_t."""
+    return bool(getattr(getattr(getattr(model, "net", model), "config", None), "self_condition", False))
+
+
 def default_steps(sampler: str, timesteps: int) -> int:
     """Network evaluations when none are asked for: all T for "ddpm" (Ho et al.'s chain), FEW_STEPS for a
     few-step student's sampler, DEFAULT_STEPS else."""
@@ -167,7 +188,7 @@ def dpm_solver_sample(
     *,
     steps: int = DEFAULT_STEPS,
     spacing: Spacing = "log_snr",
-    stochastic: bool = False,
+    noise: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -181,9 +202,14 @@ def dpm_solver_sample(
     With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ) and h = λ_next − λ:
         x_next = (σ_next/σ)·x − α_next·(e^{−h} − 1)·D,
         D = (1 + 1/(2r))·x̂0 − 1/(2r)·x̂0_prev with r = h_prev/h  (2nd order), or D = x̂0 (1st order).
-    `stochastic`: SDE-DPM-Solver++(2M) (same paper, §5 / App. B), which solves the reverse SDE
-    instead, injecting fresh noise z each step like DDPM does:
-        x_next = (σ_next/σ)·e^{−h}·x + α_next·(1 − e^{−2h})·D + σ_next·√(1 − e^{−2h})·z.
+    `noise` η > 0: SDE-DPM-Solver++(2M) (same paper, §5 / App. B), which solves a reverse SDE instead,
+    injecting fresh noise z each step like DDPM does:
+        x_next = (σ_next/σ)·e^{−ηh}·x + α_next·(1 − e^{−(1+η)h})·D + σ_next·√(1 − e^{−2ηh})·z.
+    η = 1 is Lu et al.'s SDE; η = 0 is the ODE above (no z is drawn); larger η re-noises more of x each step.
+    It integrates dx = [f·x − ½(1+η)·g²·∇log p]dt + √η·g·dw̄ exactly over a step for constant D: for an exact
+    denoiser every η ≥ 0 has the data's marginals (the reverse SDEs of one forward process; Karras et al. 2022,
+    eq. 6), so η trades how much of the network's error each step forgets against how much noise the network
+    must remove.
     A step is 1st order when it is the first; when r < 1/2, since D extrapolates x̂0 with weight 1/(2r)
     and a step more than twice as long as the one before would amplify x̂0's change (at 20 steps even in
     t the step into index 0 has r ≈ 0.23, weight ≈ 2.2: 2nd order there overshoots the spread by 29 %);
@@ -212,12 +238,10 @@ def dpm_solver_sample(
         else:
             d = (1 + 1 / (2 * r)).to(x.dtype) * x0 - (1 / (2 * r)).to(x.dtype) * x0_prev
         ratio = ((1 - ab_next) / (1 - ab)).sqrt()
-        if stochastic:
-            kept = -torch.expm1(-2 * h)  # 1 − e^{−2h}
-            x = (ratio * torch.exp(-h)).to(x.dtype) * x + (ab_next.sqrt() * kept).to(x.dtype) * d
-            x = x + ((1 - ab_next) * kept).sqrt().to(x.dtype) * _noise_like(x, generator)
-        else:
-            x = ratio.to(x.dtype) * x - (ab_next.sqrt() * torch.expm1(-h)).to(x.dtype) * d
+        x = ((ratio * torch.exp(-noise * h)).to(x.dtype) * x
+             - (ab_next.sqrt() * torch.expm1(-(1 + noise) * h)).to(x.dtype) * d)
+        if noise > 0:
+            x = x + ((1 - ab_next) * -torch.expm1(-2 * noise * h)).sqrt().to(x.dtype) * _noise_like(x, generator)
         x0_prev, h_prev = x0, h
     return x.clamp(-1.0, 1.0) if clip_x0 else x
 
@@ -290,18 +314,21 @@ def consistency_sample(
 
 
 def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, sampler: str = "ddim",
-           steps: int | None = None, eta: float = 0.0, spacing: Spacing | None = None,
+           steps: int | None = None, eta: float = 0.0, sde_noise: float = 1.0, spacing: Spacing | None = None,
            levels_log_snr: tuple[float, ...] = (), class_labels: torch.Tensor | None = None, guidance: float = 0.0,
            **kwargs) -> torch.Tensor:
     """Dispatch by sampler name: "ddpm" (ancestral), "ddim" (with `eta`), "dpm++2m" or its stochastic
-    variant "dpm++2m-sde", "consistency" (a consistency-distilled student) or "progressive" (a progressively
-    distilled one: deterministic DDIM on `few_step_levels`). `steps` and `spacing` left as None take
-    `default_steps` and `default_spacing`; `levels_log_snr` places the consistency sampler's levels
-    (few_step_levels) and is refused by the others.
+    variant "dpm++2m-sde" (with noise `sde_noise`), "consistency" (a consistency-distilled student) or
+    "progressive" (a progressively distilled one: deterministic DDIM on `few_step_levels`). `steps` and
+    `spacing` left as None take `default_steps` and `default_spacing`; `levels_log_snr` places the consistency
+    sampler's levels (few_step_levels) and is refused by the others. A self-conditioning model
+    (UNetConfig.self_condition) is sampled through `SelfConditioning`, fresh for each call.
     With `class_labels` [B] (a class-conditional model), every sampler runs on the classifier-free-guided
     ε̂ with weight `guidance` (see diffusion_core.guidance)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if self_conditioning(model):
+        model = SelfConditioning(model, schedule)  # fresh for each run: no estimate carries over
     if class_labels is None:
         check_class_labels(model, None, guidance)  # guidance without labels is an error
     else:
@@ -320,14 +347,15 @@ def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
     if sampler == "progressive":
         return ddim_sample(model, schedule, shape, timesteps=few_step_levels(schedule, grid["steps"], grid["spacing"]),
                            **kwargs)
-    return dpm_solver_sample(model, schedule, shape, stochastic=sampler == "dpm++2m-sde", **grid, **kwargs)
+    noise = sde_noise if sampler == "dpm++2m-sde" else 0.0
+    return dpm_solver_sample(model, schedule, shape, noise=noise, **grid, **kwargs)
 
 
 def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tuple[int, ...], settings: SampleConfig,
                      *, device: torch.device | str, progress: bool = True, class_labels: torch.Tensor | None = None,
                      first_batch: int = 0):
     """Yield uint8 image batches [b, C, H, W] on the CPU until `settings.num_samples` are made, drawn with
-    `settings` (sampler, steps, eta, spacing, clip_x0, guidance; batch_size images per call).
+    `settings` (sampler, steps, eta, sde_noise, spacing, clip_x0, guidance; batch_size images per call).
 
     Batch k is seeded by (settings.seed, k), so memory stays bounded by one batch whatever N is, and the
     first images of a longer run equal those of a shorter one. `class_labels` [num_samples] (for a
@@ -348,7 +376,8 @@ def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tupl
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + k)
         labels = None if class_labels is None else class_labels[made:made + b]
         x = sample(model, schedule, (b, *image_shape), sampler=settings.sampler, steps=settings.steps,
-                   eta=settings.eta, spacing=settings.spacing, levels_log_snr=settings.levels_log_snr,
+                   eta=settings.eta, sde_noise=settings.sde_noise, spacing=settings.spacing,
+                   levels_log_snr=settings.levels_log_snr,
                    clip_x0=settings.clip_x0, class_labels=labels,
                    guidance=settings.guidance, generator=generator, device=device)
         made += b

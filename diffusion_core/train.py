@@ -290,6 +290,8 @@ def _train(config: Config, run_dir: Path, ctx: DistContext, device: torch.device
         if config.conditional:  # drawn for the global batch too, so DDP keeps the single-process math
             cond["class_labels"] = drop_labels(labels[index], cfg.label_dropout, config.model.num_classes,
                                                noise_rng)[mine]
+        if config.model.self_condition:  # half the images get the network's own first estimate of x0 as input
+            cond["self_conditioned"] = (torch.rand(cfg.batch_size, generator=noise_rng, device=device) < 0.5)[mine]
         for group in optimizer.param_groups:
             group["lr"] = plan.at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):

@@ -32,6 +32,7 @@ class UNetConfig:
     dropout: float = 0.1            # dropout inside residual blocks
     num_classes: int | None = None  # class-conditional: the dataset's class count; None = unconditional
     patch_size: int = 1             # pixels per side folded into channels before the first level (1 = none)
+    self_condition: bool = False    # also read an earlier estimate of x0 (Chen et al. 2022; zeros when there is none)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -191,7 +192,8 @@ class UNet(nn.Module):
             nn.Embedding(config.num_classes + 1, emb_dim) if config.num_classes else None  # last row = "no class"
         )
         patch_channels = config.in_channels * config.patch_size ** 2  # channels of the space-to-depth input
-        self.conv_in = nn.Conv2d(patch_channels, ch, 3, padding=1)
+        inputs = 2 if config.self_condition else 1  # x_t, and with self-conditioning the estimate of x0 beside it
+        self.conv_in = nn.Conv2d(inputs * patch_channels, ch, 3, padding=1)
 
         skip_channels = [ch]
         self.down = nn.ModuleList()
@@ -225,10 +227,17 @@ class UNet(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, patch_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+                x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
+        """ε̂ (or the configured target) for x_t; `x0_estimate` [B, C, H, W]: the previous estimate of x0 that a
+        self-conditioning network also reads (None: zeros, "no estimate yet")."""
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet expects [B, {self.config.in_channels}, H, W], got {tuple(x.shape)}")
         self.config.check_image_size(x.shape[2], x.shape[3])
+        if self.config.self_condition:
+            x = torch.cat([x, torch.zeros_like(x) if x0_estimate is None else x0_estimate.to(x.dtype)], dim=1)
+        elif x0_estimate is not None:
+            raise ValueError("this model was trained without self-conditioning; do not pass x0_estimate")
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))
         if self.class_embedding is not None:
             if class_labels is None:  # unconditional request to a conditional model: the "no class" token

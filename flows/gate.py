@@ -51,10 +51,10 @@ DEFAULT_RULE = PromotionRule(sigmas=2.0, min_improvement=0.0, continuation="not-
 # What the protocol fixes: the feature extractor, the evaluation budget and the primary sampler's settings.
 PROTOCOL_KEYS = ("extractor", "evaluation.num_samples", "evaluation.bootstrap", "sample.sampler", "sample.steps",
                  "sample.eta", "sample.spacing", "sample.levels_log_snr", "sample.guidance", "sample.seed",
-                 "sample.clip_x0")
+                 "sample.clip_x0", "sample.sde_noise")
 # Keys added to PROTOCOL_KEYS after gates were written, with the value every run had before: a gate without one
 # fixed it implicitly, so it goes on scoring with that value.
-IMPLICIT_PROTOCOL = {"sample.levels_log_snr": []}
+IMPLICIT_PROTOCOL = {"sample.levels_log_snr": [], "sample.sde_noise": 1.0}
 
 
 def _now() -> str:

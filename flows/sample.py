@@ -62,14 +62,16 @@ class SamplerSetting:
     @property
     def protocol(self) -> str:
         """Everything that changes the samples' distribution, e.g. `ddim50-eta0-linear`, `consistency4-log_snr`,
-        or with levels_log_snr `consistency4-levels-4.5,-1.5,0.5`; a conditional model's ends in the class mix of
-        its labels, `-testmix` (the reference split's)."""
+        with levels_log_snr `consistency4-levels-4.5,-1.5,0.5`, with an SDE noise other than 1
+        `dpmpp2msde20-noise2-log_snr`; a conditional model's ends in the class mix of its labels, `-testmix`
+        (the reference split's)."""
         s = self.settings
         labels = f"-{REFERENCE_SPLIT}mix" if self.conditional else ""
         grid = "levels" + ",".join(f"{level:g}" for level in s.levels_log_snr) if s.levels_log_snr else s.spacing
         if s.sampler == "ddim":
             return f"{self.tag}-eta{s.eta:g}-{grid}{labels}"
-        return f"{self.tag}-{grid}{labels}"
+        noise = f"-noise{s.sde_noise:g}" if s.sde_noise != 1 else ""
+        return f"{self.tag}{noise}-{grid}{labels}"
 
 
 def _setting(config: Config, **changes) -> SamplerSetting:

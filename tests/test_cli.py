@@ -38,6 +38,8 @@ def test_ddpm_sampling_from_cli(smoke_run, tmp_path):
 def test_sampler_asked_for_takes_its_own_default_steps_and_spacing(smoke_run, tmp_path):
     """The smoke config samples DDIM with 10 steps even in t; --sampler dpm++2m-sde without --spacing takes
     log-SNR steps (its default, the same rule as the library's), and --sampler ddpm all T steps."""
+    import dataclasses
+
     from safetensors import safe_open
 
     from diffusion_core.checkpoint import load_model
@@ -56,6 +58,17 @@ def test_sampler_asked_for_takes_its_own_default_steps_and_spacing(smoke_run, tm
     expected = torch.cat(list(generate_batches(model.denoiser, model.denoiser.schedule, (1, 28, 28), settings,
                                                device="cpu", progress=False)))
     assert (load_file(str(tensor))["images"] == expected).all()
+    noisier = tmp_path / "sde-noise3.safetensors"
+    result = run_cli("sample", "--model", str(smoke_run), "--sampler", "dpm++2m-sde", "--steps", "4", "-n", "3",
+                     "--seed", "2", "--sde-noise", "3", "--tensor-out", str(noisier), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    expected = torch.cat(list(generate_batches(model.denoiser, model.denoiser.schedule, (1, 28, 28),
+                                               dataclasses.replace(settings, sde_noise=3.0), device="cpu",
+                                               progress=False)))
+    assert (load_file(str(noisier))["images"] == expected).all()
+    assert not (expected == load_file(str(tensor))["images"]).all()
+    refused = run_cli("sample", "--model", str(smoke_run), "--sde-noise", "3", "-n", "1", "--device", "cpu")
+    assert refused.returncode != 0 and "a setting of the dpm++2m-sde sampler, not of 'ddim'" in refused.stderr
     ddpm = tmp_path / "ddpm.safetensors"
     assert run_cli("sample", "--model", str(smoke_run), "--sampler", "ddpm", "-n", "1", "--tensor-out", str(ddpm),
                    "--device", "cpu").returncode == 0

@@ -70,6 +70,16 @@ def test_consistency_levels_belong_to_one_step_count_and_one_sampler():
             SampleConfig(**{"sampler": "consistency", "levels_log_snr": [-4.5, -1.5, 0.5], **bad})
 
 
+def test_sde_noise_belongs_to_the_sde_sampler():
+    noisy = SampleConfig(sampler="dpm++2m-sde", sde_noise=2.0)
+    assert noisy.override(steps=15).sde_noise == 2.0 and noisy.override(sampler="ddim").sde_noise == 1.0
+    for bad, named in (({"sampler": "dpm++2m"}, "sample.sde_noise=2.0 is a setting of the dpm++2m-sde sampler, "
+                                               "not of 'dpm++2m'"),
+                       ({"sde_noise": 0.0}, "sample.sde_noise must be > 0 (for no noise use sampler dpm++2m)")):
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            SampleConfig(**{"sampler": "dpm++2m-sde", "sde_noise": 2.0, **bad})
+
+
 def test_label_dropout_0_is_fine_without_guidance():
     unguided = load_config("smoke", {"model.num_classes": 10, "train.label_dropout": 0.0,
                                      "sample.guidance_sweep": [0.0]}, environ={})

@@ -335,6 +335,20 @@ def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tm
     assert (run_dir / "model" / "model.safetensors").read_bytes() == weights
 
 
+def test_sde_noise_is_part_of_the_gate_and_older_gates_keep_lu_et_als():
+    """sample.sde_noise changes the samples, so a gate fixes it; one written before it existed scored at 1."""
+    from flows.gate import DEFAULT_RULE, Gate, protocol_of
+
+    config = load_config("smoke", {"sample.sampler": "dpm++2m-sde", "sample.sde_noise": 2.0})
+    protocol = protocol_of(config, "lenet")
+    assert protocol["sample.sde_noise"] == 2.0
+    now = Gate(DEFAULT_RULE, protocol, 1, "test", "2026-12-05T00:00:00+00:00", "written with sde_noise")
+    assert now.apply(config).sample.sde_noise == 2.0
+    older = {key: value for key, value in protocol.items() if key != "sample.sde_noise"}
+    gate = Gate(DEFAULT_RULE, older, 1, "test", "2026-01-01T00:00:00+00:00", "written before sde_noise existed")
+    assert gate.apply(config).sample.sde_noise == 1.0
+
+
 def test_a_students_levels_are_part_of_its_gate_and_older_gates_keep_scoring_without_them():
     """The levels change the samples, so the protocol a registered model's gate fixes holds them; a gate written
     before the protocol had them fixed the spacing's levels, and a run under it is scored with those."""

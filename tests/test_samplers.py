@@ -63,13 +63,27 @@ def test_ddim_bad_arguments(linear, kwargs, match):
 def test_sde_dpm_solver_uses_the_noise(linear):
     """Same x_T, other noise → other images; a point mass stays a point (the noise is all removed)."""
     x_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    runs = [dpm_solver_sample(optimal_eps(linear), linear, x_T.shape, x_T=x_T, steps=20, stochastic=True,
+    runs = [dpm_solver_sample(optimal_eps(linear), linear, x_T.shape, x_T=x_T, steps=20, noise=1.0,
                               generator=torch.Generator().manual_seed(seed), dtype=torch.float64, clip_x0=False)
             for seed in (1, 2)]
     assert (runs[0] - runs[1]).abs().max() > 0.05
-    point = dpm_solver_sample(optimal_eps(linear, 0.3, 0.0), linear, (8, 1, 3, 3), steps=10, stochastic=True,
+    point = dpm_solver_sample(optimal_eps(linear, 0.3, 0.0), linear, (8, 1, 3, 3), steps=10, noise=1.0,
                               generator=torch.Generator().manual_seed(3), clip_x0=False)
     assert torch.allclose(point, torch.full_like(point, 0.3), atol=1e-5)
+
+
+def test_generate_batches_samples_at_the_settings_sde_noise(linear):
+    """sample.sde_noise reaches the solver: batch k is dpm_solver_sample with that noise and batch k's seed."""
+    from diffusion_core.images import to_uint8
+    from diffusion_core.samplers import generate_batches
+
+    model = optimal_eps(linear)
+    settings = SampleConfig(sampler="dpm++2m-sde", steps=6, sde_noise=3.0, num_samples=5, batch_size=5, seed=2)
+    got = torch.cat(list(generate_batches(model, linear, (1, 4, 4), settings, device="cpu", progress=False)))
+    for noise in (3.0, 1.0):
+        direct = dpm_solver_sample(model, linear, (5, 1, 4, 4), steps=6, noise=noise,
+                                   generator=torch.Generator().manual_seed(2 * 1_000_003))
+        assert torch.equal(got, to_uint8(direct)) == (noise == 3.0)
 
 
 class CountingModel:

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import os
 
-from ..cli import _add_config_args, _add_levels_arg
+from ..cli import _add_config_args, _add_levels_arg, _add_sde_noise_arg
 from ..config import DEFAULT_PRESET, ENV_OVERRIDES, SAMPLERS, Config, ConfigError, DataConfig, SampleConfig, load_config
 from ..data import SPLITS
 from ..samplers import SPACINGS
@@ -32,7 +32,7 @@ def _settings(config: Config, args: argparse.Namespace) -> SampleConfig:
     flags given on top; a sampler other than the config's takes its own default steps and spacing unless
     they are given too."""
     settings = primary_settings(config).override(
-        sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+        sampler=args.sampler, steps=args.steps, eta=args.eta, sde_noise=args.sde_noise, spacing=args.spacing,
         levels_log_snr=args.levels_log_snr, num_samples=args.num_samples,
         seed=args.seed, batch_size=args.batch_size, guidance=args.guidance)
     return settings.resolved(config.diffusion.timesteps)
@@ -56,7 +56,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                   inception_weights=args.inception_weights)
     metrics = {}
     if loaded is not None:
-        metrics.update(evaluate(loaded, data=data, sampler=s.sampler, steps=s.steps, eta=s.eta, spacing=s.spacing,
+        metrics.update(evaluate(loaded, data=data, sampler=s.sampler, steps=s.steps, eta=s.eta,
+                                sde_noise=s.sde_noise, spacing=s.spacing,
                                 levels_log_snr=s.levels_log_snr,
                                 clip_x0=s.clip_x0, num_samples=s.num_samples,
                                 guidance=s.guidance if config.conditional else args.guidance,
@@ -94,6 +95,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="network evaluations (default: the model's config for its sampler; "
                                              "else all T for ddpm, 50 for the others)")
     p.add_argument("--eta", type=float, help="DDIM η in [0, 1] (default: the model's sample.eta)")
+    _add_sde_noise_arg(p)
     p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: the model's config for its sampler; "
                                                        "else log_snr for dpm++2m(-sde), linear for ddpm and ddim)")
     _add_levels_arg(p)

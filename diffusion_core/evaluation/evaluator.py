@@ -112,6 +112,7 @@ def _generate(loaded: LoadedModel, settings: SampleConfig, image_shape: tuple[in
 
 def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = None, extractor: str = "lenet",
              num_samples: int = 1000, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
+             sde_noise: float = 1.0,
              spacing: str | None = None, levels_log_snr: tuple[float, ...] = (), clip_x0: bool = True, seed: int = 0,
              batch_size: int = 256,
              device: torch.device | str = "auto", split: str = REFERENCE_SPLIT, inception_weights: str | Path | None = None,
@@ -119,8 +120,8 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
              bootstrap: int = 0, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Metrics of a model's samples (or of given uint8 images [N, C, H, W]) against the real `split`.
 
-    For a model, `num_samples` images are drawn with `sampler`/`steps`/`eta`/`spacing`/`levels_log_snr` (batch k
-    seeded by (seed, k); unset steps and spacing take the sampler's defaults, see SampleConfig), on `device`
+    For a model, `num_samples` images are drawn with `sampler`/`steps`/`eta`/`sde_noise`/`spacing`/`levels_log_snr`
+    (batch k seeded by (seed, k); unset steps and spacing take the sampler's defaults, see SampleConfig), on `device`
     (the denoiser is moved there); `data` defaults to the model's data config. For a tensor, `data` is
     required and `tag` names it in the keys. Extractor weights and the dataset are checked before any
     sampling. With `bootstrap` > 0, FID's standard error `fid_std` from that many resamples of the
@@ -139,7 +140,7 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
         if source.config.conditional and guidance is None:
             guidance = source.config.sample.guidance
         schedule = source.denoiser.schedule
-        settings = SampleConfig(sampler=sampler, steps=steps, eta=eta, spacing=spacing,
+        settings = SampleConfig(sampler=sampler, steps=steps, eta=eta, sde_noise=sde_noise, spacing=spacing,
                                 levels_log_snr=levels_log_snr, num_samples=num_samples,
                                 batch_size=batch_size, clip_x0=clip_x0, seed=seed,
                                 guidance=guidance or 0.0).resolved(schedule.timesteps)  # validates them
@@ -173,6 +174,8 @@ def evaluate(source: LoadedModel | torch.Tensor, *, data: DataConfig | None = No
                       sampling_images_per_s=images_per_s)
         if settings.levels_log_snr:
             result["levels_log_snr"] = list(settings.levels_log_snr)
+        if sampler == "dpm++2m-sde":
+            result["sde_noise"] = settings.sde_noise
         if guidance is not None:
             result["guidance"] = guidance
     else:

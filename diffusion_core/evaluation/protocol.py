@@ -25,12 +25,13 @@ _LABEL_STREAM = 0x1ABE1  # keeps the label order's random stream apart from the 
 
 def sampling_settings(config: Config, **changes) -> SampleConfig:
     """`config.sample` with `changes`, steps and spacing resolved for the model's T; an unconditional
-    model gets guidance 0 (it has no classes to guide towards), another sampler no levels_log_snr (they are
-    the consistency sampler's)."""
+    model gets guidance 0 (it has no classes to guide towards), another sampler no levels_log_snr and the
+    default sde_noise (they are the consistency and dpm++2m-sde samplers')."""
     if not config.conditional:
         changes["guidance"] = 0.0
     if changes.get("sampler", config.sample.sampler) != config.sample.sampler:
         changes.setdefault("levels_log_snr", ())
+        changes.setdefault("sde_noise", 1.0)
     return dataclasses.replace(config.sample, **changes).resolved(config.diffusion.timesteps)
 
 
