@@ -84,7 +84,9 @@ def _merge(metrics: dict, result: dict, source: str) -> None:
         if key in metrics and key in result and metrics[key] != result[key]:
             raise SystemExit(f"{source}: {key} = {result[key]!r} but the other results have {metrics[key]!r}; "
                              "merge only runs of the same model, N, seed and reference split")
-    for key in ("sampler", "steps", "eta", "spacing"):  # per-run fields: the tags in the metric names carry them
+    if result.get("sde_noise", 1.0) != 1.0:  # the tag dpmpp2msde<N> does not carry it: the table is at Lu et al.'s 1
+        raise SystemExit(f"{source}: sde_noise = {result['sde_noise']} but this table's SDE points are at 1")
+    for key in ("sampler", "steps", "eta", "spacing", "sde_noise"):  # per-run fields: the metric names' tags carry them
         result.pop(key, None)
     metrics.update(result)
 

@@ -118,13 +118,15 @@ class Gate:
                               ) from exc
 
     def check_overrides(self, name: str, overrides: dict[str, Any], extractor: str | None, dataset: str) -> None:
-        """Refuse explicit settings that contradict the gate (ConfigError naming key, value and the gate's value)."""
+        """Refuse explicit settings that contradict the gate (ConfigError naming key, value and the gate's value),
+        including the values an older gate fixed implicitly (IMPLICIT_PROTOCOL), which `apply` would put back."""
         asked = {**overrides, **({"extractor": canonical_name(extractor, dataset)} if extractor else {})}
+        protocol = {**IMPLICIT_PROTOCOL, **self.protocol}
         for key, value in asked.items():
-            if key in self.protocol and value != self.protocol[key]:
+            if key in protocol and value != protocol[key]:
                 raise ConfigError(
                     f"parameter {key} refused: registered model {name} scores every candidate with {key}="
-                    f"{self.protocol[key]!r} (its gate, revision {self.revision}), got {value!r}; leave it unset, or "
+                    f"{protocol[key]!r} (its gate, revision {self.revision}), got {value!r}; leave it unset, or "
                     f"change the gate first: python -m flows.gate set --model {name} --set {key}=… --reason …")
 
 

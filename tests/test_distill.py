@@ -347,6 +347,10 @@ def test_sde_noise_is_part_of_the_gate_and_older_gates_keep_lu_et_als():
     older = {key: value for key, value in protocol.items() if key != "sample.sde_noise"}
     gate = Gate(DEFAULT_RULE, older, 1, "test", "2026-01-01T00:00:00+00:00", "written before sde_noise existed")
     assert gate.apply(config).sample.sde_noise == 1.0
+    # so a run asking that older gate's model for another noise is refused, not silently scored at 1
+    gate.check_overrides("m", {"sample.sde_noise": 1.0}, None, "mnist")
+    with pytest.raises(ConfigError, match=r"parameter sample.sde_noise refused: .* sample.sde_noise=1.0 .*got 2.0"):
+        gate.check_overrides("m", {"sample.sde_noise": 2.0}, None, "mnist")
 
 
 def test_a_students_levels_are_part_of_its_gate_and_older_gates_keep_scoring_without_them():
