@@ -160,8 +160,8 @@ class SampleConfig:
     steps: int | None = None     # network evaluations; unset: all T for ddpm, else 50 (samplers.default_steps)
     eta: float = 0.0             # DDIM stochasticity: 0 deterministic … 1 ancestral (= ddpm)
     sde_noise: float = 1.0       # dpm++2m-sde: noise η of its reverse SDE, 1 = Lu et al.'s, more re-noises more each
-                                 # step (samplers.dpm_solver_sample); η = 0.5 / 1 / 2 scored 3.81 / 3.25 / 3.91
-                                 # (docs/sampling.md)
+                                 # step (samplers.dpm_solver_sample); η = 0.5 / 0.75 / 1 / 1.5 / 2 scored
+                                 # 3.81 / 3.35 / 3.25 / 3.41 / 3.91 (docs/sampling.md)
     spacing: str | None = None   # timesteps "linear" in t or even in "log_snr"; unset: log_snr for dpm++*, else linear
     levels_log_snr: tuple[float, ...] = ()  # consistency sampler: log SNR of its levels after T−1 (steps − 1 of them,
                                             # increasing), in place of spacing's; () = spacing's levels
