@@ -86,7 +86,9 @@ def _merge(metrics: dict, result: dict, source: str) -> None:
                              "merge only runs of the same model, N, seed and reference split")
     if result.get("sde_noise", 1.0) != 1.0:  # the tag dpmpp2msde<N> does not carry it: the table is at Lu et al.'s 1
         raise SystemExit(f"{source}: sde_noise = {result['sde_noise']} but this table's SDE points are at 1")
-    for key in ("sampler", "steps", "eta", "spacing", "sde_noise"):  # per-run fields: the metric names' tags carry them
+    # per-run fields: the metric names' tags carry sampler and steps, not eta, spacing or sde_noise (this script's
+    # runs take each sampler's defaults; a merged file's sde_noise is checked above)
+    for key in ("sampler", "steps", "eta", "spacing", "sde_noise"):
         result.pop(key, None)
     metrics.update(result)
 

@@ -70,7 +70,8 @@ class SelfConditioning:
 
 def self_conditioning(model) -> bool:
     """Whether `model` (a Denoiser or its network) reads an estimate of x0 beside x_t."""
-    return bool(getattr(getattr(getattr(model, "net", model), "config", None), "self_condition", False))
+    config = getattr(getattr(model, "net", model), "config", None)  # a UNetConfig, or None for a plain callable
+    return bool(getattr(config, "self_condition", False))
 
 
 def default_steps(sampler: str, timesteps: int) -> int:
