@@ -85,7 +85,11 @@ SECRETS = {"AWS_ACCESS_KEY_ID": "canary-aws-key-id", "AWS_SECRET_ACCESS_KEY": "c
 TRAINING_NEEDS = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "MLFLOW_RUN_ID": "0" * 32,
                   "DIFFUSION_DATA_DIR": "data", "MLFLOW_TRACKING_PASSWORD": "tracking-password",
                   "MLFLOW_TRACKING_TOKEN": "tracking-token"}
-PRINT_ENVIRONMENT = "import json, os; print('ENV=' + json.dumps(dict(os.environ)))\n"
+# Each rank writes its environment to a file of its own: ranks run unbuffered (launch.RANK_ENV), so lines they print
+# at the same moment can interleave on the shared pipe.
+SAVE_ENVIRONMENT = ("import json, os, pathlib\n"
+                    "here = pathlib.Path(__file__).parent\n"
+                    "(here / f\"env-{os.environ['RANK']}.json\").write_text(json.dumps(dict(os.environ)))\n")
 
 
 def test_ranks_see_no_secrets(ddp_config, tmp_path, monkeypatch):
@@ -93,15 +97,15 @@ def test_ranks_see_no_secrets(ddp_config, tmp_path, monkeypatch):
     launcher."""
     for name, value in {**SECRETS, **TRAINING_NEEDS}.items():
         monkeypatch.setenv(name, value)
-    script = tmp_path / "print_environment.py"
-    script.write_text(PRINT_ENVIRONMENT)
+    script = tmp_path / "save_environment.py"
+    script.write_text(SAVE_ENVIRONMENT)
     cmd = torchrun_command(write_resolved_config(ddp_config, tmp_path), tmp_path, 2)
     module_at = cmd.index("-m", cmd.index("--standalone"))
     cmd[module_at:module_at + 2] = [str(script)]
     lines: list[str] = []
     code, _ = run_process_group(cmd, rank_environment(2), lines.append)
     assert code == 0, "\n".join(lines[-30:])
-    seen = [json.loads(line.split("ENV=", 1)[1]) for line in lines if "ENV=" in line]
+    seen = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("env-*.json"))]
     assert sorted(env["RANK"] for env in seen) == ["0", "1"]
     for env in seen:
         assert not set(SECRETS) & set(env) and not set(SECRETS.values()) & set(env.values())
