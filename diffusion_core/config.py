@@ -276,6 +276,8 @@ class DistillConfig:
     sample_levels_log_snr: tuple[float, ...] = ()  # consistency students: log SNR of the levels after T−1 (its
                                                    # sample.levels_log_snr, sample_steps − 1 of them); () = levels
                                                    # even in log SNR, the only ones a progressive student learns
+    guidance: float = 0.0        # class-conditional teachers: the guidance weight w of the teacher's steps, so the
+                                 # student learns the guided ODE (Meng et al. 2023) and samples it at guidance 0
     seed: int = 0                # data order, noise levels and noise of the distillation
     log_every: int = 50          # steps between metrics.jsonl reports
 
@@ -309,6 +311,8 @@ class DistillConfig:
         _check(p, self.method != "progressive" or not self.sample_levels_log_snr,
                f"distill.sample_levels_log_snr={list(self.sample_levels_log_snr)} with progressive distillation: its "
                "student learnt the levels even in log SNR only; leave it empty (or set distill.method=consistency)")
+        _check(p, self.guidance >= 0, f"distill.guidance must be >= 0 (0 = the teacher's plain conditional steps), "
+               f"got {self.guidance}")
         _check(p, self.log_every >= 1, f"distill.log_every must be >= 1, got {self.log_every}")
         _raise_if(p)
 
@@ -352,6 +356,9 @@ class Config:
                f"train.label_dropout=0 with guidance weights {guided} in sample.guidance / sample.guidance_sweep: a "
                "model that never saw the \"no class\" label cannot be guided; set train.label_dropout > 0 (0.1 is "
                "usual), or sample.guidance=0 and sample.guidance_sweep=[] (or weights of 0 only)")
+        _check(p, self.distill.guidance == 0 or (self.conditional and not self.unguidable([self.distill.guidance])),
+               f"distill.guidance={self.distill.guidance} needs a class-conditional teacher trained with label dropout "
+               "(train.label_dropout > 0: the unconditional half of the guided step); set distill.guidance=0")
         _raise_if(p)
 
     def unguidable(self, weights: typing.Iterable[float]) -> list[float]:

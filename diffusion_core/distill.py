@@ -48,7 +48,7 @@ from .data import prepare_dataset
 from .denoiser import Denoiser, eps_from_x0, predict_x0
 from .ema import EMA
 from .forward import q_sample
-from .guidance import drop_labels
+from .guidance import drop_labels, guided_eps
 from .images import to_model_space
 from .samplers import few_step_levels
 from .runtime import tune_cpu_runtime
@@ -98,7 +98,19 @@ def level_probabilities(schedule: NoiseSchedule) -> torch.Tensor:
     return (edges[:-1] - edges[1:]).clamp(min=0)
 
 
-def teacher_ode_step(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+class GuidedTeacher:
+    """The teacher as its classifier-free-guided ε̂ with weight w (distill.guidance): what `teacher_ode_step` and
+    `two_step_target` call in its place, so that the student learns the guided probability-flow ODE in its few
+    steps (Meng et al. 2023, "On distillation of guided diffusion models", §3.1, with w fixed)."""
+
+    def __init__(self, teacher: Denoiser, guidance: float) -> None:
+        self.teacher, self.guidance, self.schedule = teacher, guidance, teacher.schedule
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return guided_eps(self.teacher, x_t, t, class_labels, self.guidance)
+
+
+def teacher_ode_step(teacher: Denoiser | GuidedTeacher, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
                      **cond) -> torch.Tensor:
     """One DDIM step with η = 0 (Song et al. 2021, eq. 12) of the teacher from t to t_next (per image;
     −1 = clean, where the step returns x̂0): x_t' = √ᾱ_t'·x̂0 + √(1−ᾱ_t')·ε̂, with x̂0 clipped to [−1, 1]
@@ -128,8 +140,8 @@ def weighted_x0_error(prediction: torch.Tensor, goal: torch.Tensor, schedule: No
     return per_image.mean()
 
 
-def consistency_distillation_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, x0: torch.Tensor,
-                                  t: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor,
+def consistency_distillation_loss(student: Denoiser, target: Denoiser, teacher: Denoiser | GuidedTeacher,
+                                  x0: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor,
                                   weighting: str = "none", **cond) -> torch.Tensor:
     """w(t)·‖f_θ(x_t, t) − f_θ⁻(x̂_t', t')‖² (`weighted_x0_error`), where x̂_t' is the teacher's ODE step.
     Gradients reach the student only."""
@@ -140,7 +152,7 @@ def consistency_distillation_loss(student: Denoiser, target: Denoiser, teacher: 
     return weighted_x0_error(consistency_function(student, x_t, t, **cond), goal, student.schedule, t, weighting)
 
 
-def two_step_target(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor,
+def two_step_target(teacher: Denoiser | GuidedTeacher, x_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor,
                     t_next: torch.Tensor, **cond) -> torch.Tensor:
     """x̃ of progressive distillation (Salimans & Ho 2022, Alg. 2): the x̂0 with which ONE DDIM step (η = 0) from
     t lands exactly where TWO of the teacher's land, t → t_mid → t_next (per image; t_next = −1 is clean data):
@@ -153,8 +165,8 @@ def two_step_target(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, t_mid
     return (x_next - ratio * x_t) / (alpha_bar_next.sqrt() - ratio * alpha_bar.sqrt())
 
 
-def progressive_distillation_loss(student: Denoiser, teacher: Denoiser, x0: torch.Tensor, t: torch.Tensor,
-                                  t_mid: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor,
+def progressive_distillation_loss(student: Denoiser, teacher: Denoiser | GuidedTeacher, x0: torch.Tensor,
+                                  t: torch.Tensor, t_mid: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor,
                                   weighting: str = "none", **cond) -> torch.Tensor:
     """w(t)·‖x̂0_θ(x_t, t) − x̃‖² (`weighted_x0_error`, x̃ from `two_step_target`). Gradients reach the student only."""
     schedule = student.schedule
@@ -209,9 +221,11 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
         raise ConfigError("the teacher reads its own estimate of x0 (model.self_condition = true), which distillation "
                           "does not hand it nor teaches the student to read; distil a model trained without "
                           "self-conditioning")
-    teacher = loaded.denoiser.requires_grad_(False).eval()
     config = student_config(loaded.config, overrides)
     cfg = config.distill
+    teacher = loaded.denoiser.requires_grad_(False).eval()
+    if cfg.guidance > 0:  # a progressive run's later stages are taught by its own (already guided) students
+        teacher = GuidedTeacher(teacher, cfg.guidance)
     schedule = teacher.schedule
     stages = halving_stages(schedule, cfg) if cfg.method == "progressive" else []  # refused before any work
     tune_cpu_runtime()
@@ -221,7 +235,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
 
     torch.manual_seed(cfg.seed)
     student = build_denoiser(config).to(device)
-    student.net.load_state_dict(teacher.net.state_dict())  # the teacher's features; a v head learns v
+    student.net.load_state_dict(loaded.denoiser.net.state_dict())  # the teacher's features; a v head learns v
     target = copy.deepcopy(student).requires_grad_(False).eval()  # consistency: θ⁻
     ema = EMA(student.net, cfg.ema_decay)
     optimizer = torch.optim.Adam(student.net.parameters(), lr=cfg.lr)

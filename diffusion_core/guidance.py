@@ -62,9 +62,6 @@ def guided(model, class_labels: torch.Tensor, guidance: float) -> EpsModel:
     For w = 0 only the conditional pass runs; otherwise both run as one forward pass of batch 2B.
     """
     check_class_labels(model, class_labels, guidance)
-    # the labels of every step's forward pass, built once: [c] for w = 0, else [c, ∅]
-    labels = class_labels if guidance == 0 else torch.cat([class_labels, torch.full_like(class_labels,
-                                                                                         num_classes_of(model))])
     on_device: dict[torch.device, torch.Tensor] = {}
 
     def eps(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -72,14 +69,22 @@ def guided(model, class_labels: torch.Tensor, guidance: float) -> EpsModel:
             raise ValueError(f"{len(class_labels)} class labels for a batch of {x_t.shape[0]} images")
         step_labels = on_device.get(x_t.device)
         if step_labels is None:
-            step_labels = on_device[x_t.device] = labels.to(x_t.device)
-        if guidance == 0:
-            return model(x_t, t, class_labels=step_labels)
-        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), class_labels=step_labels)
-        conditional, unconditional = both.chunk(2)
-        return (1 + guidance) * conditional - guidance * unconditional
+            step_labels = on_device[x_t.device] = class_labels.to(x_t.device)
+        return guided_eps(model, x_t, t, step_labels, guidance)
 
     return eps
+
+
+def guided_eps(model, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor,
+               guidance: float) -> torch.Tensor:
+    """(1 + w)·ε̂(x_t, t, c) − w·ε̂(x_t, t, ∅) (eq. 6) for per-image labels c [B], the two passes as one forward
+    pass of batch 2B; ε̂(x_t, t, c) alone for w = 0. An image whose label is already ∅ gets ε̂(x_t, t, ∅)."""
+    if guidance == 0:
+        return model(x_t, t, class_labels=class_labels)
+    null_labels = torch.full_like(class_labels, num_classes_of(model))
+    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), class_labels=torch.cat([class_labels, null_labels]))
+    conditional, unconditional = both.chunk(2)
+    return (1 + guidance) * conditional - guidance * unconditional
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:

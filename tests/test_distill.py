@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 from diffusion_core import NoiseSchedule
 from diffusion_core.config import ConfigError, load_config
 from diffusion_core.denoiser import Denoiser
-from diffusion_core.distill import (cleaner_level, consistency_distillation_loss, halving_stages,
+from diffusion_core.distill import (GuidedTeacher, cleaner_level, consistency_distillation_loss, halving_stages,
                                     level_probabilities, progressive_distillation_loss, student_config,
                                     two_step_target)
 from diffusion_core.samplers import few_step_levels, sample, sampling_timesteps
@@ -223,6 +224,59 @@ def test_progressive_loss_of_the_exact_student_is_zero_and_off_by_delta_is_delta
     assert loss.item() == pytest.approx(delta**2 * float(snr_weight(t, weighting).mean()), rel=1e-6, abs=1e-12)
 
 
+class ClassImagesNet(nn.Module):
+    """The exact ε̂ for data that is the single image `images[k]` in class k; the last row is the "no class" label's."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__()
+        self.alpha_bars, self.images = paper_alpha_bars(), images
+        self.config = SimpleNamespace(num_classes=len(images) - 1)  # what guidance reads, as from a U-Net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        ab = self.alpha_bars[t].view(-1, 1, 1, 1).to(x.dtype)
+        return (x - ab.sqrt() * self.images[class_labels]) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("guidance", [0.0, 0.5, 2.0])
+def test_a_guided_teacher_teaches_its_guided_ode(guidance):
+    """Teacher: one image x*_k per class k and x*_∅ for "no class". Its guided ε̂, (1 + w)·ε̂_k − w·ε̂_∅, is the ε̂ of
+    the one image x̃_k = (1 + w)·x*_k − w·x*_∅ (ε̂ is linear in the image), whose DDIM steps stay on that image's
+    straight path. So the student that draws x̃_k (x*_∅ where the label was dropped) scores 0 in both distillations,
+    and the student of the unguided teacher scores w²·mean((x*_k − x*_∅)²) on every labelled image."""
+    schedule = NoiseSchedule(T, "linear")
+    pixels = torch.linspace(-0.25, 0.25, 16, dtype=torch.float64).reshape(1, 4, 4)
+    images = torch.stack([pixels, pixels.flip(-1), 0.05 * pixels.flip(-2)])  # classes 0 and 1, then ∅
+    guided_images = torch.stack([(1 + guidance) * images[k] - guidance * images[2] for k in (0, 1)] + [images[2]])
+    assert guided_images.abs().max() < 1  # the teacher's x̂0 clip at ±1 stays out of the way
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.arange(300) % 3
+    x0 = images[labels]
+    t = torch.randint(1, T, (300,), generator=generator)
+    t_mid = (t * torch.rand(300, generator=generator, dtype=torch.float64)).long()
+    t_next = torch.where(t % 2 == 0, -1, t_mid // 2)  # half the steps reach clean data
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    teacher = GuidedTeacher(Denoiser(ClassImagesNet(images), schedule, "eps").double(), guidance)
+    exact = Denoiser(ClassImagesNet(guided_images), schedule, "eps").double()
+    unguided = Denoiser(ClassImagesNet(images), schedule, "eps").double()
+    cond = {"class_labels": labels}
+    assert progressive_distillation_loss(exact, teacher, x0, t, t_mid, t_next, noise, **cond).item() < 1e-18
+    assert consistency_distillation_loss(exact, exact, teacher, x0, t, t_next, noise, **cond).item() < 1e-18
+    off = [guidance**2 * float(((images[k] - images[2]) ** 2).mean()) if k < 2 else 0.0 for k in labels.tolist()]
+    assert progressive_distillation_loss(unguided, teacher, x0, t, t_mid, t_next, noise, **cond).item() == \
+        pytest.approx(sum(off) / len(off), rel=1e-6, abs=1e-18)  # the loss is summed in float32
+
+
+def test_distillation_guidance_needs_a_guidable_teacher():
+    conditional = load_config("smoke", ["model.num_classes=10"])
+    assert student_config(conditional, ["distill.guidance=1.5"]).distill.guidance == 1.5
+    with pytest.raises(ConfigError, match="distill.guidance must be >= 0"):
+        student_config(conditional, ["distill.guidance=-1"])
+    for teacher in (load_config("smoke"), load_config("smoke", ["model.num_classes=10", "train.label_dropout=0",
+                                                                 "sample.guidance_sweep=[]"])):
+        with pytest.raises(ConfigError, match="distill.guidance=1.0 needs a class-conditional teacher trained with"):
+            student_config(teacher, ["distill.guidance=1"])
+
+
 def ddim_step(x: torch.Tensor, t: int, t_next: int, x0: torch.Tensor) -> torch.Tensor:
     """Song et al. 2021, eq. 12 with σ = 0, from t to t_next (−1: clean data, ᾱ = 1), written out here."""
     ab = paper_alpha_bars()
@@ -299,6 +353,7 @@ def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tm
 
     run_dir = tmp_path / "student"
     levels = ["--set", "distill.sample_levels_log_snr=[0.5]"] if method == "consistency" else []
+    levels += ["--set", "distill.guidance=1"] if method == "consistency" else []  # the batched guided teacher
     main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(run_dir), "--set", f"distill.method={method}",
           "--set", "distill.ode_steps=8", "--set", "distill.sample_steps=2",  # progressive: 2 halvings of 3 steps
           "--set", "distill.steps=6", "--set", "distill.batch_size=8", "--set", "distill.log_every=3", *levels])
