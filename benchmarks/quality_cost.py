@@ -170,7 +170,7 @@ def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: f
         for k, series in enumerate(dict.fromkeys(p.series for p in points)):
             mine = [p for p in points if p.series == series and p.seed == 0]
             others = [p for p in points if p.series == series and p.seed != 0]
-            style = dict(marker="os^vDP*Xh<>"[k % 11], capsize=3, color=f"C{k % 10}")  # no two series alike
+            style = dict(marker="os^vDP*Xh<>"[k % 11], capsize=3, color=f"C{k % 10}")  # a pair repeats after 110
             ax.errorbar([p.x for p in mine], [p.fid for p in mine], yerr=[p.fid_std for p in mine], label=series,
                         linestyle="-" if len(mine) > 1 else "none", **style)
             if others:

@@ -17,6 +17,9 @@ distill.sample_steps, each stage's student teaching the next (its EMA becomes th
 sampled by DDIM on its levels (the "progressive" sampler). One step draws a level t of the student's
 (`samplers.few_step_levels`) and regresses its x̂0 on `two_step_target`.
 
+With distill.guidance = w > 0 a class-conditional teacher takes its steps with classifier-free guidance
+(`GuidedTeacher`; Meng et al. 2023), so the student learns the guided ODE and samples it without guidance.
+
 The student is the teacher's network, initialised with its weights. By default it predicts
 v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022), so that its x̂0 = √ᾱ·x_t − √(1−ᾱ)·v stays well-conditioned at the
 top of the chain, where an ε-prediction divides by √ᾱ_T ≈ 0.006 (distill.prediction). Predicting ε, it
@@ -66,9 +69,14 @@ class DistillResult:
 
 def student_config(teacher: Config, overrides: list[str] | dict | None = None) -> Config:
     """The student's config: the teacher's, with `overrides` (distill.*, sample.* …), predicting
-    distill.prediction and sampled by the consistency sampler at distill.sample_steps evaluations."""
+    distill.prediction and sampled by the consistency sampler at distill.sample_steps evaluations; a student of
+    the guided teacher (distill.guidance > 0) has its guidance in its weights, and samples and sweeps none."""
     config = override_config(teacher, overrides or [])
-    return override_config(config, {"diffusion.prediction": config.distill.prediction,
+    if teacher.unguidable([config.distill.guidance]) or (config.distill.guidance and not teacher.conditional):
+        raise ConfigError(f"distill.guidance={config.distill.guidance} refused: the teacher is not a class-conditional "
+                          "model trained with label dropout, so it has no guided prediction; set distill.guidance=0")
+    guided = {"sample.guidance": 0.0, "sample.guidance_sweep": []} if config.distill.guidance else {}
+    return override_config(config, {**guided, "diffusion.prediction": config.distill.prediction,
                                     "sample.sampler": config.distill.method,
                                     "sample.steps": config.distill.sample_steps,
                                     "sample.spacing": "log_snr",

@@ -55,6 +55,11 @@ def student_model_name(teacher_model: str, method: str, sample_steps: int) -> st
 
 
 @flow(name="distill-eval")
+def guided_by(config) -> str:
+    """", its ODE guided at w" for a student distilled from the guided teacher, else ""."""
+    return f", its ODE guided at w = {config.distill.guidance:g}," if config.distill.guidance else ""
+
+
 def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
                  overrides: dict[str, Any] | None = None, extractor: str | None = None) -> str:
     """Distil `model` version `version` (default: the one `alias` points at) with `overrides` (distill.*
@@ -93,11 +98,13 @@ def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
         tags = {"preset": config.name, **{k: params[k] for k in VERSION_TAGS if k in params},
                 "distill.teacher": f"{model}/{version}", "distill.teacher_run": teacher_run,
                 "distill.method": config.distill.method, "distill.steps": str(config.distill.steps),
-                "distill.sample_steps": str(config.distill.sample_steps), "distill.seconds": f"{seconds:.1f}"}
+                "distill.sample_steps": str(config.distill.sample_steps), "distill.guidance": str(config.distill.guidance),
+                "distill.seconds": f"{seconds:.1f}"}
         student = register_model_folder(client, run_id, work_dir / MODEL_ARTIFACT, name, tags)
         client.update_model_version(name, student, description=(
-            f"Distilled from {model} v{version} by {config.distill.method} distillation: {config.distill.steps} "
-            f"steps ({seconds:.0f} s), sampled with {config.distill.sample_steps} network evaluations per image."))
+            f"Distilled from {model} v{version}{guided_by(config)} by {config.distill.method} distillation: "
+            f"{config.distill.steps} steps ({seconds:.0f} s), sampled with {config.distill.sample_steps} network "
+            "evaluations per image."))
         client.set_registered_model_alias(name, CHALLENGER, student)
         set_tags(client, run_id, {"model_version": student})
         sample_images(run_id, f"models:/{name}/{student}", submitted, only_primary=True)
@@ -107,7 +114,8 @@ def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
         set_tags(client, run_id, decision.tags())
         logger.info("%s version %s: %s (%s)", name, student, decision.tags()["champion.decision"], decision.reason)
         publish_report(client, run_id, config, gate.extractor, name, student, decision,
-                       f"{model} v{version}, distilled by {config.distill.method} in {config.distill.steps} steps")
+                       f"{model} v{version}{guided_by(config)}, distilled by {config.distill.method} in "
+                       f"{config.distill.steps} steps")
     return run_id
 
 

@@ -23,11 +23,13 @@ import torch
 from torch import nn
 
 from diffusion_core import NoiseSchedule
+from diffusion_core import distill as distill_module
 from diffusion_core.config import ConfigError, load_config
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.distill import (GuidedTeacher, cleaner_level, consistency_distillation_loss, halving_stages,
                                     level_probabilities, progressive_distillation_loss, student_config,
                                     two_step_target)
+from diffusion_core.guidance import guided_eps
 from diffusion_core.samplers import few_step_levels, sample, sampling_timesteps
 
 T = 1000
@@ -267,14 +269,20 @@ def test_a_guided_teacher_teaches_its_guided_ode(guidance):
 
 
 def test_distillation_guidance_needs_a_guidable_teacher():
-    conditional = load_config("smoke", ["model.num_classes=10"])
-    assert student_config(conditional, ["distill.guidance=1.5"]).distill.guidance == 1.5
+    conditional = load_config("smoke", ["model.num_classes=10", "sample.guidance=2"])
+    student = student_config(conditional, ["distill.guidance=1.5"])
+    assert student.distill.guidance == 1.5  # its guidance is in its weights: none on top, none swept
+    assert (student.sample.guidance, student.sample.guidance_sweep) == (0.0, ())
+    assert student_config(conditional).sample.guidance == 2.0  # an unguided student keeps its teacher's
     with pytest.raises(ConfigError, match="distill.guidance must be >= 0"):
         student_config(conditional, ["distill.guidance=-1"])
     for teacher in (load_config("smoke"), load_config("smoke", ["model.num_classes=10", "train.label_dropout=0",
                                                                  "sample.guidance_sweep=[]"])):
         with pytest.raises(ConfigError, match="distill.guidance=1.0 needs a class-conditional teacher trained with"):
             student_config(teacher, ["distill.guidance=1"])
+    never_dropped = load_config("smoke", ["model.num_classes=10", "train.label_dropout=0", "sample.guidance_sweep=[]"])
+    with pytest.raises(ConfigError, match="distill.guidance=1.0 refused: the teacher is not"):  # the teacher's training
+        student_config(never_dropped, ["train.label_dropout=0.1", "distill.guidance=1"])
 
 
 def ddim_step(x: torch.Tensor, t: int, t_next: int, x0: torch.Tensor) -> torch.Tensor:
@@ -345,7 +353,7 @@ def test_student_config_predicts_v_and_samples_with_the_consistency_sampler():
 
 
 @pytest.mark.parametrize("method", ["consistency", "progressive"])
-def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tmp_path, capsys):
+def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tmp_path, capsys, monkeypatch):
     from diffusion_core.checkpoint import load_model
     from diffusion_core.cli import main
 
@@ -353,15 +361,18 @@ def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tm
 
     run_dir = tmp_path / "student"
     levels = ["--set", "distill.sample_levels_log_snr=[0.5]"] if method == "consistency" else []
-    levels += ["--set", "distill.guidance=1"] if method == "consistency" else []  # the batched guided teacher
+    weights = []  # the guidance weight of each guided teacher pass: the first stage's teacher only, for progressive
+    monkeypatch.setattr(distill_module, "guided_eps", lambda *args: weights.append(args[-1]) or guided_eps(*args))
     main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(run_dir), "--set", f"distill.method={method}",
           "--set", "distill.ode_steps=8", "--set", "distill.sample_steps=2",  # progressive: 2 halvings of 3 steps
-          "--set", "distill.steps=6", "--set", "distill.batch_size=8", "--set", "distill.log_every=3", *levels])
+          "--set", "distill.steps=6", "--set", "distill.batch_size=8", "--set", "distill.log_every=3",
+          "--set", "distill.guidance=1", *levels])
+    assert weights == [1.0] * (6 if method == "consistency" else 2 * 3)  # progressive: 3 steps of 2 teacher steps
     reports = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in reports] == [3, 6]
     loaded = load_model(run_dir / "model")
     assert loaded.config.sample.sampler == method and loaded.config.diffusion.prediction == "v"
-    assert loaded.config.sample.steps == 2
+    assert loaded.config.sample.steps == 2 and loaded.config.distill.guidance == 1.0
     assert loaded.info["teacher"]["path"] == str(smoke_cond_run)
     assert loaded.config.sample.levels_log_snr == ((0.5,) if method == "consistency" else ())
     out = tmp_path / "grid.png"

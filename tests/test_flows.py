@@ -761,6 +761,8 @@ def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_sc
         distill_eval(model="ddpm-mnist", alias="nightly-best", overrides=student_settings)
     with pytest.raises(ConfigError, match="distill.ode_steps=6"):
         distill_eval(model="ddpm-mnist", version="1", overrides={**student_settings, "distill.ode_steps": 6})
+    with pytest.raises(ConfigError, match="distill.guidance=0.5 needs a class-conditional teacher"):  # ddpm-mnist has none
+        distill_eval(model="ddpm-mnist", version="1", overrides={**student_settings, "distill.guidance": 0.5})
     with pytest.raises(ConfigError, match="distill.ode_steps=6"):  # the chained run refuses it before training
         train_distill(preset="smoke", overrides=FAST, distill_overrides={**student_settings, "distill.ode_steps": 6})
     assert len(client.search_runs([experiment])) == runs_before  # refused before any run was made
@@ -774,8 +776,8 @@ def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_sc
     assert run.data.tags["distill.teacher_run"] == teacher_run
     name, version = "ddpm-mnist-progressive2", run.data.tags["model_version"]
     tags = client.get_model_version(name, version).tags
-    assert (tags["distill.teacher"], tags["distill.method"], tags["distill.sample_steps"]) == (
-        f"ddpm-mnist/{teacher}", "progressive", "2")
+    assert (tags["distill.teacher"], tags["distill.method"], tags["distill.sample_steps"], tags["distill.guidance"]) == (
+        f"ddpm-mnist/{teacher}", "progressive", "2", "0.0")
     assert tags["eval.sampler"] == "progressive2-log_snr" and tags["champion.decision"] == "promoted"
     assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {CHALLENGER: version,
                                                                                           CHAMPION: version}
