@@ -54,12 +54,12 @@ def student_model_name(teacher_model: str, method: str, sample_steps: int) -> st
     return f"{teacher_model}-{method}{sample_steps}"
 
 
-@flow(name="distill-eval")
 def guided_by(config) -> str:
-    """", its ODE guided at w" for a student distilled from the guided teacher, else ""."""
+    """", its ODE guided at w = …," for a student of the guided teacher (distill.guidance > 0), else ""."""
     return f", its ODE guided at w = {config.distill.guidance:g}," if config.distill.guidance else ""
 
 
+@flow(name="distill-eval")
 def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
                  overrides: dict[str, Any] | None = None, extractor: str | None = None) -> str:
     """Distil `model` version `version` (default: the one `alias` points at) with `overrides` (distill.*
