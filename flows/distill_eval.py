@@ -36,6 +36,7 @@ from diffusion_core.distributed import DistContext, resolve_device
 
 from .evaluate import evaluate_samples, gap_spread
 from .gate import ensure_gate
+from .parameters import check_distill_overrides
 from .prepare import prepare_dataset_flow
 from .register import MODEL_ARTIFACT, VERSION_TAGS, register_model_folder
 from .registry import CHALLENGER, CHAMPION, resolve_version, select_champion, version_parser
@@ -62,19 +63,21 @@ def guided_by(config) -> str:
 @flow(name="distill-eval")
 def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
                  overrides: dict[str, Any] | None = None, extractor: str | None = None) -> str:
-    """Distil `model` version `version` (default: the one `alias` points at) with `overrides` (distill.*
-    and other settings of the student, {"distill.steps": 3000, …}) into a few-step student; register,
-    sample and score it under the student model's gate. Returns the MLflow run id."""
+    """Distil `model` version `version` (default: the one `alias` points at) with `overrides` (distill.*,
+    sample.* and evaluation.* settings of the student, {"distill.steps": 3000, …}, bounded by flows.parameters)
+    into a few-step student; register, sample and score it under the student model's gate. Returns the MLflow
+    run id."""
+    overrides = check_distill_overrides(overrides or {})  # flows.parameters: refused before any work
     client = MlflowClient()
     version = resolve_version(client, model, version, alias)
     teacher_uri = f"models:/{model}/{version}"
     work_dir = Path(os.environ.get(RUNS_DIR_ENV) or "runs") / flow_run.id
     (work_dir / "teacher").mkdir(parents=True, exist_ok=True)  # downloaded once: read here, distilled below
     teacher_dir = mlflow.artifacts.download_artifacts(artifact_uri=teacher_uri, dst_path=str(work_dir / "teacher"))
-    config = student_config(worker_config(load_model(teacher_dir).config), overrides or {})
+    config = student_config(worker_config(load_model(teacher_dir).config), overrides)
     name = student_model_name(model, config.distill.method, config.distill.sample_steps)
     gate = ensure_gate(client, name, config, extractor or "lenet", f"distill-eval run {flow_run.name}")
-    gate.check_overrides(name, overrides or {}, extractor, config.data.dataset)
+    gate.check_overrides(name, overrides, extractor, config.data.dataset)
     config = gate.apply(config)
     submitted = config.to_dict()
     run_id = create_run(client, config, work_dir, f"distill-{model}-v{version}")

@@ -8,8 +8,10 @@ evaluation sections, and the dataset by name), every setting that sizes time or 
 bounds below. Paths, data sources and endpoints come from the worker's environment
 (DIFFUSION_DATA_SOURCE, DIFFUSION_DATA_DIR, …), process-level switches (PROCESS_KEYS) from the
 worker's own configuration, never from a run. `preset` names a shipped preset, or a .toml file under
-the folder $DIFFUSION_PRESET_DIR names. Anything else is refused before any work, naming the key and
-what is allowed.
+the folder $DIFFUSION_PRESET_DIR names. A distillation run (distill-eval, train-distill's `distill_overrides`)
+may set its student's distill.*, sample.* and evaluation.* settings, bounded alike: the student takes its teacher's
+model, diffusion, train and data settings. Anything else is refused before any work, naming the key and what is
+allowed.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Any
 from diffusion_core.config import MIN_SCORED_IMAGES, PRESET_DIR, ConfigError
 
 PRESET_DIR_ENV = "DIFFUSION_PRESET_DIR"
-OVERRIDABLE_SECTIONS = ("model", "diffusion", "train", "sample", "evaluation")
-OVERRIDABLE_KEYS = ("data.dataset", "name")
+RUN_SECTIONS = ("model", "diffusion", "train", "sample", "evaluation")  # what a training run may set
+RUN_KEYS = ("data.dataset", "name")
+DISTILL_SECTIONS = ("distill", "sample", "evaluation")  # what a distillation run may set for its student
 # Switches of the worker process, not of the model: where it computes and whether Inductor writes its cache.
 PROCESS_KEYS = ("train.compile", "train.device")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -39,6 +42,8 @@ BOUNDS = {
     "num_samples": (1, 50_000), "nproc_per_node": (1, os.cpu_count() or 1),
     "shard_size": (1, 4096),                              # images per network call of flows.sample_model
     "sample.seed": (0, 2**32 - 1),                        # batch k's generator is seeded seed·1,000,003 + k
+    "distill.steps": (1, 1_000_000), "distill.batch_size": (1, 1024), "distill.log_every": (1, 1_000_000),
+    "distill.ode_steps": (2, 4000), "distill.sample_steps": (1, 4000),  # teacher steps per schedule; student's steps
 }
 # List settings that size the work: (most entries, smallest entry, largest entry).
 LIST_BOUNDS = {"model.channel_mults": (5, 1, 8), "model.attention_levels": (5, 0, 4),
@@ -99,22 +104,24 @@ def check_preset(preset: str) -> str:
     raise _refuse("preset", f"{preset!r} is not a shipped preset ({shipped}){where}")
 
 
-def check_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+def check_overrides(overrides: Mapping[str, Any], sections: tuple[str, ...] = RUN_SECTIONS,
+                    keys: tuple[str, ...] = RUN_KEYS) -> dict[str, Any]:
     """The overrides as dotted keys (normalise_overrides), each one checked; refuses (ConfigError naming
-    the key and what is allowed) anything a run may not set."""
+    the key and what is allowed) anything a run may not set: settings outside `sections` and `keys`,
+    process switches, values outside BOUNDS and LIST_BOUNDS."""
     flat = normalise_overrides(overrides)
+    allowed = ", ".join([*(f"{section}.*" for section in sections), *keys])
     for key, value in flat.items():
         section = key.split(".", 1)[0]
-        if "." not in key and key not in OVERRIDABLE_KEYS:
+        if "." not in key and key not in keys:
             raise _refuse(f"overrides[{key!r}]", "a section takes a table of settings ({\"train\": {\"steps\": 100}}) "
                           f"or dotted keys (train.steps), got {value!r}")
         if key in PROCESS_KEYS:
             raise _refuse(f"overrides[{key!r}]", "a switch of the worker process, set in the worker's preset or "
                           "environment, not by a run")
-        if section not in OVERRIDABLE_SECTIONS and key not in OVERRIDABLE_KEYS:
-            raise _refuse(f"overrides[{key!r}]", "a run may set model.*, diffusion.*, train.*, sample.*, evaluation.*, "
-                          "data.dataset and name; paths, data sources and endpoints come from the worker's "
-                          "environment (DIFFUSION_DATA_SOURCE, DIFFUSION_DATA_DIR)")
+        if section not in sections and key not in keys:
+            raise _refuse(f"overrides[{key!r}]", f"this run may set {allowed}; paths, data sources and endpoints "
+                          "come from the worker's environment (DIFFUSION_DATA_SOURCE, DIFFUSION_DATA_DIR)")
         if key in BOUNDS:
             _bounded(key, value)
         if key in LIST_BOUNDS:
@@ -122,6 +129,12 @@ def check_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
         if key == "name" and not (isinstance(value, str) and NAME.fullmatch(value)):
             raise _refuse(key, f"must match {NAME.pattern}, got {value!r}")
     return flat
+
+
+def check_distill_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A distillation run's student settings (DISTILL_SECTIONS), checked as `check_overrides` checks a training
+    run's; returns them as dotted keys."""
+    return check_overrides(overrides, DISTILL_SECTIONS, ())
 
 
 def check_run_parameters(preset: str, overrides: Mapping[str, Any], nproc_per_node: int | str,

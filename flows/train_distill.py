@@ -23,7 +23,7 @@ from diffusion_core.config import DEFAULT_PRESET, load_config, parse_override
 from diffusion_core.distill import student_config
 
 from .distill_eval import distill_eval
-from .parameters import check_run_parameters
+from .parameters import check_distill_overrides, check_run_parameters
 from .tracking import registered_model_name
 from .train_eval import train_eval
 
@@ -37,7 +37,8 @@ def train_distill(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None
     Returns the MLflow run ids: {"teacher": …, "student": … or None when nothing was trained}."""
     checked_preset, flat = check_run_parameters(preset, overrides or {}, nproc_per_node, num_samples)
     config = load_config(checked_preset, flat)
-    student_config(config, distill_overrides or {})  # a ConfigError names a bad student setting before any work
+    distill_flat = check_distill_overrides(distill_overrides or {})
+    student_config(config, distill_flat)  # a ConfigError names a bad student setting before any work
     teacher_run = train_eval(preset=preset, overrides=overrides, nproc_per_node=nproc_per_node,
                              num_samples=num_samples, policy=policy)
     version = MlflowClient().get_run(teacher_run).data.tags.get("model_version")
@@ -46,7 +47,7 @@ def train_distill(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None
                               teacher_run)
         return {"teacher": teacher_run, "student": None}
     student_run = distill_eval(model=registered_model_name(config.data.dataset, config.conditional), version=version,
-                               overrides=distill_overrides)
+                               overrides=distill_flat)
     return {"teacher": teacher_run, "student": student_run}
 
 

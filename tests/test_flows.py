@@ -744,8 +744,8 @@ def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_sc
     """A teacher through train-eval, then distill-eval of its version (one train-distill run): the student is a version of
     `ddpm-mnist-progressive2` naming its teacher, sampled only with its own 2-step sampler on the gate's budget,
     crowned in its own model (its first student), and served by MLflow with that sampler by default.
-    Bad input (an alias the teacher's model lacks, levels progressive distillation cannot halve) is refused
-    before any MLflow run is made."""
+    Bad input (an alias the teacher's model lacks, levels progressive distillation cannot halve, a setting past
+    its bound or outside a student's sections) is refused before any MLflow run is made."""
     import mlflow
     import pandas as pd
 
@@ -765,6 +765,10 @@ def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_sc
         distill_eval(model="ddpm-mnist", version="1", overrides={**student_settings, "distill.guidance": 0.5})
     with pytest.raises(ConfigError, match="distill.ode_steps=6"):  # the chained run refuses it before training
         train_distill(preset="smoke", overrides=FAST, distill_overrides={**student_settings, "distill.ode_steps": 6})
+    with pytest.raises(ConfigError, match=r"parameter distill[.]steps refused: must be an integer from 1 to"):
+        train_distill(preset="smoke", overrides=FAST, distill_overrides={**student_settings, "distill.steps": 10**9})
+    with pytest.raises(ConfigError, match=r"parameter overrides\['data[.]source'\] refused"):  # a student reads no path
+        distill_eval(model="ddpm-mnist", version="1", overrides={**student_settings, "data": {"source": "/srv/x"}})
     assert len(client.search_runs([experiment])) == runs_before  # refused before any run was made
 
     runs = train_distill(preset="smoke", overrides=FAST, distill_overrides=student_settings, num_samples=32)

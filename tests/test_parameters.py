@@ -10,7 +10,7 @@ import os
 import pytest
 
 from diffusion_core.config import PRESET_DIR, ConfigError, load_config
-from flows.parameters import BOUNDS, LIST_BOUNDS, PRESET_DIR_ENV, check_run_parameters
+from flows.parameters import BOUNDS, LIST_BOUNDS, PRESET_DIR_ENV, check_distill_overrides, check_run_parameters
 
 SHIPPED = PRESET_DIR / "smoke.toml"
 # One value past each bound of flows.parameters, in dotted form; the table form of each is tested too.
@@ -20,7 +20,9 @@ PAST_BOUNDS = {"train.steps": 10**9, "train.batch_size": 10**6, "diffusion.times
                "sample.num_samples": 10**7, "sample.batch_size": 10**6, "sample.steps": 10**6, "sample.seed": 2**32,
                "evaluation.num_samples": 10**7, "evaluation.bootstrap": 10**6,
                "model.channel_mults": [1, 2, 2, 2, 2, 2, 2], "model.attention_levels": [0, 1, 2, 3, 4, 5],
-               "sample.guidance_sweep": [0.0] * 17, "sample.nfe_sweep": list(range(1, 100))}
+               "sample.guidance_sweep": [0.0] * 17, "sample.nfe_sweep": list(range(1, 100)),
+               "distill.steps": 10**9, "distill.batch_size": 10**6, "distill.log_every": 0, "distill.ode_steps": 10**6,
+               "distill.sample_steps": 10**6}
 
 
 def _table(dotted: str, value) -> dict:
@@ -38,7 +40,10 @@ def test_work_sizing_settings_are_bounded_in_either_form(key, form, monkeypatch)
     monkeypatch.delenv(PRESET_DIR_ENV, raising=False)
     overrides = {key: PAST_BOUNDS[key]} if form == "dotted" else _table(key, PAST_BOUNDS[key])
     with pytest.raises(ConfigError, match=rf"parameter {key.replace('.', '[.]')} refused: must be .* from "):
-        check_run_parameters("smoke", overrides, 1, None)
+        if key.startswith("distill."):  # a student's settings: distill-eval, train-distill's distill_overrides
+            check_distill_overrides(overrides)
+        else:
+            check_run_parameters("smoke", overrides, 1, None)
 
 
 @pytest.mark.parametrize("preset, overrides, nproc, num_samples, key", [
@@ -91,3 +96,20 @@ def test_preset_files_only_inside_the_allowed_folder(tmp_path, monkeypatch):
     for escape in ("../outside.toml", str(tmp_path / "outside.toml")):
         with pytest.raises(ConfigError, match=f"preset refused: '{escape}'.*under {PRESET_DIR_ENV}"):
             check_run_parameters(escape, {}, 1, None)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"model.base_channels": 8}, "model.base_channels"),      # the student is its teacher's architecture
+    ({"train": {"steps": 5}}, "train.steps"),                 # it does not train as its teacher did
+    ({"data.source": "/srv/attacker"}, "data.source"),
+    ({"data.dataset": "mnist"}, "data.dataset"),              # its data are its teacher's
+    ({"name": "other"}, "name"),
+    ({"train.device": "cuda:7"}, "train.device"),
+    ({"distill": 5}, "distill"),
+])
+def test_a_distillation_run_sets_only_its_students_distill_sample_and_evaluation_settings(overrides, key):
+    with pytest.raises(ConfigError, match=rf"parameter overrides\['{key.replace('.', '[.]')}'\] refused"):
+        check_distill_overrides(overrides)
+    assert check_distill_overrides({"distill": {"steps": 3000, "guidance": 0.3}, "sample.batch_size": 128,
+                                    "evaluation.num_samples": 2000}) == {
+        "distill.steps": 3000, "distill.guidance": 0.3, "sample.batch_size": 128, "evaluation.num_samples": 2000}
