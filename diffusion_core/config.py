@@ -356,9 +356,8 @@ class Config:
                f"train.label_dropout=0 with guidance weights {guided} in sample.guidance / sample.guidance_sweep: a "
                "model that never saw the \"no class\" label cannot be guided; set train.label_dropout > 0 (0.1 is "
                "usual), or sample.guidance=0 and sample.guidance_sweep=[] (or weights of 0 only)")
-        _check(p, self.distill.guidance == 0 or (self.conditional and not self.unguidable([self.distill.guidance])),
-               f"distill.guidance={self.distill.guidance} needs a class-conditional teacher trained with label dropout "
-               "(train.label_dropout > 0: the unconditional half of the guided step); set distill.guidance=0")
+        teacher_problem = self.guided_teacher_problem(self.distill.guidance)
+        _check(p, not teacher_problem, teacher_problem)
         _raise_if(p)
 
     def unguidable(self, weights: typing.Iterable[float]) -> list[float]:
@@ -367,6 +366,13 @@ class Config:
         if not self.conditional or self.train.label_dropout > 0:
             return []
         return [w for w in weights if w > 0]
+
+    def guided_teacher_problem(self, guidance: float) -> str:
+        """Why this model cannot teach its guided ODE at weight `guidance` (distill.guidance), or "" if it can."""
+        if guidance == 0 or (self.conditional and not self.unguidable([guidance])):
+            return ""
+        return (f"distill.guidance={guidance} needs a class-conditional teacher trained with label dropout "
+                "(train.label_dropout > 0: the unconditional half of the guided step); set distill.guidance=0")
 
     def check_sample(self, settings: SampleConfig) -> None:
         """Refuse, before any sampling, settings this model cannot sample with: a guidance weight it was not

@@ -72,9 +72,9 @@ def student_config(teacher: Config, overrides: list[str] | dict | None = None) -
     distill.prediction and sampled by the consistency sampler at distill.sample_steps evaluations; a student of
     the guided teacher (distill.guidance > 0) has its guidance in its weights, and samples and sweeps none."""
     config = override_config(teacher, overrides or [])
-    if teacher.unguidable([config.distill.guidance]) or (config.distill.guidance and not teacher.conditional):
-        raise ConfigError(f"distill.guidance={config.distill.guidance} refused: the teacher is not a class-conditional "
-                          "model trained with label dropout, so it has no guided prediction; set distill.guidance=0")
+    problem = teacher.guided_teacher_problem(config.distill.guidance)  # the teacher's own training, not the overrides'
+    if problem:
+        raise ConfigError(problem)
     guided = {"sample.guidance": 0.0, "sample.guidance_sweep": []} if config.distill.guidance else {}
     return override_config(config, {**guided, "diffusion.prediction": config.distill.prediction,
                                     "sample.sampler": config.distill.method,
