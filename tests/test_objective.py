@@ -190,3 +190,36 @@ def test_cosine_learning_rate():
     rates = [learning_rate(s, peak, warmup, total, "cosine") for s in range(warmup, total)]
     assert all(a > b for a, b in zip(rates, rates[1:]))
     assert learning_rate(60, peak, warmup, total, "none") == peak
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_a_large_batch_without_gradients_runs_in_passes_of_the_cap_with_each_images_own_conditions(prediction,
+                                                                                                   monkeypatch):
+    """Independent computation: each image through the network alone. A batch of 70 goes through in passes of at
+    most CPU_IMAGES_PER_PASS (32 here: two full slices and a partial one), and each image keeps its own t, class and
+    x0 estimate (a slice offset by one index would hand an image a neighbour's class); with gradients, one pass."""
+    from diffusion_core import denoiser as denoiser_module
+    from diffusion_core.unet import UNet
+
+    monkeypatch.setattr(denoiser_module, "CPU_IMAGES_PER_PASS", 32)
+    torch.manual_seed(0)
+    net = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(), num_classes=10,
+               self_condition=True).double()
+    for parameter in net.parameters():  # away from the zero-initialised output layer, so every input matters
+        parameter.data.normal_(0, 0.2)
+    model = Denoiser(net, NoiseSchedule(100, "linear"), prediction).double().eval()
+    n = 70
+    x, estimate = torch.randn(n, 1, 28, 28, dtype=torch.float64), torch.randn(n, 1, 28, 28, dtype=torch.float64)
+    t, labels = torch.randint(0, 100, (n,)), torch.randint(0, 11, (n,))
+    passes: list[int] = []
+    net.register_forward_hook(lambda module, args, output: passes.append(len(args[0])))
+    with torch.no_grad():
+        alone = torch.cat([model(x[i:i + 1], t[i:i + 1], class_labels=labels[i:i + 1], x0_estimate=estimate[i:i + 1])
+                           for i in range(n)])
+        passes.clear()
+        sliced = model(x, t, class_labels=labels, x0_estimate=estimate)
+    assert passes == [32, 32, 6]
+    torch.testing.assert_close(sliced, alone, rtol=1e-9, atol=1e-9)
+    passes.clear()
+    model(x, t, class_labels=labels, x0_estimate=estimate)  # with gradients (training): one pass
+    assert passes == [n]
