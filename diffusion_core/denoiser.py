@@ -20,8 +20,8 @@ PREDICTIONS = ("eps", "x0", "v")
 # Images per network pass on a CPU when no gradient is taken (sampling, a distillation's teacher): a larger batch
 # runs in slices of this many, image for image the same numbers. Larger passes gain nothing on a CPU, and once an
 # activation outgrows glibc's largest mmap threshold (32 MiB, runtime.py) each pass maps and faults it in afresh:
-# the default's U-Net takes 1.2-1.4 ms per image in passes of 32-256 images and 1.8 ms in passes of 512, the pass
-# of a guided batch of 256 (2-core CPU, docs/performance.md).
+# the default's U-Net takes 1.10-1.15 ms per image in passes of 32-256 images and 1.34 ms in passes of 512, the
+# pass of a guided batch of 256 (2-core CPU; benchmarks/network_pass.py, docs/performance.md).
 CPU_IMAGES_PER_PASS = 64
 
 

@@ -74,7 +74,8 @@ def student_config(teacher: Config, overrides: list[str] | dict | None = None) -
     config = override_config(teacher, overrides or [])
     problem = teacher.guided_teacher_problem(config.distill.guidance)  # the teacher's own training, not the overrides'
     if problem:
-        raise ConfigError(problem)
+        raise ConfigError(f"{problem} (the teacher was trained with model.num_classes={teacher.model.num_classes}, "
+                          f"train.label_dropout={teacher.train.label_dropout})")
     guided = {"sample.guidance": 0.0, "sample.guidance_sweep": []} if config.distill.guidance else {}
     return override_config(config, {**guided, "diffusion.prediction": config.distill.prediction,
                                     "sample.sampler": config.distill.method,

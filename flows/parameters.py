@@ -42,6 +42,7 @@ BOUNDS = {
     "num_samples": (1, 50_000), "nproc_per_node": (1, os.cpu_count() or 1),
     "shard_size": (1, 4096),                              # images per network call of flows.sample_model
     "sample.seed": (0, 2**32 - 1),                        # batch k's generator is seeded seed·1,000,003 + k
+    "train.seed": (0, 2**32 - 1), "distill.seed": (0, 2**32 - 1),  # torch.manual_seed takes 64 bits: refused up front
     "distill.steps": (1, 1_000_000), "distill.batch_size": (1, 1024), "distill.log_every": (1, 1_000_000),
     "distill.ode_steps": (2, 4000), "distill.sample_steps": (1, 4000),  # teacher steps per schedule; student's steps
 }

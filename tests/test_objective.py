@@ -220,6 +220,9 @@ def test_a_large_batch_without_gradients_runs_in_passes_of_the_cap_with_each_ima
         sliced = model(x, t, class_labels=labels, x0_estimate=estimate)
     assert passes == [32, 32, 6]
     torch.testing.assert_close(sliced, alone, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # conditions left as None (no class: the null token; no estimate yet: zeros) stay None
+        alone = torch.cat([model(x[i:i + 1], t[i:i + 1], class_labels=None, x0_estimate=None) for i in range(n)])
+        torch.testing.assert_close(model(x, t, class_labels=None, x0_estimate=None), alone, rtol=1e-9, atol=1e-9)
     passes.clear()
     model(x, t, class_labels=labels, x0_estimate=estimate)  # with gradients (training): one pass
     assert passes == [n]

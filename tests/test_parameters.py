@@ -18,11 +18,12 @@ PAST_BOUNDS = {"train.steps": 10**9, "train.batch_size": 10**6, "diffusion.times
                "model.base_channels": 4096, "model.num_res_blocks": 64, "model.attention_heads": 512,
                "model.patch_size": 64,
                "sample.num_samples": 10**7, "sample.batch_size": 10**6, "sample.steps": 10**6, "sample.seed": 2**32,
+               "train.seed": 2**64,
                "evaluation.num_samples": 10**7, "evaluation.bootstrap": 10**6,
                "model.channel_mults": [1, 2, 2, 2, 2, 2, 2], "model.attention_levels": [0, 1, 2, 3, 4, 5],
                "sample.guidance_sweep": [0.0] * 17, "sample.nfe_sweep": list(range(1, 100)),
                "distill.steps": 10**9, "distill.batch_size": 10**6, "distill.log_every": 0, "distill.ode_steps": 10**6,
-               "distill.sample_steps": 10**6}
+               "distill.sample_steps": 10**6, "distill.seed": -1}
 
 
 def _table(dotted: str, value) -> dict:
