@@ -29,11 +29,11 @@ DEFAULT_CD_V = "few-step/default-consistency-v-2900.json"
 # the same two ε-head students sampled at the preset's levels (log SNR −4.5, −1.5, 0.5 after T−1): `diffusion evaluate` files
 DEFAULT_CD_EPS_LEVELS = ("few-step/default-consistency-eps-minsnr-2900-levels4.json",
                          "few-step/default-consistency-eps-minsnr-2900-seed1-levels4.json")
-# students of the same model's ODE guided at w = 0.15 (distill.guidance, the few-step preset's), 1,750 steps = 15
-# minutes (distillation seed 0, 1): `diffusion evaluate` files at their 4 levels and at 1 and 2 evaluations (the
-# students of w = 0.3 are in docs/quality-cost.md's table)
-DEFAULT_GUIDED_CD = ("few-step/default-consistency-eps-minsnr-guided0.15-1750",
-                     "few-step/default-consistency-eps-minsnr-guided0.15-1750-seed1")
+# students of the same model's ODE guided at w = 0.15 (distill.guidance, at distill.lr = 2e-4: the few-step preset's),
+# 1,750 steps = 15 minutes (distillation seed 0, 1): `diffusion evaluate` files at their 4 levels and at 1 and 2
+# evaluations (the other guided students are in docs/quality-cost.md's table)
+DEFAULT_GUIDED_CD = ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-1750",
+                     "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-1750-seed1")
 DEFAULT_ODE_GUIDED = "default (mnist-cpu-cond), DPM-Solver++(2M) (ODE), guidance 0.15"
 
 
@@ -104,7 +104,7 @@ def by_evaluations(results: Path) -> list[Point]:
     for seed, stem in enumerate(DEFAULT_GUIDED_CD):
         for suffix in ("-steps1.json", "-steps2.json", "-levels4.json"):
             score = _read(results, stem + suffix)
-            series = "consistency distillation of the default's ODE guided at 0.15, 15 minutes"
+            series = "consistency distillation of the default's ODE guided at 0.15, lr 2e-4, 15 minutes"
             points.append(Point(series, score["steps"], *_fid(score, f"consistency{score['steps']}_w0"), stem + suffix,
                                 seed=seed))
     for name, series in ((f"{DEFAULT_SEED0}-ode20-guidance0.15.json", DEFAULT_ODE_GUIDED),
