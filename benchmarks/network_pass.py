@@ -22,7 +22,6 @@ import torch
 from diffusion_core import denoiser as denoiser_module
 from diffusion_core import load_config
 from diffusion_core.checkpoint import build_denoiser
-from diffusion_core.config import SampleConfig
 from diffusion_core.data import get_spec
 from diffusion_core.runtime import matmul_gflops, tune_cpu_runtime
 from diffusion_core.samplers import generate_batches
@@ -38,8 +37,7 @@ def ms_per_image(model, x, t, labels, images_per_pass: int) -> float:
 
 def sampling_images_per_s(model, config, shape, num_samples: int, guidance: float, images_per_pass: int) -> float:
     denoiser_module.CPU_IMAGES_PER_PASS = images_per_pass
-    settings = SampleConfig(**{**config.sample.__dict__, "num_samples": num_samples, "guidance": guidance,
-                               "guidance_sweep": (), "nfe_sweep": ()})
+    settings = config.sample.override(num_samples=num_samples, guidance=guidance, guidance_sweep=(), nfe_sweep=())
     labels = torch.arange(num_samples) % config.model.num_classes if config.conditional else None
     start = time.perf_counter()
     for _ in generate_batches(model, model.schedule, shape, settings, device="cpu", progress=False,
