@@ -29,11 +29,19 @@ DEFAULT_CD_V = "few-step/default-consistency-v-2900.json"
 # the same two ε-head students sampled at the preset's levels (log SNR −4.5, −1.5, 0.5 after T−1): `diffusion evaluate` files
 DEFAULT_CD_EPS_LEVELS = ("few-step/default-consistency-eps-minsnr-2900-levels4.json",
                          "few-step/default-consistency-eps-minsnr-2900-seed1-levels4.json")
-# students of the same model's ODE guided at w = 0.15 (distill.guidance, at distill.lr = 2e-4: the few-step preset's),
-# 1,750 steps = 15 minutes (distillation seed 0, 1): `diffusion evaluate` files at their 4 levels and at 1 and 2
-# evaluations (the other guided students are in docs/quality-cost.md's table)
-DEFAULT_GUIDED_CD = ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-1750",
-                     "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-1750-seed1")
+# students of the same model's ODE guided at w = 0.15 (distill.guidance, at distill.lr = 2e-4), 15 minutes
+# (distillation seed 0, 1): `diffusion evaluate` files at their 4 levels and at 1 and 2 evaluations, learnt from
+# 32 DDIM teacher steps in 1,750 student steps, and from 8 second-order ones in 1,350 (the few-step preset's); the
+# other guided students are in docs/quality-cost.md's table
+DEFAULT_GUIDED_CD = {
+    "consistency distillation of the default's ODE guided at 0.15, 32 DDIM steps, 15 min":
+        ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-1750",
+         "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-1750-seed1"),
+    "consistency distillation of the default's ODE guided at 0.15, 8 2nd-order steps, 15 min":
+        ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-1350",
+         "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-1350-seed1"),
+}
+COLORS = [f"C{k}" for k in range(10)] + ["black", "0.6", "gold"]  # one per series of the left panel (13)
 DEFAULT_ODE_GUIDED = "default (mnist-cpu-cond), DPM-Solver++(2M) (ODE), guidance 0.15"
 
 
@@ -101,12 +109,12 @@ def by_evaluations(results: Path) -> list[Point]:
         score = _read(results, name)
         series = "consistency distillation of the default, ε head, at levels −4.5, −1.5, 0.5"
         points.append(Point(series, score["steps"], *_fid(score, f"consistency{score['steps']}_w0"), name, seed=seed))
-    for seed, stem in enumerate(DEFAULT_GUIDED_CD):
-        for suffix in ("-steps1.json", "-steps2.json", "-levels4.json"):
-            score = _read(results, stem + suffix)
-            series = "consistency distillation of the default's ODE guided at 0.15, lr 2e-4, 15 minutes"
-            points.append(Point(series, score["steps"], *_fid(score, f"consistency{score['steps']}_w0"), stem + suffix,
-                                seed=seed))
+    for series, stems in DEFAULT_GUIDED_CD.items():
+        for seed, stem in enumerate(stems):
+            for suffix in ("-steps1.json", "-steps2.json", "-levels4.json"):
+                score = _read(results, stem + suffix)
+                points.append(Point(series, score["steps"], *_fid(score, f"consistency{score['steps']}_w0"),
+                                    stem + suffix, seed=seed))
     for name, series in ((f"{DEFAULT_SEED0}-ode20-guidance0.15.json", DEFAULT_ODE_GUIDED),
                          (f"{DEFAULT_SEED0}-sde10.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde15.json", DEFAULT_SDE),
                          (f"{DEFAULT_SEED0}-sde20.json", DEFAULT_SDE), (f"{DEFAULT_SEED0}-sde30.json", DEFAULT_SDE),
@@ -171,7 +179,7 @@ def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: f
         for k, series in enumerate(dict.fromkeys(p.series for p in points)):
             mine = [p for p in points if p.series == series and p.seed == 0]
             others = [p for p in points if p.series == series and p.seed != 0]
-            style = dict(marker="os^vDP*Xh<>"[k % 11], capsize=3, color=f"C{k % 10}")  # a pair repeats after 110
+            style = dict(marker="os^vDP*Xh<>"[k % 11], capsize=3, color=COLORS[k % len(COLORS)])  # pairs repeat after 143
             ax.errorbar([p.x for p in mine], [p.fid for p in mine], yerr=[p.fid_std for p in mine], label=series,
                         linestyle="-" if len(mine) > 1 else "none", **style)
             if others:

@@ -270,6 +270,8 @@ class DistillConfig:
     ode_steps: int = 32          # consistency: one teacher ODE step spans 1/N of the schedule's usable log-SNR range;
                                  # progressive: the first student's levels (its teacher takes 2N), halved down to
                                  # sample_steps, so N = sample_steps·2^K
+    teacher_order: int = 1       # consistency: order of the teacher's ODE step, 1 (DDIM) or 2 (DPM-Solver++(2S), one
+                                 # more teacher evaluation halfway in log SNR; local error O(h³) against O(h²))
     target_ema: float = 0.95     # μ of the target network θ⁻ ← μ·θ⁻ + (1 − μ)·θ (Song et al. 2023: 0.95 for CD)
     ema_decay: float = 0.999     # EMA of the student, the weights that are exported and sampled: a ceiling on the
                                  # warm-up min(decay, (1 + n) / (10 + n)), which stays below 0.999 until step 8,990,
@@ -305,6 +307,11 @@ class DistillConfig:
                "for progressive distillation (its levels halve down to sample_steps)")
         _check(p, self.method != "progressive" or self.steps >= max(halvings.bit_length() - 1, 1),
                f"distill.steps={self.steps} is fewer than progressive distillation's halvings; give each at least one")
+        _check(p, self.teacher_order in (1, 2), f"distill.teacher_order must be 1 (DDIM) or 2 (DPM-Solver++(2S)), "
+               f"got {self.teacher_order}")
+        _check(p, self.method != "progressive" or self.teacher_order == 1,
+               f"distill.teacher_order={self.teacher_order} with progressive distillation: its students are taught by "
+               "DDIM steps, the steps they take themselves; leave it at 1 (or set distill.method=consistency)")
         _check(p, 0 <= self.target_ema < 1, f"distill.target_ema must be in [0, 1), got {self.target_ema}")
         _check(p, 0 <= self.ema_decay < 1, f"distill.ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(p, self.sample_steps >= 1, f"distill.sample_steps must be >= 1, got {self.sample_steps}")

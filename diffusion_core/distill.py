@@ -5,7 +5,8 @@ point of the teacher's probability-flow ODE to the ODE's end, so that a handful 
 an image (`samplers.consistency_sample`). One step, for clean images x0, noise z and a noise level t drawn
 even in log-SNR:
     x_t   = √ᾱ_t·x0 + √(1−ᾱ_t)·z                        (the forward process)
-    x_t'  = one DDIM step (η = 0) of the teacher from t to t', the level Δλ cleaner (`cleaner_level`)
+    x_t'  = one ODE step of the teacher from t to t', the level Δλ cleaner (`cleaner_level`): DDIM (η = 0),
+            or second order with one more teacher evaluation (distill.teacher_order; `teacher_ode_step`)
     loss  = ‖f_θ(x_t, t) − f_θ⁻(x_t', t')‖²            with f(x, −1) = x (t' = −1: clean data, ᾱ = 1)
 θ⁻ is a slow EMA of θ (distill.target_ema) that no gradient reaches. Δλ is 1/distill.ode_steps of the
 schedule's usable log-SNR range. When the teacher is exact, the exact consistency function makes every
@@ -99,6 +100,20 @@ def cleaner_level(schedule: NoiseSchedule, t: torch.Tensor, step_log_snr: float)
     return (log_snr[None, :] >= wanted[:, None]).sum(dim=1) - 1
 
 
+def ode_step_log_snr(schedule: NoiseSchedule, ode_steps: int) -> float:
+    """Δλ of one teacher step: 1/`ode_steps` (distill.ode_steps) of the schedule's usable log-SNR range."""
+    return (float(schedule.log_snr[0]) - schedule.usable_log_snr_min) / ode_steps
+
+
+def teacher_chain(schedule: NoiseSchedule, ode_steps: int) -> list[int]:
+    """The levels of the teacher's steps from t = T−1 down to clean data (−1), each `cleaner_level` than the last:
+    the chain a consistency student learns to jump along from the top."""
+    step_log_snr, levels = ode_step_log_snr(schedule, ode_steps), [schedule.timesteps - 1]
+    while levels[-1] >= 0:
+        levels.append(int(cleaner_level(schedule, torch.tensor([levels[-1]]), step_log_snr)))
+    return levels
+
+
 def level_probabilities(schedule: NoiseSchedule) -> torch.Tensor:
     """p(t) ∝ the log-SNR span of timestep t (half the gap to each neighbour): t drawn from it is even in λ
     over the whole chain, as the student is sampled."""
@@ -119,17 +134,52 @@ class GuidedTeacher:
         return guided_eps(self.teacher, x_t, t, class_labels, self.guidance)
 
 
-def teacher_ode_step(teacher: Denoiser | GuidedTeacher, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
-                     **cond) -> torch.Tensor:
-    """One DDIM step with η = 0 (Song et al. 2021, eq. 12) of the teacher from t to t_next (per image;
-    −1 = clean, where the step returns x̂0): x_t' = √ᾱ_t'·x̂0 + √(1−ᾱ_t')·ε̂, with x̂0 clipped to [−1, 1]
-    and ε̂ recomputed from it, as the samplers do."""
-    schedule = teacher.schedule
-    eps = teacher(x_t, t, **cond)
-    x0 = predict_x0(schedule, x_t, t, eps).clamp(-1.0, 1.0)
-    eps = eps_from_x0(schedule, x_t, t, x0)
+def ddim_step_with(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                   x0: torch.Tensor) -> torch.Tensor:
+    """The DDIM step (η = 0; Song et al. 2021, eq. 12) from t to t_next that x̂0 = `x0` makes (per image; −1 = clean):
+    x_t' = √ᾱ_t'·x0 + √(1−ᾱ_t')·ε̂, with ε̂ = (x_t − √ᾱ_t·x0)/√(1−ᾱ_t) the noise that x0 implies."""
     alpha_bar_next = alpha_bar_or_one(schedule, t_next, x_t)
-    return alpha_bar_next.sqrt() * x0 + (1 - alpha_bar_next).sqrt() * eps
+    return alpha_bar_next.sqrt() * x0 + (1 - alpha_bar_next).sqrt() * eps_from_x0(schedule, x_t, t, x0)
+
+
+def teacher_x0(teacher: Denoiser | GuidedTeacher, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    """The teacher's x̂0 at t, clipped to [−1, 1] as the samplers clip it."""
+    return predict_x0(teacher.schedule, x_t, t, teacher(x_t, t, **cond)).clamp(-1.0, 1.0)
+
+
+def midway_level(schedule: NoiseSchedule, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """The timestep nearest halfway in log-SNR from t to t_next (both ≥ 0), strictly cleaner than t and no cleaner
+    than t_next, so that the step's first part is never empty."""
+    log_snr = schedule.log_snr.to(t.device)
+    wanted = 0.5 * (log_snr[t] + log_snr[t_next])
+    nearest = (log_snr[None, :] - wanted[:, None]).abs().argmin(dim=1)
+    return torch.minimum(torch.maximum(nearest, t_next), t - 1)
+
+
+def teacher_ode_step(teacher: Denoiser | GuidedTeacher, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                     order: int = 1, **cond) -> torch.Tensor:
+    """One step of the teacher's probability-flow ODE from t to t_next (per image; −1 = clean, where the step
+    returns x̂0), in data prediction with the exponential integrator (Lu et al. 2022b, "DPM-Solver++"):
+    x_t' = (σ'/σ)·x_t + α'·(1 − e^(−h))·D, h = λ' − λ, λ = log(α/σ), which is `ddim_step_with` x̂0 = D.
+    order 1: D = x̂0(x_t, t), DDIM with η = 0 (Song et al. 2021, eq. 12).
+    order 2: DPM-Solver++(2S): one more teacher evaluation at s, the timestep halfway in λ (`midway_level`), at the
+    point u the first-order step reaches there; with r = (λ_s − λ)/h,
+        D = (1 − 1/(2r))·x̂0(x_t, t) + (1/(2r))·x̂0(u, s),
+    whose local error is O(h³) against DDIM's O(h²). Steps to clean data stay first order (h is infinite there).
+    x̂0 is clipped to [−1, 1], as the samplers clip it."""
+    schedule = teacher.schedule
+    x0 = teacher_x0(teacher, x_t, t, **cond)
+    inner = (t_next >= 0).nonzero().squeeze(1)  # steps to clean data stay first order
+    if order == 2 and len(inner):
+        x_in, t_in, next_in, x0_in = x_t[inner], t[inner], t_next[inner], x0[inner]
+        mid = midway_level(schedule, t_in, next_in)
+        x0_mid = teacher_x0(teacher, ddim_step_with(schedule, x_in, t_in, mid, x0_in), mid,
+                            **{name: value[inner] for name, value in cond.items()})
+        log_snr = schedule.log_snr.to(t.device)
+        r = (log_snr[mid] - log_snr[t_in]) / (log_snr[next_in] - log_snr[t_in])
+        weight_mid = (0.5 / r).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        x0 = x0.index_copy(0, inner, (1 - weight_mid) * x0_in + weight_mid * x0_mid)
+    return ddim_step_with(schedule, x_t, t, t_next, x0)
 
 
 def consistency_function(model: Denoiser, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -151,12 +201,12 @@ def weighted_x0_error(prediction: torch.Tensor, goal: torch.Tensor, schedule: No
 
 def consistency_distillation_loss(student: Denoiser, target: Denoiser, teacher: Denoiser | GuidedTeacher,
                                   x0: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor,
-                                  weighting: str = "none", **cond) -> torch.Tensor:
-    """w(t)·‖f_θ(x_t, t) − f_θ⁻(x̂_t', t')‖² (`weighted_x0_error`), where x̂_t' is the teacher's ODE step.
-    Gradients reach the student only."""
+                                  weighting: str = "none", teacher_order: int = 1, **cond) -> torch.Tensor:
+    """w(t)·‖f_θ(x_t, t) − f_θ⁻(x̂_t', t')‖² (`weighted_x0_error`), where x̂_t' is the teacher's ODE step of
+    `teacher_order`. Gradients reach the student only."""
     x_t = q_sample(student.schedule, x0, t, noise)
     with torch.no_grad():
-        x_next = teacher_ode_step(teacher, x_t, t, t_next, **cond)
+        x_next = teacher_ode_step(teacher, x_t, t, t_next, teacher_order, **cond)
         goal = consistency_function(target, x_next, t_next, **cond).clamp(-1.0, 1.0)
     return weighted_x0_error(consistency_function(student, x_t, t, **cond), goal, student.schedule, t, weighting)
 
@@ -249,7 +299,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     ema = EMA(student.net, cfg.ema_decay)
     optimizer = torch.optim.Adam(student.net.parameters(), lr=cfg.lr)
     rng = torch.Generator().manual_seed(cfg.seed + 1)
-    step_log_snr = (float(schedule.log_snr[0]) - schedule.usable_log_snr_min) / cfg.ode_steps
+    step_log_snr = ode_step_log_snr(schedule, cfg.ode_steps)
     probabilities = level_probabilities(schedule)
     stage_ends = list(itertools.accumulate(stage.steps for stage in stages))
     null_label = config.model.num_classes
@@ -283,7 +333,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
             t_next = cleaner_level(schedule, t, step_log_snr)
             noise = torch.randn(x0.shape, generator=rng)
             loss = consistency_distillation_loss(student, target, teacher, x0, t.to(device), t_next.to(device),
-                                                 noise.to(device), cfg.loss_weighting, **cond)
+                                                 noise.to(device), cfg.loss_weighting, cfg.teacher_order, **cond)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -7,6 +7,9 @@
   √(1−ᾱ')·ε with the same ε) and f = x* everywhere, so the distillation loss of the exact student is 0, and
   a student off by δ scores δ² exactly on the terms that reach clean data (the boundary f(x, −1) = x).
   Progressive distillation's two-step target x̃ is x* itself there, so an exact student scores 0 everywhere.
+- The teacher's ODE step against the exact ODE of Gaussian data (its solution keeps the standardised value, as
+  above): the error of one step shrinks as h² for DDIM and as h³ for the second-order step (local errors O(h²)
+  and O(h³)), measured at three noise levels over steps of 1 down to 0.25 in log SNR.
 - Progressive distillation's x̃ is checked against its definition with DDIM steps written out here
   (Song et al. 2021, eq. 12) on the Gaussian data's posterior-mean teacher: one step with x̂0 = x̃ lands where
   two of the teacher's do.
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -28,7 +32,7 @@ from diffusion_core.config import ConfigError, load_config
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.distill import (GuidedTeacher, cleaner_level, consistency_distillation_loss, halving_stages,
                                     level_probabilities, progressive_distillation_loss, student_config,
-                                    two_step_target)
+                                    teacher_ode_step, two_step_target)
 from diffusion_core.guidance import guided_eps
 from diffusion_core.samplers import few_step_levels, sample, sampling_timesteps
 
@@ -293,6 +297,43 @@ def ddim_step(x: torch.Tensor, t: int, t_next: int, x0: torch.Tensor) -> torch.T
     return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
 
 
+@pytest.mark.parametrize("t", [900, 600, 300])
+@pytest.mark.parametrize("order, rate", [(1, 2), (2, 3)])
+def test_teacher_ode_step_error_shrinks_as_its_order_says(t, order, rate):
+    schedule = NoiseSchedule(T, "linear")
+    teacher = Denoiser(GaussianEps(ode_end=False), schedule, "eps").double()  # the posterior mean: the exact ε̂
+    ab = paper_alpha_bars()
+    log_snr = (ab / (1 - ab)).log()
+    x_t = MU * ab[t].sqrt() + (ab[t] * S**2 + 1 - ab[t]).sqrt() * torch.randn(256, 1, 4, 4, dtype=torch.float64,
+                                                                             generator=torch.Generator().manual_seed(t))
+    steps, errors = [], []
+    for wanted in (0.5, 0.25):
+        t_next = int((log_snr - (log_snr[t] + wanted)).abs().argmin())
+        a, a_next = ab[t], ab[t_next]
+        exact = a_next.sqrt() * MU + ((a_next * S**2 + 1 - a_next) / (a * S**2 + 1 - a)).sqrt() * (x_t - a.sqrt() * MU)
+        step = teacher_ode_step(teacher, x_t, torch.full((256,), t), torch.full((256,), t_next), order)
+        steps.append(float(log_snr[t_next] - log_snr[t]))
+        errors.append(float((step - exact).abs().max()))
+    observed = math.log(errors[0] / errors[1]) / math.log(steps[0] / steps[1])
+    assert observed == pytest.approx(rate, abs=0.3)  # halving h: 4× (DDIM) or 8× (second order) less error
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_teacher_ode_step_to_clean_data_is_the_teachers_x0(order):
+    schedule = NoiseSchedule(T, "linear")
+    gaussian = GaussianEps(ode_end=False)
+    teacher = Denoiser(gaussian, schedule, "eps").double()
+    t, t_next = torch.tensor([5, 5, 3, 3, 0, 0, 40, 40]), torch.tensor([-1, 2, -1, 1, -1, -1, -1, 20])
+    ab = paper_alpha_bars()[t].view(-1, 1, 1, 1)  # x_t from its marginal, whose x̂0 stays inside the clip at ±1
+    x_t = MU * ab.sqrt() + (ab * S**2 + 1 - ab).sqrt() * torch.randn(8, 1, 4, 4, dtype=torch.float64,
+                                                                     generator=torch.Generator().manual_seed(1))
+    step = teacher_ode_step(teacher, x_t, t, t_next, order)
+    x0 = (x_t - (1 - ab).sqrt() * gaussian(x_t, t)) / ab.sqrt()
+    clean = t_next < 0
+    assert torch.allclose(step[clean], x0[clean], atol=1e-12)
+    assert ((step[~clean] - x0[~clean]).flatten(1).abs().amax(1) > 1e-3).all()  # the others stop short of it
+
+
 @pytest.mark.parametrize("levels", [(900, 500, 100), (600, 300, 20), (40, 10, -1), (999, 400, -1)])
 def test_two_step_target_lands_one_ddim_step_where_the_teacher_lands_two(levels):
     t, t_mid, t_next = levels
@@ -344,6 +385,10 @@ def test_student_config_predicts_v_and_samples_with_the_consistency_sampler():
     assert student.distill.steps == 7 and student.model == teacher.model
     with pytest.raises(ConfigError, match="distill.ode_steps"):
         student_config(teacher, ["distill.ode_steps=1"])
+    with pytest.raises(ConfigError, match=r"distill.teacher_order must be 1 \(DDIM\) or 2"):
+        student_config(teacher, ["distill.teacher_order=3"])
+    with pytest.raises(ConfigError, match="distill.teacher_order=2 with progressive distillation"):
+        student_config(teacher, ["distill.method=progressive", "distill.ode_steps=16", "distill.teacher_order=2"])
     assert (student.sample.spacing, student.sample.levels_log_snr) == ("log_snr", ())
     assert student_config(teacher, ["distill.sample_levels_log_snr=[1,3,5]"]).sample.levels_log_snr == (1, 3, 5)
     with pytest.raises(ConfigError, match="give sample_steps − 1 levels"):
@@ -360,14 +405,16 @@ def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tm
     from safetensors import safe_open
 
     run_dir = tmp_path / "student"
-    levels = ["--set", "distill.sample_levels_log_snr=[0.5]"] if method == "consistency" else []
+    levels = (["--set", "distill.sample_levels_log_snr=[0.5]", "--set", "distill.teacher_order=2"]
+              if method == "consistency" else [])
     weights = []  # the guidance weight of each guided teacher pass: the first stage's teacher only, for progressive
     monkeypatch.setattr(distill_module, "guided_eps", lambda *args: weights.append(args[-1]) or guided_eps(*args))
     main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(run_dir), "--set", f"distill.method={method}",
           "--set", "distill.ode_steps=8", "--set", "distill.sample_steps=2",  # progressive: 2 halvings of 3 steps
           "--set", "distill.steps=6", "--set", "distill.batch_size=8", "--set", "distill.log_every=3",
           "--set", "distill.guidance=1", *levels])
-    assert weights == [1.0] * (6 if method == "consistency" else 2 * 3)  # progressive: 3 steps of 2 teacher steps
+    # consistency: 6 second-order teacher steps of 2 guided passes; progressive: 3 steps of 2 teacher steps
+    assert weights == [1.0] * (6 * 2 if method == "consistency" else 2 * 3)
     reports = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in reports] == [3, 6]
     loaded = load_model(run_dir / "model")
