@@ -102,6 +102,8 @@ def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
                 "distill.teacher": f"{model}/{version}", "distill.teacher_run": teacher_run,
                 "distill.method": config.distill.method, "distill.steps": str(config.distill.steps),
                 "distill.sample_steps": str(config.distill.sample_steps), "distill.guidance": str(config.distill.guidance),
+                "distill.ode_steps": str(config.distill.ode_steps),
+                "distill.teacher_order": str(config.distill.teacher_order),
                 "distill.seconds": f"{seconds:.1f}"}
         student = register_model_folder(client, run_id, work_dir / MODEL_ARTIFACT, name, tags)
         client.update_model_version(name, student, description=(
