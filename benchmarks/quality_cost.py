@@ -41,7 +41,7 @@ DEFAULT_GUIDED_CD = {
         ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-1350",
          "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-1350-seed1"),
 }
-COLORS = [f"C{k}" for k in range(10)] + ["black", "0.6", "gold"]  # one per series of the left panel (13)
+COLORS = [f"C{k}" for k in range(10)] + ["black", "0.6"]  # one per series of the left panel (12)
 DEFAULT_ODE_GUIDED = "default (mnist-cpu-cond), DPM-Solver++(2M) (ODE), guidance 0.15"
 
 
@@ -179,7 +179,8 @@ def plot(left: list[Point], right: list[Point], floor_fid: float, teacher_fid: f
         for k, series in enumerate(dict.fromkeys(p.series for p in points)):
             mine = [p for p in points if p.series == series and p.seed == 0]
             others = [p for p in points if p.series == series and p.seed != 0]
-            style = dict(marker="os^vDP*Xh<>"[k % 11], capsize=3, color=COLORS[k % len(COLORS)])  # pairs repeat after 143
+            style = dict(marker="os^vDP*Xh<>"[k % 11], capsize=3,
+                         color=COLORS[k % len(COLORS)])  # a pair repeats after 132
             ax.errorbar([p.x for p in mine], [p.fid for p in mine], yerr=[p.fid_std for p in mine], label=series,
                         linestyle="-" if len(mine) > 1 else "none", **style)
             if others:

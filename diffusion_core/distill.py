@@ -150,7 +150,7 @@ def teacher_x0(teacher: Denoiser | GuidedTeacher, x_t: torch.Tensor, t: torch.Te
 def midway_level(schedule: NoiseSchedule, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
     """The timestep nearest halfway in log-SNR from t to t_next (both ≥ 0), strictly cleaner than t and no cleaner
     than t_next, so that the step's first part is never empty."""
-    log_snr = schedule.log_snr.to(t.device)
+    log_snr = schedule.table("log_snr", t.device)
     wanted = 0.5 * (log_snr[t] + log_snr[t_next])
     nearest = (log_snr[None, :] - wanted[:, None]).abs().argmin(dim=1)
     return torch.minimum(torch.maximum(nearest, t_next), t - 1)
@@ -167,18 +167,21 @@ def teacher_ode_step(teacher: Denoiser | GuidedTeacher, x_t: torch.Tensor, t: to
         D = (1 − 1/(2r))·x̂0(x_t, t) + (1/(2r))·x̂0(u, s),
     whose local error is O(h³) against DDIM's O(h²). Steps to clean data stay first order (h is infinite there).
     x̂0 is clipped to [−1, 1], as the samplers clip it."""
+    if order not in (1, 2):
+        raise ValueError(f"teacher_ode_step: order must be 1 (DDIM) or 2 (DPM-Solver++(2S)), got {order}")
     schedule = teacher.schedule
     x0 = teacher_x0(teacher, x_t, t, **cond)
-    inner = (t_next >= 0).nonzero().squeeze(1)  # steps to clean data stay first order
-    if order == 2 and len(inner):
-        x_in, t_in, next_in, x0_in = x_t[inner], t[inner], t_next[inner], x0[inner]
-        mid = midway_level(schedule, t_in, next_in)
-        x0_mid = teacher_x0(teacher, ddim_step_with(schedule, x_in, t_in, mid, x0_in), mid,
-                            **{name: value[inner] for name, value in cond.items()})
-        log_snr = schedule.log_snr.to(t.device)
-        r = (log_snr[mid] - log_snr[t_in]) / (log_snr[next_in] - log_snr[t_in])
-        weight_mid = (0.5 / r).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
-        x0 = x0.index_copy(0, inner, (1 - weight_mid) * x0_in + weight_mid * x0_mid)
+    if order == 2:
+        inner = (t_next >= 0).nonzero().squeeze(1)  # steps to clean data stay first order
+        if len(inner):
+            x_in, t_in, next_in, x0_in = x_t[inner], t[inner], t_next[inner], x0[inner]
+            mid = midway_level(schedule, t_in, next_in)
+            x0_mid = teacher_x0(teacher, ddim_step_with(schedule, x_in, t_in, mid, x0_in), mid,
+                                **{name: value[inner] for name, value in cond.items()})
+            log_snr = schedule.table("log_snr", t.device)
+            r = (log_snr[mid] - log_snr[t_in]) / (log_snr[next_in] - log_snr[t_in])
+            weight_mid = (0.5 / r).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+            x0 = x0.index_copy(0, inner, (1 - weight_mid) * x0_in + weight_mid * x0_mid)
     return ddim_step_with(schedule, x_t, t, t_next, x0)
 
 

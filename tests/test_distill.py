@@ -9,7 +9,8 @@
   Progressive distillation's two-step target x̃ is x* itself there, so an exact student scores 0 everywhere.
 - The teacher's ODE step against the exact ODE of Gaussian data (its solution keeps the standardised value, as
   above): the error of one step shrinks as h² for DDIM and as h³ for the second-order step (local errors O(h²)
-  and O(h³)), measured at three noise levels over steps of 1 down to 0.25 in log SNR.
+  and O(h³)), measured at three noise levels from steps of 0.5 and 0.25 in log SNR, and with the intermediate
+  evaluation a third of the way instead of halfway (its weight 1/(2r) must follow it).
 - Progressive distillation's x̃ is checked against its definition with DDIM steps written out here
   (Song et al. 2021, eq. 12) on the Gaussian data's posterior-mean teacher: one step with x̂0 = x̃ lands where
   two of the teacher's do.
@@ -297,9 +298,18 @@ def ddim_step(x: torch.Tensor, t: int, t_next: int, x0: torch.Tensor) -> torch.T
     return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
 
 
+def third_of_the_way(schedule: NoiseSchedule, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """The timestep nearest a third of the way in log SNR from t to t_next: r ≈ 1/3 in place of ≈ 1/2."""
+    log_snr = schedule.log_snr
+    wanted = log_snr[t] + (log_snr[t_next] - log_snr[t]) / 3
+    return (log_snr[None, :] - wanted[:, None]).abs().argmin(dim=1)
+
+
 @pytest.mark.parametrize("t", [900, 600, 300])
-@pytest.mark.parametrize("order, rate", [(1, 2), (2, 3)])
-def test_teacher_ode_step_error_shrinks_as_its_order_says(t, order, rate):
+@pytest.mark.parametrize("order, rate, midpoint", [(1, 2, "halfway"), (2, 3, "halfway"), (2, 3, "a third")])
+def test_teacher_ode_step_error_shrinks_as_its_order_says(t, order, rate, midpoint, monkeypatch):
+    if midpoint == "a third":  # D = (1 − 1/(2r))·x̂0 + x̂0_mid/(2r) must weigh the first evaluation in as well
+        monkeypatch.setattr(distill_module, "midway_level", third_of_the_way)
     schedule = NoiseSchedule(T, "linear")
     teacher = Denoiser(GaussianEps(ode_end=False), schedule, "eps").double()  # the posterior mean: the exact ε̂
     ab = paper_alpha_bars()
@@ -332,6 +342,9 @@ def test_teacher_ode_step_to_clean_data_is_the_teachers_x0(order):
     clean = t_next < 0
     assert torch.allclose(step[clean], x0[clean], atol=1e-12)
     assert ((step[~clean] - x0[~clean]).flatten(1).abs().amax(1) > 1e-3).all()  # the others stop short of it
+    for i in (~clean).nonzero().flatten().tolist():  # and each is its own step, taken alone
+        alone = teacher_ode_step(teacher, x_t[i:i + 1], t[i:i + 1], t_next[i:i + 1], order)
+        assert torch.allclose(step[i:i + 1], alone, atol=1e-12)
 
 
 @pytest.mark.parametrize("levels", [(900, 500, 100), (600, 300, 20), (40, 10, -1), (999, 400, -1)])
