@@ -7,9 +7,9 @@ The student is pulled towards the teacher's ODE steps of distill.ode_steps, dist
 distill.guidance (`distill.teacher_ode_step`). Taken one after another from t = T−1 down to clean data
 (`distill.teacher_chain`), those steps are a sampler of their own, and the map they draw is the one the student
 learns to jump along: a student that learned it exactly samples these images' distribution. Its FID bounds what
-distillation at those settings reaches. The images are drawn for the class mix of the reference split, as
-`diffusion evaluate` draws them (batch k of 256 seeded by (seed, k)), and scored by the same function, with the
-fp32 matmul GFLOP/s before and after beside the time.
+distillation at those settings reaches. The images are drawn for the class mix of the reference split, from the
+x_T that `diffusion evaluate` draws at its default 256 images per batch (`samplers.batch_generator`), and scored by
+the same function, with the fp32 matmul GFLOP/s before and after beside the time.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from diffusion_core.evaluation.evaluator import evaluate, format_table, save_met
 from diffusion_core.evaluation.protocol import REFERENCE_SPLIT, scoring_labels
 from diffusion_core.images import to_uint8
 from diffusion_core.runtime import matmul_gflops, tune_cpu_runtime
+from diffusion_core.samplers import batch_generator
 
 BATCH = 256  # images per chain; the denoiser runs them in passes of its own size
 
@@ -63,7 +64,7 @@ def main() -> None:
     with torch.no_grad():
         for k, first in enumerate(tqdm(range(0, args.num_samples, BATCH), desc="chain")):
             b = min(BATCH, args.num_samples - first)
-            x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + k))
+            x = torch.randn(b, *shape, generator=batch_generator(args.seed, k))  # x_T as the samplers draw it
             cond = {} if labels is None else {"class_labels": labels[first:first + b]}
             for t, t_next in zip(levels[:-1], levels[1:]):
                 x = teacher_ode_step(teacher, x, torch.full((b,), t), torch.full((b,), t_next), cfg.teacher_order,

@@ -352,6 +352,12 @@ def sample(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
     return dpm_solver_sample(model, schedule, shape, noise=noise, **grid, **kwargs)
 
 
+def batch_generator(seed: int, batch: int) -> torch.Generator:
+    """The CPU generator of batch number `batch` of a sampling run with seed `seed`: every batch has its own stream,
+    so a batch's images do not depend on the batches before it or on how many follow."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch)
+
+
 def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tuple[int, ...], settings: SampleConfig,
                      *, device: torch.device | str, progress: bool = True, class_labels: torch.Tensor | None = None,
                      first_batch: int = 0):
@@ -374,7 +380,7 @@ def generate_batches(model: EpsModel, schedule: NoiseSchedule, image_shape: tupl
     bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
     for k in range(first_batch, first_batch + (num_samples + batch_size - 1) // batch_size):
         b = min(batch_size, num_samples - made)
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + k)
+        generator = batch_generator(settings.seed, k)
         labels = None if class_labels is None else class_labels[made:made + b]
         x = sample(model, schedule, (b, *image_shape), sampler=settings.sampler, steps=settings.steps,
                    eta=settings.eta, sde_noise=settings.sde_noise, spacing=settings.spacing,
