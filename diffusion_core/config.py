@@ -248,6 +248,7 @@ class EvaluationConfig:
 
 DISTILL_METHODS = ("consistency", "progressive")
 DISTILL_WEIGHTINGS = ("none", "min_snr", "truncated_snr")
+DISTILL_METRICS = ("l2", "pseudo_huber")
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,9 @@ class DistillConfig:
     loss_weighting: str = "none"  # w(t) on the x̂0 error: "none", "min_snr", min(SNR_t, 1) (bounds an ε-student's
                                   # gradient, 1/SNR_t times its ε error, at the top of the chain), or "truncated_snr",
                                   # max(SNR_t, 1) (Salimans & Ho 2022)
+    loss_metric: str = "l2"       # per image, of e² = w(t)·(mean squared x̂0 error over pixels): "l2", e², or
+                                  # "pseudo_huber", √(e² + c²) − c with c = 0.00054 (Song & Dhariwal 2023, §3.3: their
+                                  # c = 0.00054·√D on the norm over D pixels, divided by √D), which grows as |e|
     ode_steps: int = 32          # consistency: one teacher ODE step spans 1/N of the schedule's usable log-SNR range;
                                  # progressive: the first student's levels (its teacher takes 2N), halved down to
                                  # sample_steps, so N = sample_steps·2^K
@@ -299,6 +303,8 @@ class DistillConfig:
         _check(p, self.prediction in ("v", "eps"), f"distill.prediction={self.prediction!r} is unknown; choose v or eps")
         _check(p, self.loss_weighting in DISTILL_WEIGHTINGS, f"distill.loss_weighting={self.loss_weighting!r} "
                f"is unknown; choose one of {', '.join(DISTILL_WEIGHTINGS)}")
+        _check(p, self.loss_metric in DISTILL_METRICS, f"distill.loss_metric={self.loss_metric!r} is unknown; "
+               f"choose one of {', '.join(DISTILL_METRICS)}")
         _check(p, self.ode_steps >= 2, f"distill.ode_steps must be >= 2, got {self.ode_steps}")
         halvings = self.ode_steps // max(self.sample_steps, 1)
         _check(p, self.method != "progressive" or (self.ode_steps % max(self.sample_steps, 1) == 0 and halvings >= 2

@@ -191,27 +191,36 @@ def consistency_function(model: Denoiser, x: torch.Tensor, t: torch.Tensor, **co
     return torch.where((t < 0).view(-1, *([1] * (x.dim() - 1))), x, x0)
 
 
+PSEUDO_HUBER_C = 0.00054  # c of the pseudo-Huber metric per pixel (Song & Dhariwal 2023, §3.3: 0.00054·√D over D pixels)
+
+
 def weighted_x0_error(prediction: torch.Tensor, goal: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,
-                      weighting: str = "none") -> torch.Tensor:
-    """w(t)·‖x̂0 − goal‖², averaged over pixels and images: w = 1 ("none"), min(SNR_t, 1) ("min_snr") or
-    max(SNR_t, 1) ("truncated_snr", Salimans & Ho 2022, eq. 10)."""
+                      weighting: str = "none", metric: str = "l2") -> torch.Tensor:
+    """The distillation losses' distance, averaged over images: per image e² = w(t)·‖x̂0 − goal‖² (the mean over
+    pixels) with w = 1 ("none"), min(SNR_t, 1) ("min_snr") or max(SNR_t, 1) ("truncated_snr", Salimans & Ho 2022,
+    eq. 10); then e² itself ("l2") or √(e² + c²) − c ("pseudo_huber", c = `PSEUDO_HUBER_C`; Song & Dhariwal 2023,
+    eq. 6 divided by √D), quadratic below c and |e| above, so that no image's gradient grows with its error."""
     per_image = ((prediction.float() - goal.float()) ** 2).flatten(1).mean(1)
     if weighting != "none":
         snr = schedule.log_snr.to(t.device)[t].exp()
         per_image = per_image * (snr.clamp(max=1.0) if weighting == "min_snr" else snr.clamp(min=1.0)).float()
+    if metric == "pseudo_huber":
+        per_image = (per_image + PSEUDO_HUBER_C**2).sqrt() - PSEUDO_HUBER_C
     return per_image.mean()
 
 
 def consistency_distillation_loss(student: Denoiser, target: Denoiser, teacher: Denoiser | GuidedTeacher,
                                   x0: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor,
-                                  weighting: str = "none", teacher_order: int = 1, **cond) -> torch.Tensor:
-    """w(t)·‖f_θ(x_t, t) − f_θ⁻(x̂_t', t')‖² (`weighted_x0_error`), where x̂_t' is the teacher's ODE step of
-    `teacher_order`. Gradients reach the student only."""
+                                  weighting: str = "none", teacher_order: int = 1, metric: str = "l2",
+                                  **cond) -> torch.Tensor:
+    """w(t)·‖f_θ(x_t, t) − f_θ⁻(x̂_t', t')‖² (`weighted_x0_error` in `metric`), where x̂_t' is the teacher's ODE step
+    of `teacher_order`. Gradients reach the student only."""
     x_t = q_sample(student.schedule, x0, t, noise)
     with torch.no_grad():
         x_next = teacher_ode_step(teacher, x_t, t, t_next, teacher_order, **cond)
         goal = consistency_function(target, x_next, t_next, **cond).clamp(-1.0, 1.0)
-    return weighted_x0_error(consistency_function(student, x_t, t, **cond), goal, student.schedule, t, weighting)
+    return weighted_x0_error(consistency_function(student, x_t, t, **cond), goal, student.schedule, t, weighting,
+                             metric)
 
 
 def two_step_target(teacher: Denoiser | GuidedTeacher, x_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor,
@@ -229,13 +238,15 @@ def two_step_target(teacher: Denoiser | GuidedTeacher, x_t: torch.Tensor, t: tor
 
 def progressive_distillation_loss(student: Denoiser, teacher: Denoiser | GuidedTeacher, x0: torch.Tensor,
                                   t: torch.Tensor, t_mid: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor,
-                                  weighting: str = "none", **cond) -> torch.Tensor:
-    """w(t)·‖x̂0_θ(x_t, t) − x̃‖² (`weighted_x0_error`, x̃ from `two_step_target`). Gradients reach the student only."""
+                                  weighting: str = "none", metric: str = "l2", **cond) -> torch.Tensor:
+    """w(t)·‖x̂0_θ(x_t, t) − x̃‖² (`weighted_x0_error` in `metric`, x̃ from `two_step_target`). Gradients reach the
+    student only."""
     schedule = student.schedule
     x_t = q_sample(schedule, x0, t, noise)
     with torch.no_grad():
         goal = two_step_target(teacher, x_t, t, t_mid, t_next, **cond)
-    return weighted_x0_error(predict_x0(schedule, x_t, t, student(x_t, t, **cond)), goal, schedule, t, weighting)
+    return weighted_x0_error(predict_x0(schedule, x_t, t, student(x_t, t, **cond)), goal, schedule, t, weighting,
+                             metric)
 
 
 def halving_stages(schedule: NoiseSchedule, cfg: DistillConfig) -> list[Stage]:
@@ -330,13 +341,15 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
             noise = torch.randn(x0.shape, generator=rng)
             loss = progressive_distillation_loss(
                 student, teacher, x0, stage.levels[interval].to(device), stage.mid_levels[interval].to(device),
-                stage.next_levels[interval].to(device), noise.to(device), cfg.loss_weighting, **cond)
+                stage.next_levels[interval].to(device), noise.to(device), cfg.loss_weighting, cfg.loss_metric,
+                **cond)
         else:
             t = torch.multinomial(probabilities, cfg.batch_size, replacement=True, generator=rng)
             t_next = cleaner_level(schedule, t, step_log_snr)
             noise = torch.randn(x0.shape, generator=rng)
             loss = consistency_distillation_loss(student, target, teacher, x0, t.to(device), t_next.to(device),
-                                                 noise.to(device), cfg.loss_weighting, cfg.teacher_order, **cond)
+                                                 noise.to(device), cfg.loss_weighting, cfg.teacher_order,
+                                                 cfg.loss_metric, **cond)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -187,10 +187,19 @@ def snr_weight(t: torch.Tensor, weighting: str) -> torch.Tensor:
     return {"none": torch.ones_like(ab), "min_snr": snr.clamp(max=1.0), "truncated_snr": snr.clamp(min=1.0)}[weighting]
 
 
+def per_image_distance(squared_error: torch.Tensor, metric: str) -> torch.Tensor:
+    """The losses' distance of a weighted mean squared error e²: e² itself, or pseudo-Huber √(e² + c²) − c with
+    Song & Dhariwal's (2023) c = 0.00054·√D over D pixels, here per pixel (their distance divided by √D)."""
+    c = 0.00054
+    return squared_error if metric == "l2" else (squared_error + c * c).sqrt() - c
+
+
+@pytest.mark.parametrize("metric", ["l2", "pseudo_huber"])
 @pytest.mark.parametrize("weighting", ["none", "min_snr", "truncated_snr"])
 @pytest.mark.parametrize("prediction", ["v", "eps"])
 @pytest.mark.parametrize("delta", [0.0, 0.1])
-def test_distillation_loss_of_the_exact_student_is_zero_and_the_boundary_is_exact(delta, prediction, weighting):
+def test_distillation_loss_of_the_exact_student_is_zero_and_the_boundary_is_exact(delta, prediction, weighting,
+                                                                                   metric):
     schedule = NoiseSchedule(T, "linear")
     image = torch.linspace(-0.9, 0.8, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
     x0 = image.expand(512, -1, -1, -1)
@@ -202,19 +211,20 @@ def test_distillation_loss_of_the_exact_student_is_zero_and_the_boundary_is_exac
     teacher = Denoiser(OneImageNet(image, "eps"), schedule, "eps").double()
     student = Denoiser(OneImageNet(image, prediction, delta), schedule, prediction).double()
     target = Denoiser(OneImageNet(image, prediction, delta), schedule, prediction).double()
-    loss = consistency_distillation_loss(student, target, teacher, x0, t, t_next, noise, weighting)
+    loss = consistency_distillation_loss(student, target, teacher, x0, t, t_next, noise, weighting, metric=metric)
     # the target is δ off too, except where t' = −1: there it is the teacher's step itself, x*
     reaches_clean = (t_next < 0).double()
     assert 0 < float(reaches_clean.mean()) < 0.2
-    weight = snr_weight(t, weighting)
-    assert loss.item() == pytest.approx(delta**2 * float((weight * reaches_clean).mean()), rel=1e-6, abs=1e-12)
+    expected = per_image_distance(snr_weight(t, weighting) * delta**2 * reaches_clean, metric).mean()
+    assert loss.item() == pytest.approx(float(expected), rel=1e-6, abs=1e-12)
 
 
-@pytest.mark.parametrize("weighting", ["none", "truncated_snr"])
+@pytest.mark.parametrize("metric", ["l2", "pseudo_huber"])
+@pytest.mark.parametrize("weighting", ["none", "min_snr", "truncated_snr"])
 @pytest.mark.parametrize("prediction", ["v", "eps"])
 @pytest.mark.parametrize("delta", [0.0, 0.1])
 def test_progressive_loss_of_the_exact_student_is_zero_and_off_by_delta_is_delta_squared(delta, prediction,
-                                                                                         weighting):
+                                                                                         weighting, metric):
     """Data that is one image x*: the exact teacher's two DDIM steps stay on the ODE, so x̃ = x* at every level;
     a student whose x̂0 is x* + δ scores w(t)·δ²."""
     schedule = NoiseSchedule(T, "linear")
@@ -227,8 +237,9 @@ def test_progressive_loss_of_the_exact_student_is_zero_and_off_by_delta_is_delta
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
     teacher = Denoiser(OneImageNet(image, "eps"), schedule, "eps").double()
     student = Denoiser(OneImageNet(image, prediction, delta), schedule, prediction).double()
-    loss = progressive_distillation_loss(student, teacher, x0, t, t_mid, t_next, noise, weighting)
-    assert loss.item() == pytest.approx(delta**2 * float(snr_weight(t, weighting).mean()), rel=1e-6, abs=1e-12)
+    loss = progressive_distillation_loss(student, teacher, x0, t, t_mid, t_next, noise, weighting, metric)
+    expected = per_image_distance(snr_weight(t, weighting) * delta**2, metric).mean()
+    assert loss.item() == pytest.approx(float(expected), rel=1e-6, abs=1e-12)
 
 
 class ClassImagesNet(nn.Module):
@@ -398,6 +409,8 @@ def test_student_config_predicts_v_and_samples_with_the_consistency_sampler():
     assert student.distill.steps == 7 and student.model == teacher.model
     with pytest.raises(ConfigError, match="distill.ode_steps"):
         student_config(teacher, ["distill.ode_steps=1"])
+    with pytest.raises(ConfigError, match=r"distill.loss_metric='huber' is unknown; choose one of l2, pseudo_huber"):
+        student_config(teacher, ["distill.loss_metric=huber"])
     with pytest.raises(ConfigError, match=r"distill.teacher_order must be 1 \(DDIM\) or 2"):
         student_config(teacher, ["distill.teacher_order=3"])
     with pytest.raises(ConfigError, match="distill.teacher_order=2 with progressive distillation"):
