@@ -34,14 +34,14 @@ DEFAULT_CD_EPS_LEVELS = ("few-step/default-consistency-eps-minsnr-2900-levels4.j
 # 32 DDIM teacher steps in 1,750 student steps, and from 8 second-order ones in 1,350 (the few-step preset's); the
 # other guided students are in docs/quality-cost.md's table
 DEFAULT_GUIDED_CD = {
-    "consistency distillation of the default's ODE guided at 0.15, 32 DDIM steps, 15 min":
-        ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-1750",
-         "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-1750-seed1"),
     "consistency distillation of the default's ODE guided at 0.15, 8 2nd-order steps, 15 min":
         ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-1350",
          "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-1350-seed1"),
+    "consistency distillation of the default's ODE guided at 0.15, 8 2nd-order steps, pseudo-Huber, 15 min":
+        ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-huber-1350",
+         "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-huber-1350-seed1"),
 }
-COLORS = [f"C{k}" for k in range(10)] + ["black", "0.6"]  # one per series of the left panel (12)
+COLORS = [f"C{k}" for k in range(10)] + ["black", "navy"]  # one per series of the left panel (12)
 DEFAULT_ODE_GUIDED = "default (mnist-cpu-cond), DPM-Solver++(2M) (ODE), guidance 0.15"
 
 

@@ -104,6 +104,7 @@ def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
                 "distill.sample_steps": str(config.distill.sample_steps), "distill.guidance": str(config.distill.guidance),
                 "distill.ode_steps": str(config.distill.ode_steps),
                 "distill.teacher_order": str(config.distill.teacher_order),
+                "distill.loss_metric": config.distill.loss_metric,
                 "distill.seconds": f"{seconds:.1f}"}
         student = register_model_folder(client, run_id, work_dir / MODEL_ARTIFACT, name, tags)
         client.update_model_version(name, student, description=(
