@@ -276,6 +276,8 @@ class DistillConfig:
                                  # sample_steps, so N = sample_steps·2^K
     teacher_order: int = 1       # consistency: order of the teacher's ODE step, 1 (DDIM) or 2 (DPM-Solver++(2S), one
                                  # more teacher evaluation halfway in log SNR; local error O(h³) against O(h²))
+    level_focus: float = 0.0     # consistency: the share of the student's noise levels t drawn at the levels its own
+                                 # sampler evaluates (T−1 and sample_levels_log_snr, equally); the rest even in log SNR
     target_ema: float = 0.95     # μ of the target network θ⁻ ← μ·θ⁻ + (1 − μ)·θ (Song et al. 2023: 0.95 for CD)
     ema_decay: float = 0.999     # EMA of the student, the weights that are exported and sampled: a ceiling on the
                                  # warm-up min(decay, (1 + n) / (10 + n)), which stays below 0.999 until step 8,990,
@@ -303,6 +305,11 @@ class DistillConfig:
         _check(p, self.prediction in ("v", "eps"), f"distill.prediction={self.prediction!r} is unknown; choose v or eps")
         _check(p, self.loss_weighting in DISTILL_WEIGHTINGS, f"distill.loss_weighting={self.loss_weighting!r} "
                f"is unknown; choose one of {', '.join(DISTILL_WEIGHTINGS)}")
+        _check(p, 0 <= self.level_focus < 1, f"distill.level_focus must be in [0, 1) (a share of the noise levels), "
+               f"got {self.level_focus}")
+        _check(p, self.method != "progressive" or self.level_focus == 0,
+               f"distill.level_focus={self.level_focus} with progressive distillation: its students draw their own "
+               "stage's levels; leave it at 0 (or set distill.method=consistency)")
         _check(p, self.loss_metric in DISTILL_METRICS, f"distill.loss_metric={self.loss_metric!r} is unknown; "
                f"choose one of {', '.join(DISTILL_METRICS)}")
         _check(p, self.ode_steps >= 2, f"distill.ode_steps must be >= 2, got {self.ode_steps}")

@@ -3,14 +3,15 @@
 Consistency distillation (Song et al. 2023, "Consistency Models", Alg. 2): a student f(x_t, t) that maps any
 point of the teacher's probability-flow ODE to the ODE's end, so that a handful of network evaluations draw
 an image (`samplers.consistency_sample`). One step, for clean images x0, noise z and a noise level t drawn
-even in log-SNR:
+even in log-SNR (a share distill.level_focus of them at the sampler's own levels; `student_level_probabilities`):
     x_t   = √ᾱ_t·x0 + √(1−ᾱ_t)·z                        (the forward process)
     x_t'  = one ODE step of the teacher from t to t', the level Δλ cleaner (`cleaner_level`): DDIM (η = 0),
             or second order with one more teacher evaluation (distill.teacher_order; `teacher_ode_step`)
-    loss  = ‖f_θ(x_t, t) − f_θ⁻(x_t', t')‖²            with f(x, −1) = x (t' = −1: clean data, ᾱ = 1)
-θ⁻ is a slow EMA of θ (distill.target_ema) that no gradient reaches. Δλ is 1/distill.ode_steps of the
-schedule's usable log-SNR range. When the teacher is exact, the exact consistency function makes every
-loss term 0 (tests check it on data that the DDIM step follows exactly).
+    loss  = d(f_θ(x_t, t), f_θ⁻(x_t', t'))             with f(x, −1) = x (t' = −1: clean data, ᾱ = 1)
+θ⁻ is a slow EMA of θ (distill.target_ema) that no gradient reaches; d is the weighted squared x̂0 error or its
+pseudo-Huber distance (distill.loss_weighting, distill.loss_metric; `weighted_x0_error`). Δλ is
+1/distill.ode_steps of the schedule's usable log-SNR range. When the teacher is exact, the exact consistency
+function makes every loss term 0 (tests check it on data that the DDIM step follows exactly).
 
 Progressive distillation (Salimans & Ho 2022, Alg. 2): a student whose ONE deterministic DDIM step does what
 TWO of its teacher's do, halving the levels stage by stage (`halving_stages`) from distill.ode_steps down to
@@ -120,6 +121,17 @@ def level_probabilities(schedule: NoiseSchedule) -> torch.Tensor:
     log_snr = schedule.log_snr.double()
     edges = torch.cat([log_snr[:1], 0.5 * (log_snr[1:] + log_snr[:-1]), log_snr[-1:]])
     return (edges[:-1] - edges[1:]).clamp(min=0)
+
+
+def student_level_probabilities(schedule: NoiseSchedule, cfg: DistillConfig) -> torch.Tensor:
+    """p(t) of a consistency student's noise levels, summing to 1: the share 1 − distill.level_focus even in λ
+    (`level_probabilities`), and distill.level_focus split equally among the levels its own sampler evaluates it at
+    (T−1 and distill.sample_levels_log_snr: `few_step_levels` at distill.sample_steps)."""
+    even = level_probabilities(schedule)
+    probabilities = (1 - cfg.level_focus) * (even / even.sum())
+    levels = few_step_levels(schedule, cfg.sample_steps, levels_log_snr=cfg.sample_levels_log_snr)
+    probabilities[levels] += cfg.level_focus / len(levels)
+    return probabilities
 
 
 class GuidedTeacher:
@@ -314,7 +326,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     optimizer = torch.optim.Adam(student.net.parameters(), lr=cfg.lr)
     rng = torch.Generator().manual_seed(cfg.seed + 1)
     step_log_snr = ode_step_log_snr(schedule, cfg.ode_steps)
-    probabilities = level_probabilities(schedule)
+    probabilities = student_level_probabilities(schedule, cfg)
     stage_ends = list(itertools.accumulate(stage.steps for stage in stages))
     null_label = config.model.num_classes
 

@@ -105,6 +105,7 @@ def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
                 "distill.ode_steps": str(config.distill.ode_steps),
                 "distill.teacher_order": str(config.distill.teacher_order),
                 "distill.loss_metric": config.distill.loss_metric,
+                "distill.level_focus": str(config.distill.level_focus),
                 "distill.seconds": f"{seconds:.1f}"}
         student = register_model_folder(client, run_id, work_dir / MODEL_ARTIFACT, name, tags)
         client.update_model_version(name, student, description=(

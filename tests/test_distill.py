@@ -33,7 +33,7 @@ from diffusion_core.config import ConfigError, load_config
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.distill import (GuidedTeacher, cleaner_level, consistency_distillation_loss, halving_stages,
                                     level_probabilities, progressive_distillation_loss, student_config,
-                                    teacher_ode_step, two_step_target)
+                                    student_level_probabilities, teacher_ode_step, two_step_target)
 from diffusion_core.guidance import guided_eps
 from diffusion_core.samplers import few_step_levels, sample, sampling_timesteps
 
@@ -163,6 +163,27 @@ def test_noise_levels_are_drawn_even_in_log_snr():
     middle = 0.5 * float(log_snr[0] + log_snr[-1])
     noisy = float(p[log_snr < middle].sum()) / float(p.sum())
     assert noisy == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("focus", [0.0, 0.25, 0.6])
+def test_a_share_of_the_noise_levels_is_drawn_at_the_samplers_own_levels(focus):
+    schedule = NoiseSchedule(T, "linear")
+    chosen = [666, 407, 213]  # T − 1 and these: the 4 levels the student's sampler evaluates it at
+    levels = {"distill.level_focus": focus, "distill.sample_steps": 4,
+              "distill.sample_levels_log_snr": [log_snr_at(t) for t in chosen]}
+    cfg = student_config(load_config("mnist-cpu-cond"), levels).distill
+    p = student_level_probabilities(schedule, cfg).double()
+    even = level_probabilities(schedule).double()
+    extra = p - (1 - focus) * even / even.sum()  # what the focus adds on top of the even share
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert extra[[T - 1, *chosen]].tolist() == pytest.approx([focus / 4] * 4, abs=1e-7)
+    extra[[T - 1, *chosen]] = 0
+    assert float(extra.abs().max()) < 1e-7
+    with pytest.raises(ConfigError, match=r"distill.level_focus must be in \[0, 1\)"):
+        student_config(load_config("smoke"), ["distill.level_focus=1"])
+    with pytest.raises(ConfigError, match="distill.level_focus=0.5 with progressive distillation"):
+        student_config(load_config("smoke"), ["distill.method=progressive", "distill.ode_steps=16",
+                                              "distill.level_focus=0.5"])
 
 
 class OneImageNet(nn.Module):

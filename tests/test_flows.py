@@ -782,8 +782,8 @@ def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_sc
     tags = client.get_model_version(name, version).tags
     assert (tags["distill.teacher"], tags["distill.method"], tags["distill.sample_steps"], tags["distill.guidance"]) == (
         f"ddpm-mnist/{teacher}", "progressive", "2", "0.0")
-    assert (tags["distill.ode_steps"], tags["distill.teacher_order"], tags["distill.loss_metric"]) == (
-        "4", "1", "l2")  # what taught it, and how
+    assert (tags["distill.ode_steps"], tags["distill.teacher_order"], tags["distill.loss_metric"],
+            tags["distill.level_focus"]) == ("4", "1", "l2", "0.0")  # what taught it, and how
     assert tags["eval.sampler"] == "progressive2-log_snr" and tags["champion.decision"] == "promoted"
     assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {CHALLENGER: version,
                                                                                           CHAMPION: version}
