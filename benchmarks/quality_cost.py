@@ -37,9 +37,9 @@ DEFAULT_GUIDED_CD = {
     "consistency distillation of the default's ODE guided at 0.15, 8 2nd-order steps, 15 min":
         ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-1350",
          "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-1350-seed1"),
-    "consistency distillation of the default's ODE guided at 0.15, 8 2nd-order steps, pseudo-Huber, 15 min":
-        ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-huber-1350",
-         "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-huber-1350-seed1"),
+    "the same, pseudo-Huber loss, half the levels at the sampler's own (the preset)":
+        ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-huber-focus0.5-1350",
+         "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-huber-focus0.5-1350-seed1"),
 }
 COLORS = [f"C{k}" for k in range(10)] + ["black", "navy"]  # one per series of the left panel (12)
 DEFAULT_ODE_GUIDED = "default (mnist-cpu-cond), DPM-Solver++(2M) (ODE), guidance 0.15"
