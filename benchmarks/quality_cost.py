@@ -31,8 +31,9 @@ DEFAULT_CD_EPS_LEVELS = ("few-step/default-consistency-eps-minsnr-2900-levels4.j
                          "few-step/default-consistency-eps-minsnr-2900-seed1-levels4.json")
 # students of the same model's ODE guided at w = 0.15 (distill.guidance, at distill.lr = 2e-4), 15 minutes
 # (distillation seed 0, 1): `diffusion evaluate` files at their 4 levels and at 1 and 2 evaluations, learnt from
-# 32 DDIM teacher steps in 1,750 student steps, and from 8 second-order ones in 1,350 (the few-step preset's); the
-# other guided students are in docs/quality-cost.md's table
+# 8 second-order teacher steps in 1,350 student steps with the squared error, and with the pseudo-Huber distance and
+# half their levels at their sampler's own (the few-step preset's); the other guided students are in
+# docs/quality-cost.md's table
 DEFAULT_GUIDED_CD = {
     "consistency distillation of the default's ODE guided at 0.15, 8 2nd-order steps, 15 min":
         ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-1350",

@@ -124,14 +124,16 @@ def level_probabilities(schedule: NoiseSchedule) -> torch.Tensor:
 
 
 def student_level_probabilities(schedule: NoiseSchedule, cfg: DistillConfig) -> torch.Tensor:
-    """p(t) of a consistency student's noise levels, summing to 1: the share 1 − distill.level_focus even in λ
-    (`level_probabilities`), and distill.level_focus split equally among the levels its own sampler evaluates it at
-    (T−1 and distill.sample_levels_log_snr: `few_step_levels` at distill.sample_steps)."""
+    """Weights of p(t) for a consistency student's noise levels (`torch.multinomial` normalises them): the share
+    1 − distill.level_focus even in λ (`level_probabilities`), and distill.level_focus split equally among the levels
+    its own sampler evaluates it at (T−1 and distill.sample_levels_log_snr: `few_step_levels` at distill.sample_steps).
+    At level_focus 0 they are `level_probabilities` itself, so that runs without it draw the levels they always drew."""
     even = level_probabilities(schedule)
-    probabilities = (1 - cfg.level_focus) * (even / even.sum())
-    levels = few_step_levels(schedule, cfg.sample_steps, levels_log_snr=cfg.sample_levels_log_snr)
-    probabilities[levels] += cfg.level_focus / len(levels)
-    return probabilities
+    if cfg.level_focus == 0:
+        return even
+    levels = torch.tensor(few_step_levels(schedule, cfg.sample_steps, levels_log_snr=cfg.sample_levels_log_snr))
+    share = torch.full(levels.shape, cfg.level_focus / len(levels), dtype=even.dtype)
+    return ((1 - cfg.level_focus) * (even / even.sum())).index_add_(0, levels, share)
 
 
 class GuidedTeacher:
@@ -203,7 +205,7 @@ def consistency_function(model: Denoiser, x: torch.Tensor, t: torch.Tensor, **co
     return torch.where((t < 0).view(-1, *([1] * (x.dim() - 1))), x, x0)
 
 
-PSEUDO_HUBER_C = 0.00054  # c of the pseudo-Huber metric per pixel (Song & Dhariwal 2023, §3.3: 0.00054·√D over D pixels)
+PSEUDO_HUBER_C = 0.00054  # pseudo-Huber c per pixel (Song & Dhariwal 2023, §3.3: 0.00054·√D over D pixels)
 
 
 def weighted_x0_error(prediction: torch.Tensor, goal: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,

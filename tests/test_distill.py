@@ -165,19 +165,22 @@ def test_noise_levels_are_drawn_even_in_log_snr():
     assert noisy == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.parametrize("chosen", [[666, 407, 213], []])  # [] : the sampler's default levels, even in log SNR
 @pytest.mark.parametrize("focus", [0.0, 0.25, 0.6])
-def test_a_share_of_the_noise_levels_is_drawn_at_the_samplers_own_levels(focus):
+def test_a_share_of_the_noise_levels_is_drawn_at_the_samplers_own_levels(focus, chosen):
     schedule = NoiseSchedule(T, "linear")
-    chosen = [666, 407, 213]  # T − 1 and these: the 4 levels the student's sampler evaluates it at
     levels = {"distill.level_focus": focus, "distill.sample_steps": 4,
               "distill.sample_levels_log_snr": [log_snr_at(t) for t in chosen]}
     cfg = student_config(load_config("mnist-cpu-cond"), levels).distill
-    p = student_level_probabilities(schedule, cfg).double()
+    visited = [T - 1, *chosen] if chosen else sampling_timesteps(schedule, 5, "log_snr")[:4]  # where it samples
+    weights = student_level_probabilities(schedule, cfg).double()
+    p = weights / weights.sum()
     even = level_probabilities(schedule).double()
+    if focus == 0:
+        assert torch.equal(weights, even)  # the draw of runs without a focus, unchanged
     extra = p - (1 - focus) * even / even.sum()  # what the focus adds on top of the even share
-    assert float(p.sum()) == pytest.approx(1.0, abs=1e-6)
-    assert extra[[T - 1, *chosen]].tolist() == pytest.approx([focus / 4] * 4, abs=1e-7)
-    extra[[T - 1, *chosen]] = 0
+    assert extra[visited].tolist() == pytest.approx([focus / 4] * 4, abs=1e-7)
+    extra[visited] = 0
     assert float(extra.abs().max()) < 1e-7
     with pytest.raises(ConfigError, match=r"distill.level_focus must be in \[0, 1\)"):
         student_config(load_config("smoke"), ["distill.level_focus=1"])
