@@ -96,7 +96,7 @@ def alpha_bar_or_one(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tenso
 def cleaner_level(schedule: NoiseSchedule, t: torch.Tensor, step_log_snr: float) -> torch.Tensor:
     """t': the noisiest timestep whose log-SNR is at least λ_t + Δλ (always < t), or −1 (clean data) where
     none is. λ falls with t, so t' is the count of timesteps with λ ≥ λ_t + Δλ, minus one."""
-    log_snr = schedule.log_snr.to(t.device)
+    log_snr = schedule.table("log_snr", t.device)
     wanted = log_snr[t] + step_log_snr
     return (log_snr[None, :] >= wanted[:, None]).sum(dim=1) - 1
 
@@ -216,7 +216,7 @@ def weighted_x0_error(prediction: torch.Tensor, goal: torch.Tensor, schedule: No
     eq. 6 divided by √D), quadratic below c and |e| above, so that no image's gradient grows with its error."""
     per_image = ((prediction.float() - goal.float()) ** 2).flatten(1).mean(1)
     if weighting != "none":
-        snr = schedule.log_snr.to(t.device)[t].exp()
+        snr = schedule.table("log_snr", t.device)[t].exp()
         per_image = per_image * (snr.clamp(max=1.0) if weighting == "min_snr" else snr.clamp(min=1.0)).float()
     if metric == "pseudo_huber":
         per_image = (per_image + PSEUDO_HUBER_C**2).sqrt() - PSEUDO_HUBER_C

@@ -250,7 +250,7 @@ def test_distillation_loss_of_the_exact_student_is_zero_and_the_boundary_is_exac
 def test_progressive_loss_of_the_exact_student_is_zero_and_off_by_delta_is_delta_squared(delta, prediction,
                                                                                          weighting, metric):
     """Data that is one image x*: the exact teacher's two DDIM steps stay on the ODE, so x̃ = x* at every level;
-    a student whose x̂0 is x* + δ scores w(t)·δ²."""
+    a student whose x̂0 is x* + δ scores w(t)·δ², or its pseudo-Huber distance."""
     schedule = NoiseSchedule(T, "linear")
     image = torch.linspace(-0.9, 0.8, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
     x0 = image.expand(256, -1, -1, -1)
