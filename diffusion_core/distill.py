@@ -56,7 +56,7 @@ from .forward import q_sample
 from .guidance import drop_labels, guided_eps
 from .images import to_model_space
 from .samplers import few_step_levels
-from .runtime import tune_cpu_runtime
+from .runtime import fast_bf16_cpu, tune_cpu_runtime
 from .schedule import NoiseSchedule
 from .train import GlobalBatches, learning_rate, plot_loss_curve
 
@@ -67,6 +67,7 @@ class DistillResult:
     steps: int
     final_loss: float
     images_per_s: float
+    teacher_precision: str  # "fp32" or "bf16": distill.teacher_precision as resolved on this machine
 
 
 def student_config(teacher: Config, overrides: list[str] | dict | None = None) -> Config:
@@ -134,6 +135,24 @@ def student_level_probabilities(schedule: NoiseSchedule, cfg: DistillConfig) -> 
     levels = torch.tensor(few_step_levels(schedule, cfg.sample_steps, levels_log_snr=cfg.sample_levels_log_snr))
     share = torch.full(levels.shape, cfg.level_focus / len(levels), dtype=even.dtype)
     return ((1 - cfg.level_focus) * (even / even.sum())).index_add_(0, levels, share)
+
+
+class Bf16Passes:
+    """A network whose passes run under bfloat16 autocast and return float32 (distill.teacher_precision): for the
+    teacher's and the target network's passes, which need no gradient; the ODE steps and losses built on their outputs
+    stay in float32. What `teacher_ode_step`, `GuidedTeacher` and `consistency_function` call in the network's place."""
+
+    def __init__(self, model: Denoiser) -> None:
+        self.model, self.net, self.schedule = model, model.net, model.schedule
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16):
+            return self.model(x_t, t, **cond).float()
+
+
+def teacher_passes_in_bf16(precision: str, device: torch.device) -> bool:
+    """distill.teacher_precision resolved on `device`: "auto" is bf16 on CPUs with AMX only (`fast_bf16_cpu`)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cpu" and fast_bf16_cpu())
 
 
 class GuidedTeacher:
@@ -310,7 +329,9 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
                           "self-conditioning")
     config = student_config(loaded.config, overrides)
     cfg = config.distill
-    teacher = loaded.denoiser.requires_grad_(False).eval()
+    bf16 = teacher_passes_in_bf16(cfg.teacher_precision, device)
+    passes = Bf16Passes if bf16 else (lambda model: model)  # how the passes without gradients run
+    teacher = passes(loaded.denoiser.requires_grad_(False).eval())
     if cfg.guidance > 0:  # a progressive run's later stages are taught by its own (already guided) students
         teacher = GuidedTeacher(teacher, cfg.guidance)
     schedule = teacher.schedule
@@ -324,6 +345,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     student = build_denoiser(config).to(device)
     student.net.load_state_dict(loaded.denoiser.net.state_dict())  # the teacher's features; a v head learns v
     target = copy.deepcopy(student).requires_grad_(False).eval()  # consistency: θ⁻
+    target_passes = passes(target)
     ema = EMA(student.net, cfg.ema_decay)
     optimizer = torch.optim.Adam(student.net.parameters(), lr=cfg.lr)
     rng = torch.Generator().manual_seed(cfg.seed + 1)
@@ -340,7 +362,8 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     student.train()
     for step in tqdm(range(cfg.steps), desc="distill", disable=not progress, dynamic_ncols=True):
         if step in stage_ends:  # progressive: the next halving is taught by this one's student (its EMA)
-            teacher = Denoiser(copy.deepcopy(ema.model), schedule, student.prediction).requires_grad_(False).eval()
+            stage_teacher = Denoiser(copy.deepcopy(ema.model), schedule, student.prediction)
+            teacher = passes(stage_teacher.requires_grad_(False).eval())
             ema = EMA(student.net, cfg.ema_decay)
         index = batches.indices(step)
         x0 = to_model_space(images_u8[index]).to(device)
@@ -348,7 +371,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
         if config.conditional:  # the teacher's label dropout, so the student keeps the unconditional mode
             cond["class_labels"] = drop_labels(labels[index], config.train.label_dropout, null_label, rng).to(device)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
+            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_decay)
         if stages:
             stage = stages[bisect.bisect_right(stage_ends, step)]
             interval = torch.randint(0, len(stage.levels), (cfg.batch_size,), generator=rng)
@@ -361,7 +384,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
             t = torch.multinomial(probabilities, cfg.batch_size, replacement=True, generator=rng)
             t_next = cleaner_level(schedule, t, step_log_snr)
             noise = torch.randn(x0.shape, generator=rng)
-            loss = consistency_distillation_loss(student, target, teacher, x0, t.to(device), t_next.to(device),
+            loss = consistency_distillation_loss(student, target_passes, teacher, x0, t.to(device), t_next.to(device),
                                                  noise.to(device), cfg.loss_weighting, cfg.teacher_order,
                                                  cfg.loss_metric, **cond)
         optimizer.zero_grad(set_to_none=True)
@@ -387,6 +410,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     teacher_info = {"path": str(teacher_path), "name": loaded.config.name, **loaded.info}
     export_model(run_dir / "model", ema.model, config,
                  {"teacher": teacher_info, "distill_steps": cfg.steps, "dataset_sha256": dataset.sha256,
-                  "images_seen": cfg.steps * cfg.batch_size})
+                  "images_seen": cfg.steps * cfg.batch_size,
+                  "teacher_precision": "bf16" if bf16 else "fp32"})
     plot_loss_curve(metrics_file, run_dir / "loss_curve.png")
-    return DistillResult(run_dir, cfg.steps, result_loss, result_ips)
+    return DistillResult(run_dir, cfg.steps, result_loss, result_ips, "bf16" if bf16 else "fp32")

@@ -106,6 +106,7 @@ def distill_eval(model: str, version: str | None = None, alias: str = CHAMPION,
                 "distill.teacher_order": str(config.distill.teacher_order),
                 "distill.loss_metric": config.distill.loss_metric,
                 "distill.level_focus": str(config.distill.level_focus),
+                "distill.teacher_precision": result.teacher_precision,  # as resolved on the machine that distilled
                 "distill.seconds": f"{seconds:.1f}"}
         student = register_model_folder(client, run_id, work_dir / MODEL_ARTIFACT, name, tags)
         client.update_model_version(name, student, description=(

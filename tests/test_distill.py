@@ -31,9 +31,10 @@ from diffusion_core import NoiseSchedule
 from diffusion_core import distill as distill_module
 from diffusion_core.config import ConfigError, load_config
 from diffusion_core.denoiser import Denoiser
-from diffusion_core.distill import (GuidedTeacher, cleaner_level, consistency_distillation_loss, halving_stages,
+from diffusion_core.distill import (Bf16Passes, GuidedTeacher, cleaner_level, consistency_distillation_loss, halving_stages,
                                     level_probabilities, progressive_distillation_loss, student_config,
-                                    student_level_probabilities, teacher_ode_step, two_step_target)
+                                    student_level_probabilities, teacher_ode_step, teacher_passes_in_bf16,
+                                    two_step_target)
 from diffusion_core.guidance import guided_eps
 from diffusion_core.samplers import few_step_levels, sample, sampling_timesteps
 
@@ -325,6 +326,46 @@ def test_distillation_guidance_needs_a_guidable_teacher():
         student_config(never_dropped, ["train.label_dropout=0.1", "distill.guidance=1"])
 
 
+def test_bf16_passes_run_the_network_in_bf16_and_hand_back_float32():
+    from diffusion_core.checkpoint import build_denoiser
+
+    torch.manual_seed(0)
+    config = load_config("smoke", ["model.num_classes=10"])
+    denoiser = build_denoiser(config).eval()
+    with torch.no_grad():  # a trained-looking network: its output layer starts at zero
+        for parameter in denoiser.net.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    x, t, labels = torch.randn(4, 1, 28, 28), torch.tensor([0, 30, 60, 99]), torch.tensor([0, 3, 7, 10])
+    with torch.no_grad():
+        exact = denoiser(x, t, class_labels=labels)
+        passes = Bf16Passes(denoiser)
+        out = passes(x, t, class_labels=labels)
+        guided = GuidedTeacher(passes, 0.5)(x, t, class_labels=labels)  # through guidance: its class count is read
+    assert out.dtype == guided.dtype == torch.float32
+    assert torch.equal(out, out.bfloat16().float())  # the ε head's output came out of bf16 (fp32 values are not)
+    assert not torch.equal(out, exact)
+    assert float((out - exact).abs().max()) < 0.02 * float(exact.abs().max())  # the same network, to bf16's precision
+    assert torch.equal(guided, 1.5 * out - 0.5 * passes(x, t, class_labels=torch.full_like(labels, 10)))
+    assert passes.schedule is denoiser.schedule and passes.net is denoiser.net
+
+
+def test_teacher_precision_auto_is_bf16_on_cpus_with_amx_only(monkeypatch):
+    from pathlib import Path
+
+    from diffusion_core.runtime import fast_bf16_cpu
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # Linux says which CPU flags it has: AMX's tiles are "amx_tile"
+        assert fast_bf16_cpu() == ("amx_tile" in cpuinfo.read_text().split())
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amx in (True, False):
+        monkeypatch.setattr(distill_module, "fast_bf16_cpu", lambda: amx)
+        assert [teacher_passes_in_bf16(p, cpu) for p in ("fp32", "bf16", "auto")] == [False, True, amx]
+        assert [teacher_passes_in_bf16(p, cuda) for p in ("fp32", "bf16", "auto")] == [False, True, False]
+    with pytest.raises(ConfigError, match="distill.teacher_precision='fp16' is unknown"):
+        student_config(load_config("smoke"), ["distill.teacher_precision=fp16"])
+
+
 def ddim_step(x: torch.Tensor, t: int, t_next: int, x0: torch.Tensor) -> torch.Tensor:
     """Song et al. 2021, eq. 12 with σ = 0, from t to t_next (−1: clean data, ᾱ = 1), written out here."""
     ab = paper_alpha_bars()
@@ -451,6 +492,7 @@ def test_student_config_predicts_v_and_samples_with_the_consistency_sampler():
 def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tmp_path, capsys, monkeypatch):
     from diffusion_core.checkpoint import load_model
     from diffusion_core.cli import main
+    from diffusion_core.runtime import fast_bf16_cpu
 
     from safetensors import safe_open
 
@@ -462,15 +504,20 @@ def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tm
     main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(run_dir), "--set", f"distill.method={method}",
           "--set", "distill.ode_steps=8", "--set", "distill.sample_steps=2",  # progressive: 2 halvings of 3 steps
           "--set", "distill.steps=6", "--set", "distill.batch_size=8", "--set", "distill.log_every=3",
-          "--set", "distill.guidance=1", *levels])
+          "--set", "distill.guidance=1", "--set", "distill.lr=1e-3", "--set", "distill.warmup_steps=2",
+          "--set", "distill.lr_decay=cosine", "--set", "distill.teacher_precision=auto", *levels])
     # consistency: 6 second-order teacher steps of 2 guided passes; progressive: 3 steps of 2 teacher steps
     assert weights == [1.0] * (6 * 2 if method == "consistency" else 2 * 3)
     reports = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in reports] == [3, 6]
+    # each report's lr is its last step's (indices 2, 5): after 2 warm-up steps, half a cosine over the other 4 (of all
+    # stages together, for progressive): 1e-3·(1 + cos(π·k/4))/2 at k = 0, 3
+    assert [r["lr"] for r in reports] == pytest.approx([1e-3, 1e-3 * (1 + math.cos(3 * math.pi / 4)) / 2], rel=1e-9)
     loaded = load_model(run_dir / "model")
     assert loaded.config.sample.sampler == method and loaded.config.diffusion.prediction == "v"
     assert loaded.config.sample.steps == 2 and loaded.config.distill.guidance == 1.0
     assert loaded.info["teacher"]["path"] == str(smoke_cond_run)
+    assert loaded.info["teacher_precision"] == ("bf16" if fast_bf16_cpu() else "fp32")  # what "auto" chose here
     assert loaded.config.sample.levels_log_snr == ((0.5,) if method == "consistency" else ())
     out = tmp_path / "grid.png"
     main(["sample", "--model", str(run_dir / "model"), "-n", "4", "--out", str(out)])
@@ -495,6 +542,11 @@ def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tm
     with pytest.raises(SystemExit) as refused:
         main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(run_dir), "--set", "distill.steps=6"])
     assert refused.value.code == 2 and "already holds a distilled model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # an unknown decay, refused before any work
+        main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(tmp_path / "other"),
+              "--set", "distill.lr_decay=linear"])
+    assert refused.value.code == 2 and "distill.lr_decay='linear' is unknown" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
     assert (run_dir / "model" / "model.safetensors").read_bytes() == weights
 
 

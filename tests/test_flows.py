@@ -756,7 +756,8 @@ def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_sc
     experiment = client.get_experiment_by_name("diffusion-mnist").experiment_id
     runs_before = len(client.search_runs([experiment]))
     student_settings = {"distill.method": "progressive", "distill.ode_steps": 4, "distill.sample_steps": 2,
-                        "distill.steps": 4, "distill.batch_size": 8, "distill.warmup_steps": 0}
+                        "distill.steps": 4, "distill.batch_size": 8, "distill.warmup_steps": 0,
+                        "distill.teacher_precision": "bf16"}
     with pytest.raises(ConfigError, match="no alias 'nightly-best'"):
         distill_eval(model="ddpm-mnist", alias="nightly-best", overrides=student_settings)
     with pytest.raises(ConfigError, match="distill.ode_steps=6"):
@@ -783,7 +784,7 @@ def test_distill_eval_registers_a_few_step_student_with_its_teacher_as_parent_sc
     assert (tags["distill.teacher"], tags["distill.method"], tags["distill.sample_steps"], tags["distill.guidance"]) == (
         f"ddpm-mnist/{teacher}", "progressive", "2", "0.0")
     assert (tags["distill.ode_steps"], tags["distill.teacher_order"], tags["distill.loss_metric"],
-            tags["distill.level_focus"]) == ("4", "1", "l2", "0.0")  # what taught it, and how
+            tags["distill.level_focus"], tags["distill.teacher_precision"]) == ("4", "1", "l2", "0.0", "bf16")
     assert tags["eval.sampler"] == "progressive2-log_snr" and tags["champion.decision"] == "promoted"
     assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {CHALLENGER: version,
                                                                                           CHAMPION: version}
