@@ -31,16 +31,16 @@ DEFAULT_CD_EPS_LEVELS = ("few-step/default-consistency-eps-minsnr-2900-levels4.j
                          "few-step/default-consistency-eps-minsnr-2900-seed1-levels4.json")
 # students of the same model's ODE guided at w = 0.15 (distill.guidance, at distill.lr = 2e-4), 15 minutes
 # (distillation seed 0, 1): `diffusion evaluate` files at their 4 levels and at 1 and 2 evaluations, learnt from
-# 8 second-order teacher steps in 1,350 student steps with the squared error, and with the pseudo-Huber distance and
-# half their levels at their sampler's own (the few-step preset's); the other guided students are in
-# docs/quality-cost.md's table
+# 8 second-order teacher steps in 1,350 student steps with the squared error, and with the pseudo-Huber distance,
+# half their levels at their sampler's own and the teacher's passes in bf16, 1,750 steps (the few-step preset's); the
+# other guided students are in docs/quality-cost.md's table
 DEFAULT_GUIDED_CD = {
     "consistency distillation of the default's ODE guided at 0.15, 8 2nd-order steps, 15 min":
         ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-1350",
          "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-1350-seed1"),
-    "the same, pseudo-Huber loss, half the levels at the sampler's own (the preset)":
-        ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-huber-focus0.5-1350",
-         "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-huber-focus0.5-1350-seed1"),
+    "the same, pseudo-Huber loss, half the levels at the sampler's own, bf16 teacher (the preset)":
+        ("few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-huber-focus0.5-bf16-1750",
+         "few-step/default-consistency-eps-minsnr-guided0.15-lr2e-4-ode8-order2-huber-focus0.5-bf16-1750-seed1"),
 }
 COLORS = [f"C{k}" for k in range(10)] + ["black", "navy"]  # one per series of the left panel (12)
 DEFAULT_ODE_GUIDED = "default (mnist-cpu-cond), DPM-Solver++(2M) (ODE), guidance 0.15"
