@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from diffusion_core.checkpoint import load_model
 from diffusion_core.data import prepare_dataset
-from diffusion_core.distill import GuidedTeacher, student_config, teacher_chain, teacher_ode_step
+from diffusion_core.distill import student_config, teacher_chain, teacher_for, teacher_ode_step
 from diffusion_core.evaluation.evaluator import evaluate, format_table, save_metrics
 from diffusion_core.evaluation.protocol import REFERENCE_SPLIT, scoring_labels
 from diffusion_core.images import to_uint8
@@ -45,9 +45,7 @@ def main() -> None:
     loaded = load_model(args.teacher, "cpu")
     config = student_config(loaded.config, args.overrides)  # validates the settings before any work
     cfg = config.distill
-    teacher = loaded.denoiser.requires_grad_(False).eval()
-    if cfg.guidance > 0:
-        teacher = GuidedTeacher(teacher, cfg.guidance)
+    teacher = teacher_for(loaded.denoiser, cfg, torch.device("cpu"))
     schedule = loaded.denoiser.schedule
     levels = teacher_chain(schedule, cfg.ode_steps)
     prepared = prepare_dataset(config.data.dataset, config.data.source, config.data.data_dir)

@@ -167,6 +167,15 @@ class GuidedTeacher:
         return guided_eps(self.teacher, x_t, t, class_labels, self.guidance)
 
 
+def teacher_for(denoiser: Denoiser, cfg: DistillConfig,
+                device: torch.device) -> Denoiser | Bf16Passes | GuidedTeacher:
+    """The teacher as distillation calls it: without gradients, its passes in distill.teacher_precision on `device`
+    (`teacher_passes_in_bf16`), guided at distill.guidance (`GuidedTeacher`) when that is > 0."""
+    teacher = denoiser.requires_grad_(False).eval()
+    teacher = Bf16Passes(teacher) if teacher_passes_in_bf16(cfg.teacher_precision, device) else teacher
+    return GuidedTeacher(teacher, cfg.guidance) if cfg.guidance > 0 else teacher
+
+
 def ddim_step_with(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
                    x0: torch.Tensor) -> torch.Tensor:
     """The DDIM step (η = 0; Song et al. 2021, eq. 12) from t to t_next that x̂0 = `x0` makes (per image; −1 = clean):
@@ -331,9 +340,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     cfg = config.distill
     bf16 = teacher_passes_in_bf16(cfg.teacher_precision, device)
     passes = Bf16Passes if bf16 else (lambda model: model)  # how the passes without gradients run
-    teacher = passes(loaded.denoiser.requires_grad_(False).eval())
-    if cfg.guidance > 0:  # a progressive run's later stages are taught by its own (already guided) students
-        teacher = GuidedTeacher(teacher, cfg.guidance)
+    teacher = teacher_for(loaded.denoiser, cfg, device)  # a progressive run's later stages: its own guided students
     schedule = teacher.schedule
     stages = halving_stages(schedule, cfg) if cfg.method == "progressive" else []  # refused before any work
     tune_cpu_runtime()

@@ -31,7 +31,8 @@ from diffusion_core import NoiseSchedule
 from diffusion_core import distill as distill_module
 from diffusion_core.config import ConfigError, load_config
 from diffusion_core.denoiser import Denoiser
-from diffusion_core.distill import (Bf16Passes, GuidedTeacher, cleaner_level, consistency_distillation_loss, halving_stages,
+from diffusion_core.distill import (Bf16Passes, GuidedTeacher, cleaner_level, consistency_distillation_loss,
+                                    halving_stages,
                                     level_probabilities, progressive_distillation_loss, student_config,
                                     student_level_probabilities, teacher_ode_step, teacher_passes_in_bf16,
                                     two_step_target)
@@ -345,7 +346,8 @@ def test_bf16_passes_run_the_network_in_bf16_and_hand_back_float32():
     assert torch.equal(out, out.bfloat16().float())  # the ε head's output came out of bf16 (fp32 values are not)
     assert not torch.equal(out, exact)
     assert float((out - exact).abs().max()) < 0.02 * float(exact.abs().max())  # the same network, to bf16's precision
-    assert torch.equal(guided, 1.5 * out - 0.5 * passes(x, t, class_labels=torch.full_like(labels, 10)))
+    both = passes(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([labels, torch.full_like(labels, 10)]))
+    assert torch.equal(guided, 1.5 * both[:4] - 0.5 * both[4:])  # (1 + w)·ε̂(c) − w·ε̂(∅), in float32
     assert passes.schedule is denoiser.schedule and passes.net is denoiser.net
 
 
@@ -492,7 +494,6 @@ def test_student_config_predicts_v_and_samples_with_the_consistency_sampler():
 def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tmp_path, capsys, monkeypatch):
     from diffusion_core.checkpoint import load_model
     from diffusion_core.cli import main
-    from diffusion_core.runtime import fast_bf16_cpu
 
     from safetensors import safe_open
 
@@ -501,6 +502,11 @@ def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tm
               if method == "consistency" else [])
     weights = []  # the guidance weight of each guided teacher pass: the first stage's teacher only, for progressive
     monkeypatch.setattr(distill_module, "guided_eps", lambda *args: weights.append(args[-1]) or guided_eps(*args))
+    monkeypatch.setattr(distill_module, "fast_bf16_cpu", lambda: True)  # "auto" takes bf16 on any CPU here
+    bf16_calls = []  # for each pass in bf16: whether gradients were on (never: the student's own passes stay fp32)
+    bf16_call = Bf16Passes.__call__
+    monkeypatch.setattr(Bf16Passes, "__call__",
+                        lambda self, *a, **k: bf16_calls.append(torch.is_grad_enabled()) or bf16_call(self, *a, **k))
     main(["distill", "--teacher", str(smoke_cond_run), "--run-dir", str(run_dir), "--set", f"distill.method={method}",
           "--set", "distill.ode_steps=8", "--set", "distill.sample_steps=2",  # progressive: 2 halvings of 3 steps
           "--set", "distill.steps=6", "--set", "distill.batch_size=8", "--set", "distill.log_every=3",
@@ -508,6 +514,9 @@ def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tm
           "--set", "distill.lr_decay=cosine", "--set", "distill.teacher_precision=auto", *levels])
     # consistency: 6 second-order teacher steps of 2 guided passes; progressive: 3 steps of 2 teacher steps
     assert weights == [1.0] * (6 * 2 if method == "consistency" else 2 * 3)
+    # in bf16: consistency, its 12 guided teacher passes and the target network's 6; progressive, the 2 teacher steps
+    # of each of its 6 steps, the second stage's teacher (the first's student) too
+    assert bf16_calls == [False] * (6 * 2 + 6 if method == "consistency" else 6 * 2)
     reports = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in reports] == [3, 6]
     # each report's lr is its last step's (indices 2, 5): after 2 warm-up steps, half a cosine over the other 4 (of all
@@ -517,7 +526,7 @@ def test_distilled_student_is_a_model_the_cli_samples(method, smoke_cond_run, tm
     assert loaded.config.sample.sampler == method and loaded.config.diffusion.prediction == "v"
     assert loaded.config.sample.steps == 2 and loaded.config.distill.guidance == 1.0
     assert loaded.info["teacher"]["path"] == str(smoke_cond_run)
-    assert loaded.info["teacher_precision"] == ("bf16" if fast_bf16_cpu() else "fp32")  # what "auto" chose here
+    assert loaded.info["teacher_precision"] == "bf16"
     assert loaded.config.sample.levels_log_snr == ((0.5,) if method == "consistency" else ())
     out = tmp_path / "grid.png"
     main(["sample", "--model", str(run_dir / "model"), "-n", "4", "--out", str(out)])
