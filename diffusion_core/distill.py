@@ -339,6 +339,7 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     config = student_config(loaded.config, overrides)
     cfg = config.distill
     bf16 = teacher_passes_in_bf16(cfg.teacher_precision, device)
+    precision = "bf16" if bf16 else "fp32"  # as resolved here: recorded with the student, shown beside the progress
     passes = Bf16Passes if bf16 else (lambda model: model)  # how the passes without gradients run
     teacher = teacher_for(loaded.denoiser, cfg, device)  # a progressive run's later stages: its own guided students
     schedule = teacher.schedule
@@ -367,7 +368,8 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     loss_sum, reported, last_time = torch.zeros((), device=device), 0, time.perf_counter()
     result_loss, result_ips = float("nan"), 0.0
     student.train()
-    for step in tqdm(range(cfg.steps), desc="distill", disable=not progress, dynamic_ncols=True):
+    for step in tqdm(range(cfg.steps), desc=f"distill (teacher passes {precision})", disable=not progress,
+                     dynamic_ncols=True):
         if step in stage_ends:  # progressive: the next halving is taught by this one's student (its EMA)
             stage_teacher = Denoiser(copy.deepcopy(ema.model), schedule, student.prediction)
             teacher = passes(stage_teacher.requires_grad_(False).eval())
@@ -418,6 +420,6 @@ def distill(teacher_path: str | Path, run_dir: str | Path, overrides: list[str] 
     export_model(run_dir / "model", ema.model, config,
                  {"teacher": teacher_info, "distill_steps": cfg.steps, "dataset_sha256": dataset.sha256,
                   "images_seen": cfg.steps * cfg.batch_size,
-                  "teacher_precision": "bf16" if bf16 else "fp32"})
+                  "teacher_precision": precision})
     plot_loss_curve(metrics_file, run_dir / "loss_curve.png")
-    return DistillResult(run_dir, cfg.steps, result_loss, result_ips, "bf16" if bf16 else "fp32")
+    return DistillResult(run_dir, cfg.steps, result_loss, result_ips, precision)

@@ -48,8 +48,8 @@ def tune_cpu_runtime() -> None:
 
 
 def fast_bf16_cpu() -> bool:
-    """Whether this CPU has AMX (Intel's matrix tiles), where bf16 convolutions ran 1.6× faster than fp32
-    (docs/sampling.md); without AVX512-BF16 or AMX, bf16 is emulated and hundreds of times slower."""
+    """Whether this CPU has AMX (Intel's matrix tiles), where a guided teacher pass of 128 images ran in bf16 in 75 ms
+    against fp32's 119 (docs/sampling.md); without AVX512-BF16 or AMX, bf16 is emulated and hundreds of times slower."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # absent from older PyTorch: then no
     return bool(probe and probe())
 

@@ -32,8 +32,7 @@ from diffusion_core import distill as distill_module
 from diffusion_core.config import ConfigError, load_config
 from diffusion_core.denoiser import Denoiser
 from diffusion_core.distill import (Bf16Passes, GuidedTeacher, cleaner_level, consistency_distillation_loss,
-                                    halving_stages,
-                                    level_probabilities, progressive_distillation_loss, student_config,
+                                    halving_stages, level_probabilities, progressive_distillation_loss, student_config,
                                     student_level_probabilities, teacher_ode_step, teacher_passes_in_bf16,
                                     two_step_target)
 from diffusion_core.guidance import guided_eps
