@@ -283,8 +283,9 @@ class DistillConfig:
                                  # sampler evaluates (T−1 and sample_levels_log_snr, equally); the rest even in log SNR
     teacher_precision: str = "fp32"  # the passes that need no gradient (the teacher's, the target network's): "fp32",
                                      # "bf16" (autocast, outputs back in fp32), or "auto": bf16 where it was measured
-                                     # faster, CPUs with AMX (1.25–1.29× steps/s; on CPUs without AVX512-BF16/AMX bf16
-                                     # is emulated and far slower), else fp32 (runtime.fast_bf16_cpu)
+                                     # faster, CPUs with AMX or AVX512-BF16 (1.25–1.29× and 1.25–1.38× steps/s; on
+                                     # CPUs without either bf16 is emulated and far slower), else fp32
+                                     # (runtime.fast_bf16_cpu)
     target_ema: float = 0.95     # μ of the target network θ⁻ ← μ·θ⁻ + (1 − μ)·θ (Song et al. 2023: 0.95 for CD)
     ema_decay: float = 0.999     # EMA of the student, the weights that are exported and sampled: a ceiling on the
                                  # warm-up min(decay, (1 + n) / (10 + n)), which stays below 0.999 until step 8,990,

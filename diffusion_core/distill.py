@@ -151,7 +151,8 @@ class Bf16Passes:
 
 
 def teacher_passes_in_bf16(precision: str, device: torch.device) -> bool:
-    """distill.teacher_precision resolved on `device`: "auto" is bf16 on CPUs with AMX only (`fast_bf16_cpu`)."""
+    """distill.teacher_precision resolved on `device`: "auto" is bf16 on CPUs that compute bf16 natively (AMX or
+    AVX512-BF16: `fast_bf16_cpu`), fp32 elsewhere."""
     return precision == "bf16" or (precision == "auto" and device.type == "cpu" and fast_bf16_cpu())
 
 

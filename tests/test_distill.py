@@ -350,18 +350,19 @@ def test_bf16_passes_run_the_network_in_bf16_and_hand_back_float32():
     assert passes.schedule is denoiser.schedule and passes.net is denoiser.net
 
 
-def test_teacher_precision_auto_is_bf16_on_cpus_with_amx_only(monkeypatch):
+def test_teacher_precision_auto_is_bf16_on_cpus_with_native_bf16_only(monkeypatch):
     from pathlib import Path
 
     from diffusion_core.runtime import fast_bf16_cpu
 
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():  # Linux says which CPU flags it has: AMX's tiles are "amx_tile"
-        assert fast_bf16_cpu() == ("amx_tile" in cpuinfo.read_text().split())
+    if cpuinfo.exists():  # Linux says which CPU flags it has: AMX's tiles are "amx_tile", AVX512's bf16 "avx512_bf16"
+        flags = set(cpuinfo.read_text().split())
+        assert fast_bf16_cpu() == bool(flags & {"amx_tile", "avx512_bf16"})
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for amx in (True, False):
-        monkeypatch.setattr(distill_module, "fast_bf16_cpu", lambda: amx)
-        assert [teacher_passes_in_bf16(p, cpu) for p in ("fp32", "bf16", "auto")] == [False, True, amx]
+    for native in (True, False):
+        monkeypatch.setattr(distill_module, "fast_bf16_cpu", lambda: native)
+        assert [teacher_passes_in_bf16(p, cpu) for p in ("fp32", "bf16", "auto")] == [False, True, native]
         assert [teacher_passes_in_bf16(p, cuda) for p in ("fp32", "bf16", "auto")] == [False, True, False]
     with pytest.raises(ConfigError, match="distill.teacher_precision='fp16' is unknown"):
         student_config(load_config("smoke"), ["distill.teacher_precision=fp16"])
